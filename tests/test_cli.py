@@ -1,0 +1,122 @@
+"""The Hydra CLI and run(): configs compose, the main job runs on real MNIST, outputs are written."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import CONFIGS, REPO
+from trainer.config import register
+from trainer.run import run
+
+register()
+
+EXPERIMENTS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONFIGS, "experiment", "*.yaml")))
+
+
+def compose_cfg(overrides, run_dir=None):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+    return cfg
+
+
+def cli(args, run_dir, env_extra=None, check=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
+    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_cfg([f"+experiment={experiment}"])
+    assert cfg.name == experiment
+    assert "rules" in cfg.freeze
+
+
+def test_freeze_rule_reachable_from_command_line():
+    cfg = compose_cfg(["+experiment=sparse_mlp", "freeze.rules.sparse.elements.random=0.95"])
+    assert cfg.freeze.rules.sparse.elements.random == 0.95
+    assert cfg.freeze.rules.sparse.select == "*/kernel"
+
+
+def test_freeze_presets_compose_as_a_list():
+    cfg = compose_cfg(["+experiment=sparse_mlp", "freeze=[random_90,biases]"])
+    assert sorted(cfg.freeze.rules) == ["biases", "sparse"]
+
+
+def test_schema_rejects_wrong_types():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.epochs=abc") as info:
+        compose_cfg(["trainer.epochs=abc"])
+    assert "could not be converted to Integer" in str(info.value.__cause__)
+
+
+def test_bare_cli_runs_on_bundled_digits(tmp_path):
+    proc = cli(["trainer.epochs=1"], tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "completed"
+    assert report["steps"] == 21  # 1,257 digits / batch 60
+    assert report["test_accuracy"] > 0.5
+    assert "test | loss" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_sparse_mlp_on_mnist_writes_report_with_zero_drift(tmp_path, mnist_dir):
+    cli(["+experiment=sparse_mlp", "trainer.max_steps=300", "trainer.checkpoint_every_n_steps=200"], tmp_path,
+        {"TRAINER_DATA_DIR": mnist_dir})
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "completed"
+    assert report["steps"] == 300
+    for key in ("test_accuracy", "test_loss", "steps", "epochs", "wall_seconds", "examples_per_second", "variables"):
+        assert key in report
+    kernels = [v for v in report["variables"] if v["path"].endswith("kernel")]
+    assert [v["path"] for v in kernels] == ["lenet/fc1/kernel", "lenet/fc2/kernel", "lenet/out/kernel"]
+    for v in report["variables"]:
+        assert v["drift"] == 0.0
+    for v in kernels:
+        size = int(np.prod(v["shape"]))
+        assert v["frozen_elements"] == round(0.9 * size)
+        assert v["sparsity"] >= 0.9
+    assert report["test_accuracy"] > 0.75  # 300 steps of a 10 %-dense LeNet-300-100 (measured 0.84)
+    assert sorted(os.listdir(tmp_path / "checkpoints"))[:1] == ["checkpoint"]
+    assert os.path.isfile(tmp_path / "model.keras")
+    assert sorted(os.listdir(tmp_path / "tb")) == ["train", "validation"]
+
+    # model.keras loads in a process that never imports trainer, with the same zeros.
+    masks = np.load(tmp_path / "masks.npz")
+    np.save(tmp_path / "fc1_mask.npy", masks["lenet/fc1/kernel"])
+    code = (
+        "import sys, numpy as np, keras\n"
+        f"m = keras.saving.load_model({str(tmp_path / 'model.keras')!r})\n"
+        "assert 'trainer' not in sys.modules\n"
+        f"mask = np.load({str(tmp_path / 'fc1_mask.npy')!r})\n"
+        "k = m.get_layer('fc1').kernel.numpy()\n"
+        "assert np.all(k[~mask] == 0.0), 'frozen elements not zero'\n"
+        "print('zeros', int((k == 0).sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= round(0.9 * 784 * 300)
+
+
+def test_run_in_process_returns_report(tmp_path):
+    cfg = compose_cfg(["trainer.max_steps=5", "export.keras=false", "+experiment=sparse_mlp", "data=digits"])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        report = run(cfg)
+    finally:
+        os.chdir(cwd)
+    assert report["steps"] == 5
+    assert report["frozen_exact"] is True
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 5

@@ -1,0 +1,104 @@
+"""Config schema (OmegaConf structured configs) registered in Hydra's ConfigStore.
+
+Only ``run.py`` and ``__main__.py`` use configs. Typed fields make Hydra reject
+bad values at composition, in its usual message style, e.g.
+``trainer.epochs=abc`` -> "Value 'abc' of type 'str' could not be converted to Integer".
+Ranges are checked by :func:`check_config` before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 60
+    eval_batch_size: int = 1000
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+    log_every_n_steps: int = 200
+    checkpoint_every_n_steps: int = 1000
+    keep_checkpoints: int = 3
+    deterministic: bool = False
+    nan_policy: str = "stop"
+
+
+@dataclasses.dataclass
+class LogConfig:
+    summary_every_n_steps: int = 100
+    histogram_every_n_steps: int = 1000
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    keras: bool = True
+    saved_model: bool = False
+
+
+@dataclasses.dataclass
+class FreezeConfig:
+    rules: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    dry_run: bool = False
+    data: Any = MISSING
+    model: Any = MISSING
+    optimizer: Any = MISSING
+    freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+
+def register() -> None:
+    """Registers the schema as ``schema`` (the first entry of ``config.yaml``'s defaults)."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A config value is out of its allowed range (raised before anything is built)."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks ranges the types cannot express.
+
+    Raises:
+      ConfigError: naming the key, the bad value and what is allowed.
+    """
+    t = cfg.trainer
+    positive = {
+        "trainer.epochs": t.epochs,
+        "trainer.batch_size": t.batch_size,
+        "trainer.eval_batch_size": t.eval_batch_size,
+        "trainer.steps_per_execution": t.steps_per_execution,
+        "trainer.log_every_n_steps": t.log_every_n_steps,
+        "trainer.checkpoint_every_n_steps": t.checkpoint_every_n_steps,
+        "trainer.keep_checkpoints": t.keep_checkpoints,
+        "log.summary_every_n_steps": cfg.log.summary_every_n_steps,
+        "log.histogram_every_n_steps": cfg.log.histogram_every_n_steps,
+    }
+    if t.max_steps is not None:
+        positive["trainer.max_steps"] = t.max_steps
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value}")
+    if t.nan_policy not in ("stop", "skip_step"):
+        raise ConfigError(f"trainer.nan_policy must be 'stop' or 'skip_step', got {t.nan_policy!r}")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed}")
+
+
+def known_keys(section: str) -> List[str]:
+    cls = {"trainer": TrainerConfig, "log": LogConfig, "export": ExportConfig}[section]
+    return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,186 @@
+"""Datasets as NumPy arrays and ``tf.data`` input pipelines. Knows nothing of masks.
+
+``load_mnist`` reads the original MNIST as an ``.npz`` (keys ``x_train y_train
+x_test y_test``); ``load_digits`` uses scikit-learn's bundled 8x8 digits for
+offline use. Images become float32 in [0, 1] of shape ``(H, W, 1)``; labels int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+DATA_DIR_ENV = "TRAINER_DATA_DIR"
+
+
+class DataError(ValueError):
+    """The data cannot be found or is unfit for training (raised before training)."""
+
+
+@dataclasses.dataclass
+class Splits:
+    """Train / validation / test arrays of one dataset.
+
+    Attributes:
+      x_train, x_val, x_test: float32 arrays ``(N, H, W, 1)`` in [0, 1] (or
+        int32 token arrays ``(N, L)`` when tokenized).
+      y_train, y_val, y_test: int32 label arrays ``(N,)`` in ``[0, num_classes)``.
+      num_classes: the number of classes.
+      name: the dataset's name.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    name: str
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def check_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, what: str) -> None:
+    """Refuses arrays that would train wrongly or fail mid-run.
+
+    Raises:
+      DataError: lengths differ, labels are not integers in
+        ``[0, num_classes)``, or inputs hold NaN / infinity.
+    """
+    if len(x) != len(y):
+        raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels; they must have the same length")
+    if len(x) == 0:
+        raise DataError(f"{what}: no examples")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{what}: labels must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        raise DataError(
+            f"{what}: labels must lie in [0, {num_classes - 1}]; found {np.unique(y[bad])[:10].tolist()} "
+            f"at {int(bad.sum())} positions"
+        )
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise DataError(f"{what}: inputs hold {int((~np.isfinite(x)).sum())} NaN or infinite values")
+
+
+def resolve_mnist_path(path: Optional[str]) -> Optional[str]:
+    """The MNIST file to read: ``path``, else ``$TRAINER_DATA_DIR/mnist.npz``, else ``None``.
+
+    Raises:
+      DataError: ``path`` is given but is not a file.
+    """
+    if path:
+        path = os.path.expanduser(str(path))
+        if not os.path.isfile(path):
+            raise DataError(f"data.path {path!r} is not a file; pass the path of mnist.npz "
+                            "(keys x_train y_train x_test y_test)")
+        return path
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        candidate = os.path.join(os.path.expanduser(env), "mnist.npz")
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _npz_arrays(path: str):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted({"x_train", "y_train", "x_test", "y_test"} - set(data.files))
+            if missing:
+                raise DataError(f"{path!r} lacks the arrays {missing}; it holds {sorted(data.files)}")
+            return tuple(np.asarray(data[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    except (OSError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path!r} is not a readable .npz without pickle: {err}") from None
+
+
+def load_mnist(path: Optional[str] = None, validation_size: int = 5000) -> Splits:
+    """Loads MNIST; the last ``validation_size`` training images become the validation set.
+
+    Looks in ``path``, then ``$TRAINER_DATA_DIR/mnist.npz``, then tries
+    ``keras.datasets.mnist.load_data()`` (which downloads).
+
+    Raises:
+      DataError: nothing could be read; the message says what to pass.
+    """
+    resolved = resolve_mnist_path(path)
+    if resolved is not None:
+        x_train, y_train, x_test, y_test = _npz_arrays(resolved)
+    else:
+        try:
+            import keras
+
+            (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
+            raise DataError(
+                "MNIST not found: pass data.path=/path/to/mnist.npz (keys x_train y_train x_test y_test), "
+                f"or set {DATA_DIR_ENV} to a directory holding mnist.npz, or use data=digits "
+                f"(bundled with scikit-learn, no download). The download attempt failed: {err}"
+            ) from None
+    return _split(x_train, y_train, x_test, y_test, validation_size, 255.0, 10, "mnist")
+
+
+def load_digits(validation_size: int = 180, test_size: int = 360, seed: int = 0) -> Splits:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download), split by a seeded shuffle."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = bunch.images.astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    return _split(x[test_size:], y[test_size:], x[:test_size], y[:test_size], validation_size, 16.0, 10, "digits")
+
+
+def _split(x_train, y_train, x_test, y_test, validation_size, scale, num_classes, name) -> Splits:
+    if x_train.ndim == 3:
+        x_train, x_test = x_train[..., None], x_test[..., None]
+    x_train = x_train.astype(np.float32) / scale
+    x_test = x_test.astype(np.float32) / scale
+    check_arrays(x_train, y_train, num_classes, f"{name} training set")
+    check_arrays(x_test, y_test, num_classes, f"{name} test set")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{name}: training inputs have shape {x_train.shape[1:]} but test inputs {x_test.shape[1:]}")
+    if not 0 <= validation_size < len(x_train):
+        raise DataError(f"validation_size must be in [0, {len(x_train) - 1}], got {validation_size}")
+    cut = len(x_train) - validation_size
+    return Splits(
+        x_train[:cut], y_train[:cut].astype(np.int32), x_train[cut:], y_train[cut:].astype(np.int32),
+        x_test, y_test.astype(np.int32), num_classes, name,
+    )
+
+
+def tokenize(splits: Splits, levels: int) -> Splits:
+    """Turns images into token sequences: each pixel quantized to one of ``levels`` tokens.
+
+    Gives an ``Embedding`` model real data to learn from: ``x`` becomes int32
+    ``(N, H*W)`` with values in ``[0, levels)``.
+    """
+    def q(x):
+        return np.minimum((x.reshape(len(x), -1) * levels).astype(np.int32), levels - 1)
+
+    return dataclasses.replace(splits, x_train=q(splits.x_train), x_val=q(splits.x_val), x_test=q(splits.x_test))
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
+                 drop_remainder: bool = False) -> tf.data.Dataset:
+    """A ``tf.data`` pipeline: from arrays -> cache -> shuffle (seeded, reshuffled each epoch) -> batch -> prefetch.
+
+    Raises:
+      DataError: ``batch_size`` is not a positive integer.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

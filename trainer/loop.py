@@ -1,0 +1,326 @@
+"""The masked training loop: a compiled GradientTape step inside an eager outer loop.
+
+The step is, in this order: forward pass under ``tf.GradientTape`` -> loss
+(plus ``model.losses``) -> gradients of the not-fully-frozen variables ->
+``registry.mask_gradients`` -> ``optimizer.apply_gradients`` ->
+``registry.reproject()``. ``steps_per_execution`` steps run inside one
+``tf.function`` (``for _ in tf.range(k)``, ``k`` a Tensor, as in Orbit and
+Keras); hooks (summaries, checkpoints, logs) run between executions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from trainer.callbacks import Callback
+from trainer.masks import MaskRegistry
+
+log = logging.getLogger("trainer")
+
+NAN_POLICIES = ("stop", "skip_step")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a gradient was NaN or infinite (``nan_policy="stop"``)."""
+
+
+def _metric(spec: Any) -> keras.metrics.Metric:
+    if isinstance(spec, keras.metrics.Metric):
+        return spec
+    if spec in ("accuracy", "acc"):
+        return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    return keras.metrics.get(spec)
+
+
+def _clone_metric(metric: keras.metrics.Metric) -> keras.metrics.Metric:
+    return type(metric).from_config(metric.get_config())
+
+
+class Trainer:
+    """Trains a Keras model with element-level freezing.
+
+    Args:
+      model: a built ``keras.Model``.
+      optimizer: any Keras 3 optimizer; it is built once with every
+        trainable variable of the model.
+      loss: a ``keras.losses.Loss`` or a callable ``(y_true, y_pred) -> scalar``.
+      metrics: Keras metrics or names (``"accuracy"`` means
+        ``SparseCategoricalAccuracy``: integer labels, logits or probabilities).
+      registry: a :class:`~trainer.masks.MaskRegistry` of ``model``; ``None``
+        trains without freezing.
+      steps_per_execution: steps run inside one ``tf.function`` call.
+      jit_compile: compile the step with XLA.
+      nan_policy: ``"stop"`` raises :class:`NonFiniteLossError` naming the
+        step; ``"skip_step"`` drops that update (no weight, slot or step change)
+        and counts it in :attr:`skipped_steps`.
+
+    Raises:
+      ValueError: a bad ``steps_per_execution`` or ``nan_policy``, or a
+        registry made for another model.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        loss: Callable,
+        *,
+        metrics: Sequence[Any] = (),
+        registry: Optional[MaskRegistry] = None,
+        steps_per_execution: int = 1,
+        jit_compile: bool = False,
+        nan_policy: str = "stop",
+    ):
+        if isinstance(steps_per_execution, bool) or not isinstance(steps_per_execution, int) or steps_per_execution < 1:
+            raise ValueError(f"steps_per_execution must be a positive integer, got {steps_per_execution!r}")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {list(NAN_POLICIES)}, got {nan_policy!r}")
+        if registry is not None and registry.model is not model:
+            raise ValueError("the registry was made for another model: build it with MaskRegistry(model)")
+        self.model = model
+        self.optimizer = optimizer
+        self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+        self.registry = registry if registry is not None else MaskRegistry(model)
+        self.steps_per_execution = steps_per_execution
+        self.jit_compile = bool(jit_compile)
+        self.nan_policy = nan_policy
+        self.train_metrics = [_metric(m) for m in metrics]
+        self.eval_metrics = [_clone_metric(m) for m in self.train_metrics]
+        self.train_loss = keras.metrics.Mean(name="loss")
+        self.eval_loss = keras.metrics.Mean(name="loss")
+        self.registry.attach_optimizer(optimizer)
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        self.nonfinite = tf.Variable(False, trainable=False, name="nonfinite_seen")
+        self.examples = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen")
+        self.train_iterator = None
+        self.epoch = 0
+        self.stop_requested = False
+        self._train_fn = None
+        self._structure = None
+        self._eval_fn = None
+        self.timing: Dict[str, float] = {}
+
+    # ---------------------------------------------------------------- state
+    @property
+    def step(self) -> int:
+        """The number of optimizer updates applied so far (``optimizer.iterations``)."""
+        return int(self.optimizer.iterations.numpy())
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.skipped.numpy())
+
+    # ---------------------------------------------------------- compiled step
+    def _make_train_function(self):
+        variables = self.registry.trainable_variables()
+        model, optimizer, registry = self.model, self.optimizer, self.registry
+        skip = self.nan_policy == "skip_step"
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=True)
+                loss = self.loss(y, y_pred)
+                total = loss + tf.add_n(model.losses) if model.losses else loss
+                scaled = optimizer.scale_loss(total)
+            grads = tape.gradient(scaled, variables)
+            grads = registry.mask_gradients(grads, variables)
+            finite = tf.math.is_finite(total)
+            for g in grads:
+                if g is not None:
+                    values = g.values if isinstance(g, tf.IndexedSlices) else g
+                    finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
+
+            def apply():
+                optimizer.apply_gradients(zip(grads, variables))
+                registry.reproject()
+                self.train_loss.update_state(total, sample_weight=tf.shape(y)[0])
+                for metric in self.train_metrics:
+                    metric.update_state(y, y_pred)
+                self.examples.assign_add(tf.cast(tf.shape(y)[0], tf.int64))
+                return tf.constant(True)
+
+            def refuse():
+                self.skipped.assign_add(1)
+                self.nonfinite.assign(True)
+                return tf.constant(False)
+
+            return tf.cond(finite, apply, refuse)
+
+        compiled_step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+
+        @tf.function
+        def train_k(iterator, k):
+            for _ in tf.range(k):
+                x, y = next(iterator)
+                ok = compiled_step(x, y)
+                if not skip:
+                    if not ok:  # nan_policy="stop": the outer loop raises
+                        break
+
+        return train_k
+
+    def _train_function(self):
+        if self._train_fn is None or self._structure != self.registry.structure_version:
+            self._train_fn = self._make_train_function()
+            self._structure = self.registry.structure_version
+        return self._train_fn
+
+    def _make_eval_function(self):
+        model = self.model
+
+        def step(x, y):
+            y_pred = model(x, training=False)
+            loss = self.loss(y, y_pred)
+            self.eval_loss.update_state(loss, sample_weight=tf.shape(y)[0])
+            for metric in self.eval_metrics:
+                metric.update_state(y, y_pred)
+
+        compiled_step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+
+        @tf.function
+        def run(dataset):
+            for x, y in dataset:
+                compiled_step(x, y)
+
+        return run
+
+    # ----------------------------------------------------------------- loops
+    @staticmethod
+    def _results(loss_metric, metrics, prefix: str = "") -> Dict[str, float]:
+        out = {prefix + "loss": float(loss_metric.result())}
+        for m in metrics:
+            out[prefix + m.name] = float(m.result())
+        return out
+
+    def evaluate(self, dataset: tf.data.Dataset) -> Dict[str, float]:
+        """Runs the model over a finite dataset of ``(x, y)`` batches.
+
+        Returns:
+          ``{"loss": mean loss per example, <metric name>: value, ...}``.
+        """
+        if self._eval_fn is None:
+            self._eval_fn = self._make_eval_function()
+        self.eval_loss.reset_state()
+        for m in self.eval_metrics:
+            m.reset_state()
+        self._eval_fn(dataset)
+        return self._results(self.eval_loss, self.eval_metrics)
+
+    def fit(
+        self,
+        train_ds: tf.data.Dataset,
+        validation_ds: Optional[tf.data.Dataset] = None,
+        *,
+        epochs: int = 1,
+        max_steps: Optional[int] = None,
+        steps_per_epoch: Optional[int] = None,
+        callbacks: Iterable[Callback] = (),
+    ) -> List[Dict[str, float]]:
+        """Trains until ``epochs`` epochs or ``max_steps`` optimizer steps, whichever is first.
+
+        One persistent iterator over ``train_ds.repeat()`` feeds every epoch
+        (re-creating a ``tf.data`` iterator at each epoch can stall the input
+        pipeline). Training resumes from ``optimizer.iterations``, so a
+        restored checkpoint continues where it stopped.
+
+        Args:
+          train_ds: a finite dataset of ``(x, y)`` batches; shuffle it with
+            ``reshuffle_each_iteration=True`` for a new order each epoch.
+          validation_ds: evaluated after every epoch (keys get ``val_``).
+          epochs: the number of epochs (counted from step 0).
+          max_steps: an optional cap on the optimizer step.
+          steps_per_epoch: batches per epoch; by default the dataset's
+            cardinality, which must then be known.
+          callbacks: outer-loop hooks.
+
+        Returns:
+          One logs dict per completed epoch.
+
+        Raises:
+          ValueError: the epoch length is unknown or zero, or ``epochs`` /
+            ``max_steps`` is not a positive integer.
+          NonFiniteLossError: with ``nan_policy="stop"``, at the first
+            non-finite loss or gradient (that update is not applied).
+        """
+        if steps_per_epoch is None:
+            steps_per_epoch = int(train_ds.cardinality().numpy())
+            if steps_per_epoch < 0:
+                raise ValueError("the training dataset's length is unknown: pass steps_per_epoch")
+        if steps_per_epoch <= 0:
+            raise ValueError(f"an epoch must have at least one step, got steps_per_epoch={steps_per_epoch}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
+        self.steps_per_epoch = steps_per_epoch
+        total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+        self.total_steps = total
+        callbacks = list(callbacks)
+        if self.train_iterator is None:
+            self.train_iterator = iter(train_ds.repeat())
+        for cb in callbacks:
+            cb.on_train_begin(self)
+        history: List[Dict[str, float]] = []
+        logs: Dict[str, float] = {}
+        status = "failed"
+        step = self.step
+        start = time.perf_counter()
+        first_done: Optional[float] = None
+        steps_at_first = step
+        skipped_in_a_row = 0
+        self.epoch = step // steps_per_epoch
+        try:
+            while step < total and not self.stop_requested:
+                self.epoch = step // steps_per_epoch
+                self.registry.update(step, self.epoch)
+                epoch_end = (self.epoch + 1) * steps_per_epoch
+                k = min(self.steps_per_execution, epoch_end - step, total - step)
+                train_fn = self._train_function()
+                train_fn(self.train_iterator, tf.constant(k, dtype=tf.int64))
+                before, step = step, self.step
+                if bool(self.nonfinite.numpy()) and self.nan_policy == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {step + 1} (steps {before + 1}-{before + k} "
+                        "were in this execution); the update was not applied. Lower the learning rate, "
+                        "check the inputs, or set trainer.nan_policy=skip_step"
+                    )
+                if first_done is None:
+                    first_done = time.perf_counter()
+                    self.timing["first_execution_seconds"] = first_done - start
+                    steps_at_first = step
+                logs = self._results(self.train_loss, self.train_metrics)
+                for cb in callbacks:
+                    cb.on_execution_end(self, before, step, logs)
+                if step >= epoch_end:
+                    epoch_logs = dict(logs)
+                    if validation_ds is not None:
+                        epoch_logs.update({"val_" + n: v for n, v in self.evaluate(validation_ds).items()})
+                    history.append(epoch_logs)
+                    for cb in callbacks:
+                        cb.on_epoch_end(self, self.epoch + 1, step, epoch_logs)
+                    logs = epoch_logs
+                    self.train_loss.reset_state()
+                    for m in self.train_metrics:
+                        m.reset_state()
+                # Skipped steps do not advance the step counter; a run whose
+                # every batch is non-finite must still end.
+                skipped_in_a_row = skipped_in_a_row + k if step == before else 0
+                if skipped_in_a_row > steps_per_epoch:
+                    raise NonFiniteLossError(
+                        f"every step for a whole epoch of batches after step {step} was non-finite and skipped"
+                    )
+            status = "interrupted" if self.stop_requested and step < total else "completed"
+        finally:
+            end = time.perf_counter()
+            self.timing["train_seconds"] = end - start
+            if first_done is not None and step > steps_at_first:
+                self.timing["steady_steps_per_second"] = (step - steps_at_first) / max(end - first_done, 1e-9)
+            for cb in callbacks:
+                cb.on_train_end(self, step, logs, status)
+        return history

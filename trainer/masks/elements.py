@@ -1,0 +1,355 @@
+"""Element selectors: which elements of one variable a rule freezes.
+
+A selector spec is ``"all"`` or a mapping with exactly one selector key and its
+options, for example ``{"random": 0.9, "seed": 0}`` or ``{"slice": "[:, :10]"}``.
+:func:`validate_elements` checks a spec without a variable (so bad configs fail
+before a model is built); :func:`select_elements` resolves it against one
+variable and returns a boolean array of the variable's shape where ``True``
+means *frozen*. Selectors are pure NumPy functions of an :class:`ElementContext`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from trainer.masks.errors import FreezeConfigError
+from trainer.masks.slicing import parse_slice
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementContext:
+    """What a selector may look at for one variable.
+
+    Attributes:
+      path: the Keras variable path, e.g. ``"lenet/fc1/kernel"``.
+      shape: the variable's shape.
+      value: the variable's current value, a NumPy array of ``shape``.
+      initial: the variable's value when the registry was created, same shape.
+    """
+
+    path: str
+    shape: tuple
+    value: np.ndarray
+    initial: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+# Options that may accompany a selector key, by selector.
+_OPTIONS: Dict[str, tuple] = {
+    "all": (),
+    "indices": (),
+    "slice": (),
+    "mask": (),
+    "mask_file": (),
+    "random": ("seed",),
+    "magnitude": ("weights_file",),
+    "magnitude_threshold": ("weights_file",),
+    "units": (),
+    "inputs": (),
+    "rows": (),
+}
+_COMMON_OPTIONS = ("invert",)
+SELECTORS = tuple(_OPTIONS)
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FreezeConfigError(f"elements.{key} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise FreezeConfigError(f"elements.{key} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _int_list(value: Any, key: str) -> list:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise FreezeConfigError(f"elements.{key} must be a list of integers, got {value!r}")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+            raise FreezeConfigError(f"elements.{key} must be a list of integers, got {value!r}")
+        out.append(int(item))
+    return out
+
+
+def normalize_elements(spec: Any) -> Dict[str, Any]:
+    """Returns the spec as a plain dict with one selector key, validated.
+
+    Args:
+      spec: ``"all"``, or a mapping such as ``{"random": 0.9, "seed": 0}``.
+
+    Returns:
+      A new ``dict``; ``"all"`` becomes ``{"all": True}``.
+
+    Raises:
+      FreezeConfigError: unknown or missing selector key, an option that does
+        not belong to the selector, or a value of the wrong type or range.
+    """
+    if isinstance(spec, str):
+        if spec == "all":
+            return {"all": True}
+        raise FreezeConfigError(
+            f"elements must be 'all' or a mapping with one of {list(SELECTORS)}, got {spec!r}"
+        )
+    if not isinstance(spec, Mapping):
+        raise FreezeConfigError(
+            f"elements must be 'all' or a mapping with one of {list(SELECTORS)}, got {spec!r}"
+        )
+    spec = dict(spec)
+    keys = [k for k in spec if k in _OPTIONS]
+    if len(keys) != 1:
+        raise FreezeConfigError(
+            f"elements must name exactly one selector of {list(SELECTORS)}, got keys {sorted(spec)}"
+        )
+    key = keys[0]
+    allowed = set(_OPTIONS[key]) | set(_COMMON_OPTIONS) | {key}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise FreezeConfigError(
+            f"unknown option(s) {unknown} for selector {key!r}; allowed: {sorted(allowed - {key})}"
+        )
+    if "invert" in spec and not isinstance(spec["invert"], bool):
+        raise FreezeConfigError(f"elements.invert must be true or false, got {spec['invert']!r}")
+    value = spec[key]
+    if key == "all":
+        if value is not True:
+            raise FreezeConfigError(f"elements.all must be true, got {value!r}")
+    elif key in ("random", "magnitude"):
+        _fraction(value, key)
+        if key == "random" and "seed" in spec:
+            seed = spec["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise FreezeConfigError(f"elements.seed must be a non-negative integer, got {seed!r}")
+    elif key == "magnitude_threshold":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise FreezeConfigError(
+                f"elements.magnitude_threshold must be a non-negative number, got {value!r}"
+            )
+    elif key == "indices":
+        if isinstance(value, Sequence) and value and all(
+            isinstance(v, Sequence) and not isinstance(v, str) for v in value
+        ):
+            for index in value:
+                _int_list(index, "indices")
+        else:
+            _int_list(value, "indices")
+    elif key == "slice":
+        parse_slice(value)
+    elif key in ("units", "inputs", "rows"):
+        _int_list(value, key)
+    elif key in ("mask_file",):
+        if not isinstance(value, (str, os.PathLike)):
+            raise FreezeConfigError(f"elements.mask_file must be a path to a .npy file, got {value!r}")
+    elif key == "mask":
+        try:
+            array = np.asarray(value)
+        except ValueError as err:
+            raise FreezeConfigError(f"elements.mask is not a rectangular array: {err}") from None
+        if array.dtype == object or not np.isin(array, (0, 1)).all():
+            raise FreezeConfigError(
+                f"elements.mask must hold only 0 and 1 (1 = trainable), got {value!r}"
+            )
+    if "weights_file" in spec and not isinstance(spec["weights_file"], (str, os.PathLike)):
+        raise FreezeConfigError(f"elements.weights_file must be a path, got {spec['weights_file']!r}")
+    return spec
+
+
+def selector_name(spec: Mapping[str, Any]) -> str:
+    """The selector key of a normalized spec, e.g. ``"random"``."""
+    return next(k for k in spec if k in _OPTIONS)
+
+
+def load_array_file(path: str, what: str) -> np.ndarray:
+    """Loads a ``.npy`` array safely (``allow_pickle=False``).
+
+    Raises:
+      FreezeConfigError: the path is missing, a directory, not a ``.npy``
+        file, or holds pickled objects.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FreezeConfigError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise FreezeConfigError(f"{what} {path!r} is a directory, expected a .npy file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise FreezeConfigError(
+            f"{what} {path!r} could not be loaded without pickle ({err}); "
+            "save it with np.save(path, bool_array) from a numeric array"
+        ) from None
+    except OSError as err:
+        raise FreezeConfigError(f"{what} {path!r} is not a readable .npy file: {err}") from None
+
+
+def _load_weights(path: str, variable_path: str) -> np.ndarray:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FreezeConfigError(f"elements.weights_file {path!r} does not exist or is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if variable_path not in data.files:
+                raise FreezeConfigError(
+                    f"elements.weights_file {path!r} has no array for variable {variable_path!r}; "
+                    f"it holds {sorted(data.files)}"
+                )
+            return np.asarray(data[variable_path])
+    except (ValueError, OSError) as err:
+        raise FreezeConfigError(f"elements.weights_file {path!r} is not a readable .npz: {err}") from None
+
+
+def _path_seed(seed: int, path: str) -> int:
+    # A stable per-variable seed, so two kernels get different random masks.
+    return (int(seed) * 1_000_003 + zlib.crc32(path.encode("utf-8"))) % (2**32)
+
+
+def _check_shape(array: np.ndarray, ctx: ElementContext, what: str) -> np.ndarray:
+    if tuple(array.shape) != tuple(ctx.shape):
+        raise FreezeConfigError(
+            f"{what} has shape {tuple(array.shape)} but variable {ctx.path!r} has shape {tuple(ctx.shape)}"
+        )
+    return array
+
+
+def _smallest(magnitudes: np.ndarray, count: int) -> np.ndarray:
+    frozen = np.zeros(magnitudes.size, dtype=bool)
+    if count > 0:
+        order = np.argsort(magnitudes.reshape(-1), kind="stable")
+        frozen[order[:count]] = True
+    return frozen.reshape(magnitudes.shape)
+
+
+def _axis_selection(ctx: ElementContext, key: str, positions: list, axis: int) -> np.ndarray:
+    if not ctx.shape:
+        raise FreezeConfigError(f"elements.{key} needs a variable with at least one axis; {ctx.path!r} is a scalar")
+    axis = axis % len(ctx.shape)
+    length = ctx.shape[axis]
+    bad = [p for p in positions if not -length <= p < length]
+    if bad:
+        raise FreezeConfigError(
+            f"elements.{key} {bad} out of range for variable {ctx.path!r} of shape {tuple(ctx.shape)} "
+            f"(axis {axis} has {length} entries)"
+        )
+    frozen = np.zeros(ctx.shape, dtype=bool)
+    index = [slice(None)] * len(ctx.shape)
+    index[axis] = np.asarray(positions, dtype=np.int64)
+    frozen[tuple(index)] = True
+    return frozen
+
+
+def _select_indices(ctx: ElementContext, value: Any) -> np.ndarray:
+    frozen = np.zeros(ctx.size, dtype=bool)
+    if isinstance(value, Sequence) and value and isinstance(value[0], Sequence):
+        rows = [list(v) for v in value]
+        if any(len(r) != len(ctx.shape) for r in rows):
+            raise FreezeConfigError(
+                f"elements.indices {value!r}: each multi-dimensional index needs {len(ctx.shape)} "
+                f"entries for variable {ctx.path!r} of shape {tuple(ctx.shape)}"
+            )
+        coords = np.asarray(rows, dtype=np.int64).T
+        for axis, (c, n) in enumerate(zip(coords, ctx.shape)):
+            if ((c < 0) | (c >= n)).any():
+                raise FreezeConfigError(
+                    f"elements.indices {value!r} out of range for variable {ctx.path!r} of shape "
+                    f"{tuple(ctx.shape)} (axis {axis} has {n} entries)"
+                )
+        frozen[np.ravel_multi_index(tuple(coords), ctx.shape)] = True
+    else:
+        flat = np.asarray(_int_list(value, "indices"), dtype=np.int64)
+        bad = flat[(flat < 0) | (flat >= ctx.size)]
+        if bad.size:
+            raise FreezeConfigError(
+                f"elements.indices {bad.tolist()} out of range for variable {ctx.path!r} of shape "
+                f"{tuple(ctx.shape)}: flat indices must lie in [0, {ctx.size - 1}]"
+            )
+        frozen[flat] = True
+    return frozen.reshape(ctx.shape)
+
+
+def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
+    key = selector_name(spec)
+    value = spec[key]
+    if key == "all":
+        return np.ones(ctx.shape, dtype=bool)
+    if key == "indices":
+        return _select_indices(ctx, value)
+    if key == "slice":
+        index = parse_slice(value)
+        frozen = np.zeros(ctx.shape, dtype=bool)
+        try:
+            frozen[index] = True
+        except IndexError as err:
+            raise FreezeConfigError(
+                f"elements.slice {value!r} does not fit variable {ctx.path!r} of shape {tuple(ctx.shape)}: {err}"
+            ) from None
+        return frozen
+    if key == "mask":
+        trainable = _check_shape(np.asarray(value), ctx, f"elements.mask for {ctx.path!r}")
+        return ~trainable.astype(bool)
+    if key == "mask_file":
+        array = load_array_file(value, "elements.mask_file")
+        if array.dtype != bool and not np.isin(array, (0, 1)).all():
+            raise FreezeConfigError(
+                f"elements.mask_file {value!r} must hold booleans or 0/1 (1 = trainable), got dtype {array.dtype}"
+            )
+        return ~_check_shape(array, ctx, f"elements.mask_file {value!r}").astype(bool)
+    if key == "random":
+        count = int(round(float(value) * ctx.size))
+        rng = np.random.default_rng(_path_seed(spec.get("seed", 0), ctx.path))
+        frozen = np.zeros(ctx.size, dtype=bool)
+        frozen[rng.permutation(ctx.size)[:count]] = True
+        return frozen.reshape(ctx.shape)
+    if key in ("magnitude", "magnitude_threshold"):
+        weights = ctx.value
+        if "weights_file" in spec:
+            weights = _check_shape(
+                _load_weights(spec["weights_file"], ctx.path), ctx, f"weights for {ctx.path!r}"
+            )
+        magnitudes = np.abs(np.asarray(weights, dtype=np.float64))
+        if key == "magnitude_threshold":
+            return magnitudes < float(value)
+        return _smallest(magnitudes, int(round(float(value) * ctx.size)))
+    if key == "units":
+        return _axis_selection(ctx, key, _int_list(value, key), -1)
+    if key == "rows":
+        return _axis_selection(ctx, key, _int_list(value, key), 0)
+    if key == "inputs":
+        # First axis of a Dense kernel (in, out); input channels (axis -2) of a conv kernel.
+        axis = 0 if len(ctx.shape) <= 2 else len(ctx.shape) - 2
+        return _axis_selection(ctx, key, _int_list(value, key), axis)
+    raise FreezeConfigError(f"unknown selector {key!r}; allowed: {list(SELECTORS)}")
+
+
+def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = None) -> np.ndarray:
+    """Resolves an element selector against one variable.
+
+    Args:
+      spec: an elements spec (see :func:`normalize_elements`).
+      ctx: the variable's :class:`ElementContext`.
+      fraction: for ``magnitude`` selectors only, a fraction that replaces the
+        spec's (used by gradual-pruning schedules).
+
+    Returns:
+      ``np.ndarray`` of dtype bool and shape ``ctx.shape``; ``True`` = frozen.
+
+    Raises:
+      FreezeConfigError: the spec does not fit this variable (indices out of
+        range, a mask or slice of the wrong shape, a missing file).
+    """
+    spec = normalize_elements(spec)
+    if fraction is not None:
+        spec = dict(spec, magnitude=fraction)
+    frozen = _select(spec, ctx)
+    return ~frozen if spec.get("invert", False) else frozen
+
+
+validate_elements: Callable[[Any], Dict[str, Any]] = normalize_elements

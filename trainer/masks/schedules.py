@@ -1,0 +1,116 @@
+"""When a rule is active, and the target sparsity of gradual magnitude pruning."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+from trainer.masks.errors import FreezeConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class PolynomialSparsity:
+    """Target sparsity ``s(t)`` of gradual magnitude pruning.
+
+    ``s(t) = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_1 - t_0)) ** power`` for
+    ``t_0 <= t <= t_1``; ``s_i`` before ``t_0`` and ``s_f`` after ``t_1``.
+    From Zhu & Gupta, "To prune, or not to prune" (2017), as in TensorFlow
+    Model Optimization's ``PolynomialDecay`` (default ``power`` 3).
+
+    Attributes:
+      initial_sparsity: ``s_i``, a fraction in [0, 1].
+      final_sparsity: ``s_f``, a fraction in [0, 1].
+      begin_step: ``t_0`` (optimizer steps).
+      end_step: ``t_1`` (optimizer steps), greater than ``begin_step``.
+      power: the exponent.
+    """
+
+    initial_sparsity: float
+    final_sparsity: float
+    begin_step: int
+    end_step: int
+    power: float = 3.0
+
+    def __post_init__(self):
+        for name in ("initial_sparsity", "final_sparsity"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise FreezeConfigError(f"schedule.{name} must be a fraction in [0, 1], got {v!r}")
+        for name in ("begin_step", "end_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise FreezeConfigError(f"schedule.{name} must be a non-negative integer, got {v!r}")
+        if self.end_step <= self.begin_step:
+            raise FreezeConfigError(
+                f"schedule.end_step ({self.end_step}) must be greater than begin_step ({self.begin_step})"
+            )
+
+    def __call__(self, step: int) -> float:
+        """The target sparsity (fraction of frozen elements) at ``step``."""
+        t = min(max(step, self.begin_step), self.end_step)
+        progress = (t - self.begin_step) / (self.end_step - self.begin_step)
+        s = self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - progress) ** self.power
+        return float(min(max(s, 0.0), 1.0))
+
+
+SCHEDULE_KINDS = ("polynomial",)
+
+
+def make_schedule(spec: Optional[Mapping[str, Any]]) -> Optional[PolynomialSparsity]:
+    """Builds a sparsity schedule from ``{kind: polynomial, ...}`` (or ``None``).
+
+    Raises:
+      FreezeConfigError: unknown kind or keys, or bad values.
+    """
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise FreezeConfigError(f"schedule must be a mapping with kind {list(SCHEDULE_KINDS)}, got {spec!r}")
+    spec = dict(spec)
+    kind = spec.pop("kind", "polynomial")
+    if kind not in SCHEDULE_KINDS:
+        raise FreezeConfigError(f"schedule.kind must be one of {list(SCHEDULE_KINDS)}, got {kind!r}")
+    allowed = {f.name for f in dataclasses.fields(PolynomialSparsity)}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise FreezeConfigError(f"unknown schedule key(s) {unknown}; allowed: {sorted(allowed | {'kind'})}")
+    missing = sorted({"initial_sparsity", "final_sparsity", "begin_step", "end_step"} - set(spec))
+    if missing:
+        raise FreezeConfigError(f"schedule is missing {missing}")
+    return PolynomialSparsity(**spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveWindow:
+    """The steps and epochs during which a rule is active.
+
+    A rule is active when ``start_step <= step < end_step`` and
+    ``start_epoch <= epoch < end_epoch``; ``None`` bounds are open. ``step``
+    counts optimizer steps from 0, ``epoch`` counts epochs from 0.
+    """
+
+    start_step: Optional[int] = None
+    end_step: Optional[int] = None
+    start_epoch: Optional[int] = None
+    end_epoch: Optional[int] = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise FreezeConfigError(f"{f.name} must be a non-negative integer or null, got {v!r}")
+        for lo, hi in (("start_step", "end_step"), ("start_epoch", "end_epoch")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and b <= a:
+                raise FreezeConfigError(f"{hi} ({b}) must be greater than {lo} ({a})")
+
+    @property
+    def always(self) -> bool:
+        """True when no bound is set (the rule is active from the start, for ever)."""
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+    def active(self, step: int, epoch: int) -> bool:
+        def inside(x, lo, hi):
+            return (lo is None or x >= lo) and (hi is None or x < hi)
+
+        return inside(step, self.start_step, self.end_step) and inside(epoch, self.start_epoch, self.end_epoch)

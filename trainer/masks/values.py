@@ -1,0 +1,69 @@
+"""Pinned values: what a frozen element is held at."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import numpy as np
+
+from trainer.masks.errors import FreezeConfigError
+
+NAMED_VALUES = ("current", "initial", "zero")
+PinnedValue = Union[str, float]
+
+
+def normalize_value(value: Any) -> PinnedValue:
+    """Validates a pinned-value spec.
+
+    Args:
+      value: ``"current"`` (the value when the rule is applied), ``"initial"``
+        (the value when the registry was created, before any training),
+        ``"zero"``, or a finite number (an int is taken as a float).
+
+    Returns:
+      The name, or the number as a Python ``float``.
+
+    Raises:
+      FreezeConfigError: anything else; the message lists what is allowed.
+    """
+    if isinstance(value, str):
+        if value in NAMED_VALUES:
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            raise FreezeConfigError(
+                f"value must be one of {list(NAMED_VALUES)} or a number, got {value!r}"
+            ) from None
+        value = number
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise FreezeConfigError(f"value must be one of {list(NAMED_VALUES)} or a number, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise FreezeConfigError(f"value must be a finite number, got {value!r}")
+    return float(value)
+
+
+def is_zero(value: PinnedValue) -> bool:
+    """True when the value pins elements to exactly 0 (``"zero"`` or ``0.0``)."""
+    return value == "zero" or (not isinstance(value, str) and float(value) == 0.0)
+
+
+def resolve_value(value: PinnedValue, current: np.ndarray, initial: np.ndarray) -> np.ndarray:
+    """The pinned values for every element of one variable.
+
+    Args:
+      value: a normalized value spec.
+      current: the variable's value now; its dtype and shape are kept.
+      initial: the variable's value when the registry was created.
+
+    Returns:
+      A new array with ``current``'s shape and dtype.
+    """
+    if value == "current":
+        return np.array(current, copy=True)
+    if value == "initial":
+        return np.array(initial, dtype=current.dtype, copy=True)
+    if value == "zero":
+        return np.zeros_like(current)
+    return np.full_like(current, float(value))

@@ -1,0 +1,207 @@
+"""Turns a config into objects, trains, audits and writes the run directory.
+
+The only module that reads configs (besides the Hydra entry point). ``run(cfg)``
+returns the report dict, so tests call it directly with a composed config.
+
+Run directory contents: ``tb/`` (TensorBoard), ``checkpoints/``,
+``model.keras``, ``masks.npz``, ``weights.npz``, ``report.json``,
+``freeze_plan.json``, and Hydra's ``.hydra/`` and log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Dict, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig, OmegaConf
+
+from trainer import report as reports
+from trainer.callbacks import LogLines
+from trainer.checkpoint import Checkpointing
+from trainer.config import check_config
+from trainer.data import Splits, load_digits, load_mnist, make_dataset, tokenize
+from trainer.loop import Trainer
+from trainer.masks import MaskRegistry, rules_from_config
+from trainer.models import build_model
+from trainer.summaries import TensorBoard
+
+log = logging.getLogger("trainer")
+
+
+def run_dir_of(cfg: DictConfig) -> str:
+    """Hydra's output directory for this job (the current directory outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:
+        return os.getcwd()
+
+
+def load_data(cfg: DictConfig, seed: int) -> Splits:
+    """Loads the dataset named by ``cfg.name`` (``mnist`` or ``digits``).
+
+    Raises:
+      ValueError: an unknown dataset name (the known ones are listed).
+    """
+    if cfg.name == "mnist":
+        splits = load_mnist(cfg.get("path"), validation_size=int(cfg.validation_size))
+    elif cfg.name == "digits":
+        splits = load_digits(validation_size=int(cfg.validation_size), seed=seed)
+    else:
+        raise ValueError(f"unknown data.name {cfg.name!r}; known: ['mnist', 'digits']")
+    if cfg.get("tokens"):
+        splits = tokenize(splits, int(cfg.tokens))
+    return splits
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimizer:
+    """A Keras optimizer from ``{name, learning_rate, schedule, options}``.
+
+    ``schedule: cosine`` decays the learning rate to 0 over ``total_steps``
+    with ``keras.optimizers.schedules.CosineDecay``; ``constant`` keeps it.
+
+    Raises:
+      ValueError: unknown optimizer name, schedule or option.
+    """
+    options = cfg.get("options")
+    options = OmegaConf.to_container(options, resolve=True) if options is not None else {}
+    schedule = cfg.get("schedule") or "constant"
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    learning_rate = float(cfg.learning_rate)
+    if schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(total_steps), 1))
+    try:
+        return keras.optimizers.get({"class_name": cfg.name, "config": {"learning_rate": learning_rate, **options}})
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"optimizer {cfg.name!r} with options {options}: {err}") from None
+
+
+def build_registry(model: keras.Model, rules_cfg: Any) -> MaskRegistry:
+    """A registry of ``model`` with every rule of ``freeze.rules`` applied (in config order)."""
+    registry = MaskRegistry(model)
+    rules = OmegaConf.to_container(rules_cfg, resolve=True) if isinstance(rules_cfg, DictConfig) else rules_cfg
+    for rule in rules_from_config(rules):
+        registry.add_rule(rule)
+    return registry
+
+
+def build(cfg: DictConfig):
+    """Data, model, optimizer and registry from a config; everything is checked here, before training."""
+    check_config(cfg)
+    keras.utils.set_random_seed(int(cfg.seed))
+    if cfg.trainer.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    splits = load_data(cfg.data, int(cfg.seed))
+    model_options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, **model_options)
+    steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
+    total_steps = int(cfg.trainer.epochs) * steps_per_epoch
+    if cfg.trainer.max_steps is not None:
+        total_steps = min(total_steps, int(cfg.trainer.max_steps))
+    optimizer = make_optimizer(cfg.optimizer, total_steps)
+    registry = build_registry(model, cfg.freeze.rules)
+    return splits, model, optimizer, registry
+
+
+def _plan_table(registry: MaskRegistry) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="freeze plan")
+    for col in ("variable", "shape", "dtype", "frozen", "fraction", "value", "rules"):
+        table.add_column(col)
+    for row in registry.plan():
+        table.add_row(row["path"], str(tuple(row["shape"])), row["dtype"], f"{row['frozen_elements']:,}",
+                      f"{row['frozen_fraction']:.4f}", row["value"] or "-", ", ".join(row["rules"]) or "-")
+    Console().print(table)
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    """Trains (or, with ``dry_run``, only plans) one configured run.
+
+    Returns:
+      The report written to ``report.json`` (or ``{"status": "dry_run", ...}``).
+
+    Raises:
+      FreezeConfigError, DataError, ConfigError, ValueError: bad input, before training.
+      NonFiniteLossError: the loss diverged with ``nan_policy=stop``.
+    """
+    run_dir = run_dir_of(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    splits, model, optimizer, registry = build(cfg)
+    plan = {"variables": registry.plan()}
+    reports.write_json(os.path.join(run_dir, "freeze_plan.json"), plan)
+    if cfg.dry_run:
+        _plan_table(registry)
+        log.info("dry run: plan written to %s", os.path.join(run_dir, "freeze_plan.json"))
+        return {"status": "dry_run", **plan}
+
+    t = cfg.trainer
+    trainer = Trainer(
+        model, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"], registry=registry, steps_per_execution=int(t.steps_per_execution),
+        jit_compile=bool(t.jit_compile), nan_policy=str(t.nan_policy),
+    )
+    seed = int(cfg.seed)
+    train_ds = make_dataset(splits.x_train, splits.y_train, int(t.batch_size), shuffle=True, seed=seed)
+    val_ds = make_dataset(splits.x_val, splits.y_val, int(t.eval_batch_size), shuffle=False, seed=seed) \
+        if len(splits.x_val) else None
+    test_ds = make_dataset(splits.x_test, splits.y_test, int(t.eval_batch_size), shuffle=False, seed=seed)
+
+    tensorboard = TensorBoard(
+        os.path.join(run_dir, "tb"),
+        summary_every_n_steps=int(cfg.log.summary_every_n_steps),
+        histogram_every_n_steps=int(cfg.log.histogram_every_n_steps),
+        texts={"config": "```\n" + OmegaConf.to_yaml(cfg) + "\n```", "freeze_plan": registry.describe()},
+    )
+    checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"),
+                                  every_n_steps=int(t.checkpoint_every_n_steps), keep=int(t.keep_checkpoints))
+    callbacks = [LogLines(int(t.log_every_n_steps)), tensorboard, checkpointing]
+
+    start = time.perf_counter()
+    status = "failed"
+    try:
+        trainer.fit(train_ds, val_ds, epochs=int(t.epochs), max_steps=t.max_steps, callbacks=callbacks)
+        status = "interrupted" if trainer.stop_requested else "completed"
+    finally:
+        wall = time.perf_counter() - start
+        test = trainer.evaluate(test_ds)
+        tensorboard.write_test(trainer.step, test)
+        tensorboard.close()
+        rows = reports.audit(registry)
+        exact = registry.exact()
+        train_seconds = trainer.timing.get("train_seconds", wall)
+        result = {
+            "status": status,
+            "test_accuracy": test.get("accuracy"),
+            "test_loss": test["loss"],
+            "steps": trainer.step,
+            "epochs": trainer.step / trainer.steps_per_epoch if getattr(trainer, "steps_per_epoch", None) else 0,
+            "wall_seconds": wall,
+            "examples_per_second": int(trainer.examples.numpy()) / max(train_seconds, 1e-9),
+            "steady_steps_per_second": trainer.timing.get("steady_steps_per_second"),
+            "skipped_steps": trainer.skipped_steps,
+            "frozen_exact": exact,
+            "audit": reports.audit_line(rows, exact),
+            "variables": rows,
+        }
+        reports.write_json(os.path.join(run_dir, "report.json"), result)
+        reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
+        reports.export_weights(model, os.path.join(run_dir, "weights.npz"))
+        if cfg.export.keras:
+            reports.export_model(model, os.path.join(run_dir, "model.keras"))
+        if cfg.export.saved_model:
+            reports.export_saved_model(model, os.path.join(run_dir, "saved_model"))
+        log.info("test | loss %.4f | accuracy %.4f | %s | %.1f s", test["loss"], test.get("accuracy", float("nan")),
+                 result["audit"], wall)
+    return result
