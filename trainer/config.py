@@ -34,6 +34,7 @@ class TrainerConfig:
 class LogConfig:
     summary_every_n_steps: int = 100
     histogram_every_n_steps: int = 1000
+    test_every_epoch: bool = False
 
 
 @dataclasses.dataclass

@@ -171,6 +171,32 @@ def tokenize(splits: Splits, levels: int) -> Splits:
     return dataclasses.replace(splits, x_train=q(splits.x_train), x_val=q(splits.x_val), x_test=q(splits.x_test))
 
 
+def select_classes(splits: Splits, classes) -> Splits:
+    """Keeps only examples of the given classes and relabels them ``0 .. len(classes) - 1`` in that order.
+
+    For task splits such as MNIST digits 0-4 (task A) and 5-9 (task B).
+
+    Raises:
+      DataError: a class outside ``[0, num_classes)`` or a repeated class.
+    """
+    classes = [int(c) for c in classes]
+    if len(set(classes)) != len(classes) or not classes:
+        raise DataError(f"data.classes must be a non-empty list of distinct labels, got {classes}")
+    bad = [c for c in classes if not 0 <= c < splits.num_classes]
+    if bad:
+        raise DataError(f"data.classes {bad} outside [0, {splits.num_classes - 1}]")
+    lookup = np.full(splits.num_classes, -1, dtype=np.int32)
+    lookup[classes] = np.arange(len(classes), dtype=np.int32)
+
+    def pick(x, y):
+        keep = lookup[y] >= 0
+        return x[keep], lookup[y[keep]]
+
+    (xt, yt), (xv, yv), (xs, ys) = (pick(splits.x_train, splits.y_train), pick(splits.x_val, splits.y_val),
+                                    pick(splits.x_test, splits.y_test))
+    return Splits(xt, yt, xv, yv, xs, ys, len(classes), f"{splits.name}{classes}")
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
                  drop_remainder: bool = False) -> tf.data.Dataset:
     """A ``tf.data`` pipeline: from arrays -> cache -> shuffle (seeded, reshuffled each epoch) -> batch -> prefetch.

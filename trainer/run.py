@@ -21,10 +21,10 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import report as reports
-from trainer.callbacks import LogLines
+from trainer.callbacks import Callback, LogLines
 from trainer.checkpoint import Checkpointing
 from trainer.config import check_config
-from trainer.data import Splits, load_digits, load_mnist, make_dataset, tokenize
+from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model
@@ -55,9 +55,45 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
         splits = load_digits(validation_size=int(cfg.validation_size), seed=seed)
     else:
         raise ValueError(f"unknown data.name {cfg.name!r}; known: ['mnist', 'digits']")
+    if cfg.get("classes"):
+        splits = select_classes(splits, list(cfg.classes))
     if cfg.get("tokens"):
         splits = tokenize(splits, int(cfg.tokens))
     return splits
+
+
+MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude")
+
+
+def load_initial_weights(model: keras.Model, path: str, exclude) -> list:
+    """Assigns values from a ``weights.npz`` (arrays keyed by variable path) to matching variables.
+
+    Variables matching an ``exclude`` glob are left at their initialization
+    (e.g. a new output head). Returns the paths loaded.
+
+    Raises:
+      ValueError: the file is missing, a listed variable has another shape,
+        or no variable of the model is in the file.
+    """
+    from trainer.masks.variables import path_matches
+
+    if not os.path.isfile(path):
+        raise ValueError(f"model.init_from {path!r} is not a file; pass a run's weights.npz")
+    loaded = []
+    with np.load(path, allow_pickle=False) as data:
+        for v in model.variables:
+            if any(path_matches(p, v.path) for p in exclude) or v.path not in data.files:
+                continue
+            value = data[v.path]
+            if tuple(value.shape) != tuple(v.shape):
+                raise ValueError(f"model.init_from {path!r}: {v.path!r} has shape {value.shape}, "
+                                 f"the model's has {tuple(v.shape)}; exclude it with model.init_exclude")
+            v.assign(value)
+            loaded.append(v.path)
+        if not loaded:
+            raise ValueError(f"model.init_from {path!r} holds none of the model's variables; "
+                             f"it has {sorted(data.files)[:10]}")
+    return loaded
 
 
 SCHEDULES = ("constant", "cosine")
@@ -102,8 +138,15 @@ def build(cfg: DictConfig):
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
     splits = load_data(cfg.data, int(cfg.seed))
-    model_options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_options = {k: v for k, v in model_cfg.items() if k not in MODEL_RUN_KEYS}
+    if model_cfg.get("init_seed") is not None:
+        keras.utils.set_random_seed(int(model_cfg["init_seed"]))  # another initialization, same data order
     model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, **model_options)
+    keras.utils.set_random_seed(int(cfg.seed))
+    if model_cfg.get("init_from"):
+        loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [])
+        log.info("initialized %d variables from %s", len(loaded), model_cfg["init_from"])
     steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
     total_steps = int(cfg.trainer.epochs) * steps_per_epoch
     if cfg.trainer.max_steps is not None:
@@ -124,6 +167,26 @@ def _plan_table(registry: MaskRegistry) -> None:
         table.add_row(row["path"], str(tuple(row["shape"])), row["dtype"], f"{row['frozen_elements']:,}",
                       f"{row['frozen_fraction']:.4f}", row["value"] or "-", ", ".join(row["rules"]) or "-")
     Console().print(table)
+
+
+class TestEachEpoch(Callback):
+    """Evaluates the test set after every epoch, adding ``test_loss`` / ``test_accuracy`` to the epoch's logs."""
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self.dataset = dataset
+
+    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        logs.update({"test_" + k: v for k, v in trainer.evaluate(self.dataset).items()})
+
+
+def early_stopping_summary(history) -> Optional[Dict[str, Any]]:
+    """The epoch of lowest validation loss and the test metrics there (Frankle & Carbin 2019's protocol)."""
+    rows = [(i, h) for i, h in enumerate(history, 1) if "val_loss" in h and "test_accuracy" in h]
+    if not rows:
+        return None
+    epoch, best = min(rows, key=lambda r: r[1]["val_loss"])
+    return {"epoch": epoch, "val_loss": best["val_loss"], "val_accuracy": best.get("val_accuracy"),
+            "test_loss": best["test_loss"], "test_accuracy": best["test_accuracy"]}
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
@@ -167,11 +230,14 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"),
                                   every_n_steps=int(t.checkpoint_every_n_steps), keep=int(t.keep_checkpoints))
     callbacks = [LogLines(int(t.log_every_n_steps)), tensorboard, checkpointing]
+    if cfg.log.test_every_epoch:
+        callbacks.insert(0, TestEachEpoch(test_ds))
 
     start = time.perf_counter()
     status = "failed"
+    history = []
     try:
-        trainer.fit(train_ds, val_ds, epochs=int(t.epochs), max_steps=t.max_steps, callbacks=callbacks)
+        history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), max_steps=t.max_steps, callbacks=callbacks)
         status = "interrupted" if trainer.stop_requested else "completed"
     finally:
         wall = time.perf_counter() - start
@@ -194,6 +260,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
             "frozen_exact": exact,
             "audit": reports.audit_line(rows, exact),
             "variables": rows,
+            "history": history,
+            "early_stopping": early_stopping_summary(history),
         }
         reports.write_json(os.path.join(run_dir, "report.json"), result)
         reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
