@@ -35,6 +35,8 @@ class LogConfig:
     summary_every_n_steps: int = 100
     histogram_every_n_steps: int = 1000
     test_every_epoch: bool = False
+    progress: str = "auto"
+    profile_steps: Optional[List[int]] = None
 
 
 @dataclasses.dataclass
@@ -53,6 +55,7 @@ class Config:
     name: str = "default"
     seed: int = 0
     dry_run: bool = False
+    resume: Optional[str] = None
     data: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING

@@ -98,6 +98,12 @@ class Trainer:
         self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
         self.nonfinite = tf.Variable(False, trainable=False, name="nonfinite_seen")
         self.examples = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen")
+        # Global L2 norm of the last applied step's masked gradients, read by
+        # summaries between executions (assigned in the step, never logged there).
+        self.grad_norm = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="grad_norm")
+        # Batches drawn from the input pipeline (skipped steps included): a
+        # resumed run skips this many to continue the same data order.
+        self.batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches_drawn")
         self.train_iterator = None
         self.epoch = 0
         self.stop_requested = False
@@ -123,6 +129,7 @@ class Trainer:
         skip = self.nan_policy == "skip_step"
 
         def step(x, y):
+            self.batches.assign_add(1)
             with tf.GradientTape() as tape:
                 y_pred = model(x, training=True)
                 loss = self.loss(y, y_pred)
@@ -137,6 +144,10 @@ class Trainer:
                     finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
 
             def apply():
+                present = [tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)
+                           for g in grads if g is not None]
+                if present:
+                    self.grad_norm.assign(tf.linalg.global_norm(present))
                 optimizer.apply_gradients(zip(grads, variables))
                 registry.reproject()
                 self.train_loss.update_state(total, sample_weight=tf.shape(y)[0])
@@ -170,6 +181,32 @@ class Trainer:
             self._train_fn = self._make_train_function()
             self._structure = self.registry.structure_version
         return self._train_fn
+
+    def masked_gradients(self, x, y) -> List[tuple]:
+        """The masked gradients of the loss on one batch, computed eagerly (for summaries).
+
+        For the outer loop only (e.g. gradient histograms between executions).
+        The model runs with ``training=False`` so that the call changes no
+        state (batch-norm statistics, dropout seed generators): logging does
+        not change the run. Nothing is applied.
+
+        Args:
+          x: one batch of inputs, as the model takes them.
+          y: its labels, as the loss takes them.
+
+        Returns:
+          ``[(variable, gradient)]`` for ``registry.trainable_variables()``:
+          each gradient a dense ``tf.Tensor`` of the variable's shape and dtype
+          with every frozen element exactly 0, or ``None`` when the variable
+          does not affect the loss.
+        """
+        variables = self.registry.trainable_variables()
+        with tf.GradientTape() as tape:
+            y_pred = self.model(x, training=False)
+            loss = self.loss(y, y_pred)
+            total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
+        grads = self.registry.mask_gradients(tape.gradient(total, variables), variables)
+        return [(v, None if g is None else tf.convert_to_tensor(g)) for v, g in zip(variables, grads)]
 
     def _make_eval_function(self):
         model = self.model
@@ -211,6 +248,19 @@ class Trainer:
             m.reset_state()
         self._eval_fn(dataset)
         return self._results(self.eval_loss, self.eval_metrics)
+
+    def _check_inputs(self, dataset: tf.data.Dataset) -> None:
+        """Refuses a dataset whose inputs do not fit the model, before any step runs."""
+        spec = dataset.element_spec
+        if not isinstance(spec, tuple) or len(spec) != 2:
+            raise ValueError(f"the training dataset must yield (x, y) pairs, got elements of {spec}")
+        expected = getattr(self.model, "input_shape", None)
+        if isinstance(expected, tuple) and all(isinstance(d, (int, type(None))) for d in expected):
+            got = tuple(spec[0].shape)[1:]
+            want = tuple(expected)[1:]
+            if len(got) != len(want) or any(g is not None and w is not None and g != w for g, w in zip(got, want)):
+                raise ValueError(f"the model expects inputs of shape (batch, {', '.join(map(str, want))}) "
+                                 f"but the dataset yields {spec[0].shape}")
 
     def fit(
         self,
@@ -262,10 +312,13 @@ class Trainer:
         total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         self.total_steps = total
         callbacks = list(callbacks)
-        if self.train_iterator is None:
-            self.train_iterator = iter(train_ds.repeat())
+        self._check_inputs(train_ds)
         for cb in callbacks:
-            cb.on_train_begin(self)
+            cb.on_train_begin(self)  # a checkpoint restore happens here
+        if self.train_iterator is None:
+            drawn = int(self.batches.numpy())
+            repeated = train_ds.repeat()
+            self.train_iterator = iter(repeated.skip(drawn) if drawn else repeated)
         history: List[Dict[str, float]] = []
         logs: Dict[str, float] = {}
         status = "failed"

@@ -10,8 +10,11 @@ Run directory contents: ``tb/`` (TensorBoard), ``checkpoints/``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -21,14 +24,16 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import report as reports
-from trainer.callbacks import Callback, LogLines
+from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpointing
 from trainer.config import check_config
 from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model
-from trainer.summaries import TensorBoard
+from trainer.resume import ResumeError, has_checkpoint
+from trainer.progress import print_summary, progress_callback
+from trainer.summaries import Profile, TensorBoard
 
 log = logging.getLogger("trainer")
 
@@ -41,6 +46,36 @@ def run_dir_of(cfg: DictConfig) -> str:
         return HydraConfig.get().runtime.output_dir
     except ValueError:
         return os.getcwd()
+
+
+HPARAM_KEYS = ("seed", "data.name", "model.name", "optimizer.name", "optimizer.learning_rate",
+               "trainer.batch_size", "trainer.epochs")
+HPARAM_IGNORED = ("hydra", "log", "export", "resume", "dry_run")  # overrides that do not change the result
+
+
+def hparams_of(cfg: DictConfig) -> Dict[str, Any]:
+    """The run's hyperparameters for TensorBoard's HParams table.
+
+    The fixed ``HPARAM_KEYS`` plus every key overridden on the command line
+    (Hydra's ``overrides.task``; in a multirun job, the swept ones) except
+    those under ``HPARAM_IGNORED``, valued
+    from the composed config, or by the override's text for config-group
+    choices (``+experiment=sparse_mlp``, ``freeze=[a,b]``) and lists.
+    """
+    out = {key: OmegaConf.select(cfg, key, default=None) for key in HPARAM_KEYS}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    for override in overrides:
+        key, _, text = override.lstrip("+~").partition("=")
+        if key.split(".")[0] in HPARAM_IGNORED:
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        out[key] = value if isinstance(value, (bool, int, float, str)) else text
+    return {key: value for key, value in out.items() if value is not None}
 
 
 def load_data(cfg: DictConfig, seed: int) -> Splits:
@@ -135,6 +170,7 @@ def build(cfg: DictConfig):
     """Data, model, optimizer and registry from a config; everything is checked here, before training."""
     check_config(cfg)
     keras.utils.set_random_seed(int(cfg.seed))
+    tf.random.set_global_generator(tf.random.Generator.from_seed(int(cfg.seed)))
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
     splits = load_data(cfg.data, int(cfg.seed))
@@ -189,6 +225,32 @@ def early_stopping_summary(history) -> Optional[Dict[str, Any]]:
             "test_loss": best["test_loss"], "test_accuracy": best["test_accuracy"]}
 
 
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT / SIGTERM ask the trainer to stop after the current execution (then it checkpoints).
+
+    A second SIGINT exits at once (exit code 130) without waiting.
+    """
+    previous = {}
+
+    def ask_to_stop(signum, frame):
+        if trainer.stop_requested and signum == signal.SIGINT:
+            log.error("second interrupt: exiting now")
+            os._exit(130)
+        trainer.stop_requested = True
+        log.warning("%s received: finishing the current step, then writing a checkpoint "
+                    "(press Ctrl-C again to exit at once)", signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, ask_to_stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Trains (or, with ``dry_run``, only plans) one configured run.
 
@@ -200,6 +262,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
       NonFiniteLossError: the loss diverged with ``nan_policy=stop``.
     """
     run_dir = run_dir_of(cfg)
+    if cfg.get("resume") and not has_checkpoint(run_dir):
+        raise ResumeError(f"resume: {run_dir!r} has no checkpoints/checkpoint to continue from")
     os.makedirs(run_dir, exist_ok=True)
     splits, model, optimizer, registry = build(cfg)
     plan = {"variables": registry.plan()}
@@ -221,55 +285,76 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         if len(splits.x_val) else None
     test_ds = make_dataset(splits.x_test, splits.y_test, int(t.eval_batch_size), shuffle=False, seed=seed)
 
+    checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"), every_n_steps=int(t.checkpoint_every_n_steps),
+                                  keep=int(t.keep_checkpoints))
+    if cfg.get("resume"):
+        checkpointing.restore_now(trainer)  # before any file of this run is touched
     tensorboard = TensorBoard(
         os.path.join(run_dir, "tb"),
         summary_every_n_steps=int(cfg.log.summary_every_n_steps),
         histogram_every_n_steps=int(cfg.log.histogram_every_n_steps),
         texts={"config": "```\n" + OmegaConf.to_yaml(cfg) + "\n```", "freeze_plan": registry.describe()},
+        hparams=hparams_of(cfg),
+        gradient_batch=(splits.x_train[:int(t.batch_size)], splits.y_train[:int(t.batch_size)]),
     )
-    checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"),
-                                  every_n_steps=int(t.checkpoint_every_n_steps), keep=int(t.keep_checkpoints))
-    callbacks = [LogLines(int(t.log_every_n_steps)), tensorboard, checkpointing]
+    callbacks = [progress_callback(str(cfg.log.progress), int(t.log_every_n_steps)), tensorboard, checkpointing]
+    if cfg.log.profile_steps:
+        callbacks.append(Profile(os.path.join(run_dir, "tb", "train"), list(cfg.log.profile_steps)))
     if cfg.log.test_every_epoch:
         callbacks.insert(0, TestEachEpoch(test_ds))
 
     start = time.perf_counter()
-    status = "failed"
+    status, error = "failed", None
     history = []
     try:
-        history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), max_steps=t.max_steps, callbacks=callbacks)
+        with stop_on_signals(trainer):
+            history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), max_steps=t.max_steps,
+                                  callbacks=callbacks)
         status = "interrupted" if trainer.stop_requested else "completed"
+    except BaseException as err:
+        error = f"{type(err).__name__}: {err}"
+        raise
     finally:
         wall = time.perf_counter() - start
-        test = trainer.evaluate(test_ds)
-        tensorboard.write_test(trainer.step, test)
-        tensorboard.close()
-        rows = reports.audit(registry)
-        exact = registry.exact()
-        train_seconds = trainer.timing.get("train_seconds", wall)
-        result = {
-            "status": status,
-            "test_accuracy": test.get("accuracy"),
-            "test_loss": test["loss"],
-            "steps": trainer.step,
-            "epochs": trainer.step / trainer.steps_per_epoch if getattr(trainer, "steps_per_epoch", None) else 0,
-            "wall_seconds": wall,
-            "examples_per_second": int(trainer.examples.numpy()) / max(train_seconds, 1e-9),
-            "steady_steps_per_second": trainer.timing.get("steady_steps_per_second"),
-            "skipped_steps": trainer.skipped_steps,
-            "frozen_exact": exact,
-            "audit": reports.audit_line(rows, exact),
-            "variables": rows,
-            "history": history,
-            "early_stopping": early_stopping_summary(history),
-        }
-        reports.write_json(os.path.join(run_dir, "report.json"), result)
-        reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
-        reports.export_weights(model, os.path.join(run_dir, "weights.npz"))
-        if cfg.export.keras:
-            reports.export_model(model, os.path.join(run_dir, "model.keras"))
-        if cfg.export.saved_model:
-            reports.export_saved_model(model, os.path.join(run_dir, "saved_model"))
-        log.info("test | loss %.4f | accuracy %.4f | %s | %.1f s", test["loss"], test.get("accuracy", float("nan")),
-                 result["audit"], wall)
+        result = finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, history, wall)
+    return result
+
+
+def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, history, wall) -> Dict[str, Any]:
+    """Evaluates the test set, audits the frozen elements, writes report.json and the exports."""
+    registry, model = trainer.registry, trainer.model
+    test = trainer.evaluate(test_ds)
+    tensorboard.write_test(trainer.step, test)
+    tensorboard.close()
+    rows = reports.audit(registry)
+    exact = registry.exact()
+    train_seconds = trainer.timing.get("train_seconds", wall)
+    result = {
+        "status": status,
+        "test_accuracy": test.get("accuracy"),
+        "test_loss": test["loss"],
+        "steps": trainer.step,
+        "epochs": trainer.step / trainer.steps_per_epoch if getattr(trainer, "steps_per_epoch", None) else 0,
+        "wall_seconds": wall,
+        "examples_per_second": int(trainer.examples.numpy()) / max(train_seconds, 1e-9),
+        "steady_steps_per_second": trainer.timing.get("steady_steps_per_second"),
+        "skipped_steps": trainer.skipped_steps,
+        "frozen_exact": exact,
+        "audit": reports.audit_line(rows, exact),
+        "variables": rows,
+        "history": history,
+        "early_stopping": early_stopping_summary(history),
+    }
+    if error is not None:
+        result["error"] = error
+    reports.write_json(os.path.join(run_dir, "report.json"), result)
+    reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
+    reports.export_weights(model, os.path.join(run_dir, "weights.npz"))
+    if cfg.export.keras:
+        reports.export_model(model, os.path.join(run_dir, "model.keras"))
+    if cfg.export.saved_model:
+        reports.export_saved_model(model, os.path.join(run_dir, "saved_model"))
+    log.info("test | loss %.4f | accuracy %.4f | %s | %.1f s", test["loss"], test.get("accuracy", float("nan")),
+             result["audit"], wall)
+    print_summary(result)
     return result

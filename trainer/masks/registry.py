@@ -33,6 +33,7 @@ from trainer.masks.elements import ElementContext, select_elements, selector_nam
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.rules import FreezeRule
 from trainer.masks.slots import slots_by_path, zero_slot_elements
+from trainer.masks.state import RuleStateTrackable
 from trainer.masks.values import is_zero, resolve_value
 from trainer.masks.variables import VariableInfo, index_variables, select_variables
 
@@ -115,6 +116,7 @@ class MaskRegistry(tf.Module):
         self._step = 0
         self._epoch = 0
         self.structure_version = 0
+        self.rule_state = RuleStateTrackable(self)
 
     # ------------------------------------------------------------------ rules
     @property
@@ -245,10 +247,13 @@ class MaskRegistry(tf.Module):
                     if differs.any():
                         other = list(self._states)[int(owner[info.path][differs][0])]
                         idx = np.unravel_index(int(np.flatnonzero(differs)[0]), shape)
+                        first, second = self._states[other].rule.value, state.rule.value
                         raise FreezeConfigError(
-                            f"rules {other!r} and {state.rule.name!r} pin element {tuple(int(i) for i in idx)} "
-                            f"of variable {info.path!r} to different values ({pinned[idx]!r} and {p[idx]!r}); "
-                            "give them the same value or make their element selections disjoint"
+                            f"rules {other!r} (value {first}) and {state.rule.name!r} (value {second}) pin "
+                            f"{int(differs.sum())} element(s) of variable {info.path!r} to different values, "
+                            f"e.g. element {tuple(int(i) for i in idx)}: {float(pinned[idx])!r} and "
+                            f"{float(p[idx])!r}; give them the same value or make their element selections "
+                            "disjoint (e.g. with 'exclude' or 'invert')"
                         )
                 pinned = np.where(f, p, pinned)
                 owner[info.path] = np.where(f & ~frozen, list(self._states).index(state.rule.name), owner[info.path])
@@ -355,6 +360,23 @@ class MaskRegistry(tf.Module):
                     state.last_update_step = self._step
                     touched = True
         return self._apply(self._combine()) if touched else False
+
+    def after_restore(self) -> None:
+        """Re-synchronizes host copies after a checkpoint restored the registry.
+
+        The restored mask and pinned variables are the truth; this recomputes
+        the plan from the restored rule states and checks that both agree.
+
+        Raises:
+          ValueError: the restored variables disagree with the restored rule
+            state (a checkpoint of another configuration).
+        """
+        for path, (frozen, pinned, names, static_full) in self._combine().items():
+            entry = self._entries[path]
+            if entry.mask is not None and not np.array_equal(~entry.mask.numpy(), frozen):
+                raise ValueError(f"the checkpoint's mask of {path!r} disagrees with its rule state; "
+                                 "was it written by another freeze configuration?")
+            entry.frozen, entry.pinned_host, entry.rules = frozen.copy(), pinned.copy(), list(names)
 
     # --------------------------------------------------------- compiled-step API
     def trainable_variables(self) -> List[keras.Variable]:

@@ -1,0 +1,141 @@
+"""Nothing lost: SIGKILL + resume is bit-exact, SIGINT checkpoints, corrupted checkpoints are skipped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO
+
+COMMON = ["trainer.deterministic=true", "trainer.epochs=30", "trainer.checkpoint_every_n_steps=25",
+          "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "export.keras=false",
+          "log.summary_every_n_steps=50"]
+
+
+def cli(args, env=None):
+    return [sys.executable, "-m", "trainer", *args]
+
+
+def env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def final_state(run_dir):
+    """Every tensor of the latest checkpoint except the save counter, by checkpoint key."""
+    path = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    reader = tf.train.load_checkpoint(path)
+    return path, {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+                  if "save_counter" not in k and not k.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
+
+
+def wait_for_checkpoint(run_dir, proc, min_step, timeout=240):
+    index = os.path.join(run_dir, "checkpoints", "checkpoint")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isfile(index):
+            latest = tf.train.latest_checkpoint(os.path.dirname(index))
+            if latest and int(latest.rsplit("-", 1)[1]) >= min_step:
+                return latest
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before a checkpoint at step {min_step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["trainer.steps_per_execution=5", "trainer.jit_compile=true"]],
+                         ids=["plain", "xla_spe5"])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(cli([f"hydra.run.dir={straight}", *COMMON, *extra]), cwd=REPO, env=env(), check=True,
+                   capture_output=True, timeout=600)
+    proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *COMMON, *extra]), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(str(killed), proc, min_step=100)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "report.json").exists()  # it really died mid-run
+    resumed = subprocess.run(cli([f"resume={killed}", *COMMON, *extra]), cwd=REPO, env=env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "restored" in resumed.stderr + resumed.stdout
+    path_a, a = final_state(str(straight))
+    path_b, b = final_state(str(killed))
+    assert os.path.basename(path_a) == os.path.basename(path_b)  # same final step
+    assert sorted(a) == sorted(b)
+    assert sum(k.startswith("optimizer/_variables/") for k in a) >= 12  # AdamW slots of 6 variables
+    assert any(k.startswith("registry/masks/") for k in a) and "registry/rule_state/.ATTRIBUTES/py_state" in a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    report = json.loads((killed / "report.json").read_text())
+    assert report["status"] == "completed" and report["frozen_exact"] is True
+
+
+@pytest.mark.slow
+def test_sigint_finishes_step_writes_checkpoint_and_interrupted_report(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=2000", "trainer.checkpoint_every_n_steps=100000"]
+    proc = subprocess.Popen(cli(args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_file = run_dir / "__main__.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and "train | step" not in (log_file.read_text() if log_file.exists() else ""):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "interrupted"
+    assert report["frozen_exact"] is True
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert latest is not None and int(latest.rsplit("-", 1)[1]) == report["steps"]
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=3"]
+    subprocess.run(cli(args), cwd=REPO, env=env(), check=True, capture_output=True, timeout=600)
+    ckpt_dir = run_dir / "checkpoints"
+    latest = tf.train.latest_checkpoint(str(ckpt_dir))
+    data = [p for p in os.listdir(ckpt_dir) if p.startswith(os.path.basename(latest) + ".data")][0]
+    with open(ckpt_dir / data, "r+b") as f:
+        f.truncate(os.path.getsize(ckpt_dir / data) // 2)
+    resumed = subprocess.run(cli([f"resume={run_dir}", *COMMON, "trainer.epochs=4"]), cwd=REPO, env=env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    text = resumed.stdout + resumed.stderr
+    assert f"checkpoint {latest} is unreadable" in text and "falling back to" in text
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == 4 * 21
+
+
+@pytest.mark.slow
+def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=1", "trainer.keep_checkpoints=1"]
+    subprocess.run(cli(args), cwd=REPO, env=env(), check=True, capture_output=True, timeout=600)
+    ckpt_dir = run_dir / "checkpoints"
+    for name in os.listdir(ckpt_dir):
+        if ".data" in name:
+            with open(ckpt_dir / name, "r+b") as f:
+                f.truncate(10)
+    report_before = (run_dir / "report.json").read_text()
+    resumed = subprocess.run(cli([f"resume={run_dir}", *COMMON, "trainer.epochs=2"]), cwd=REPO, env=env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode != 0
+    assert "no readable checkpoint in" in resumed.stderr
+    assert (run_dir / "report.json").read_text() == report_before  # nothing already written is lost
+
+
+def test_resume_of_missing_directory_is_refused(tmp_path):
+    proc = subprocess.run(cli([f"resume={tmp_path / 'nope'}"]), cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "is not a directory" in proc.stderr
