@@ -1,29 +1,57 @@
 """TensorBoard summaries written from the outer loop through ``tf.summary``.
 
-Train and validation go to separate writers (``tb/train``, ``tb/validation``),
-so TensorBoard overlays them under the same tags (``loss``, ``accuracy``).
-Per covered variable the tags are ``masks/<variable path>/<stat>`` with stats
-``sparsity`` (fraction of exact zeros), ``frozen_fraction``, ``frozen_drift``
-(max |value - pinned| over frozen elements; must stay 0) and
-``trainable_norm`` (L2 norm of the trainable elements).
+Nothing here runs inside the compiled step: the :class:`TensorBoard` callback
+reads variables and the registry between executions.
+
+Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
+
+- ``tb/train``: ``loss`` and every metric (running mean over the epoch so
+  far), ``learning_rate``, ``gradient_norm`` (global L2 norm of the last
+  step's masked gradients), ``examples_per_second`` and ``seconds_per_step``
+  (training only, evaluation left out), ``epoch``; per variable
+  ``masks/<variable path>/<stat>`` with stats ``sparsity`` (fraction of exact
+  zeros), ``frozen_fraction``, ``frozen_drift`` (max |value - pinned| over
+  frozen elements; must stay 0) and ``trainable_norm`` (L2 norm of the
+  trainable elements); ``model/sparsity`` and ``model/frozen_fraction`` over
+  all of them; histograms ``weights/<path>`` and ``gradients/<path>`` (the
+  trainable elements only); images ``masks/<path>/trainable``; texts
+  ``config`` and ``freeze_plan``; a profile under ``plugins/profile`` when
+  asked (:class:`Profile`).
+- ``tb/validation``: ``loss`` and every metric after each epoch, and the final
+  ``test/<metric>``.
+- ``tb`` itself: the HParams plugin's experiment and session records, whose
+  metrics point at the scalars above, so that the runs of a Hydra multirun
+  compare in one HParams table.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
 
-from trainer.callbacks import Callback, crossed
+from trainer.callbacks import Callback, Throughput, crossed
+
+log = logging.getLogger("trainer")
+
+TRAIN, VALIDATION = "train", "validation"
 
 
 def mask_image(trainable: np.ndarray) -> np.ndarray:
     """A trainable-mask as a grayscale image batch for ``tf.summary.image``.
 
-    A 1-D mask becomes one row; a conv kernel ``(h, w, in, out)`` is reshaped
-    to ``(h * w * in, out)``. White = trainable, black = frozen.
+    A 2-D mask ``(rows, cols)`` keeps its shape (a Dense kernel ``(in, out)``
+    gives an image ``in`` pixels high and ``out`` wide). A 1-D mask becomes one
+    row; a conv kernel ``(h, w, in, out)`` is reshaped to ``(h * w * in, out)``.
+    White = trainable, black = frozen.
+
+    Args:
+      trainable: bool (or 0/1) array of any rank.
 
     Returns:
       float32 ``(1, rows, cols, 1)`` in {0, 1}.
@@ -39,12 +67,20 @@ def mask_image(trainable: np.ndarray) -> np.ndarray:
 
 
 def variable_stats(registry) -> Dict[str, Dict[str, float]]:
-    """Per trainable or covered variable: sparsity, frozen_fraction, frozen_drift, trainable_norm."""
+    """Mask statistics of every variable in the registry's plan (trainable or pinned).
+
+    Returns:
+      ``{variable path: {"sparsity", "frozen_fraction", "frozen_drift",
+      "trainable_norm"}}``, Python floats: the fraction of elements exactly 0,
+      the fraction frozen, max |value - pinned| over frozen elements (0.0
+      expected; ``inf`` for NaN) and the L2 norm of the trainable elements.
+    """
     drift = registry.drift()
+    values = {v.path: v for v in registry.model.variables}
     out = {}
     for row in registry.plan():
         path = row["path"]
-        value = np.asarray(registry_variable(registry, path).numpy())
+        value = np.asarray(values[path].numpy())
         trainable = registry.trainable_mask(path)
         out[path] = {
             "sparsity": float(np.count_nonzero(value == 0) / max(value.size, 1)),
@@ -55,78 +91,166 @@ def variable_stats(registry) -> Dict[str, Dict[str, float]]:
     return out
 
 
+def model_stats(registry) -> Dict[str, float]:
+    """Sparsity and frozen fraction over all the plan's variables, weighted by element count.
+
+    Returns:
+      ``{"sparsity": exact zeros / elements, "frozen_fraction": frozen / elements}``.
+    """
+    values = {v.path: v for v in registry.model.variables}
+    size = zeros = frozen = 0
+    for row in registry.plan():
+        value = np.asarray(values[row["path"]].numpy())
+        size += value.size
+        zeros += int(np.count_nonzero(value == 0))
+        frozen += int(row["frozen_elements"])
+    return {"sparsity": zeros / max(size, 1), "frozen_fraction": frozen / max(size, 1)}
+
+
 def current_learning_rate(optimizer) -> float:
     """The learning rate at the optimizer's current step (schedules evaluated)."""
     lr = optimizer.learning_rate
     return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
-def registry_variable(registry, path: str):
-    for v in registry.model.variables:
-        if v.path == path:
-            return v
-    raise KeyError(path)
+def hparam_value(value: Any) -> Any:
+    """A value the HParams plugin accepts: bool, int, float or str (anything else as ``str``)."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def hparams_metrics(metric_names: Sequence[str]) -> List[hp.Metric]:
+    """The HParams table's metric columns for a run with these metric names.
+
+    ``test/<m>`` and ``<m>`` of the ``validation`` writer, ``<m>`` of the
+    ``train`` writer (``m`` in ``loss`` and ``metric_names``), and the model's
+    final sparsity.
+    """
+    names = ["loss"] + [m for m in metric_names if m != "loss"]
+    metrics = [hp.Metric(f"test/{m}", group=VALIDATION, display_name=f"test {m}") for m in names]
+    metrics += [hp.Metric(m, group=VALIDATION, display_name=f"validation {m}") for m in names]
+    metrics += [hp.Metric(m, group=TRAIN, display_name=f"train {m}") for m in names]
+    metrics.append(hp.Metric("model/sparsity", group=TRAIN, display_name="sparsity"))
+    return metrics
 
 
 class TensorBoard(Callback):
-    """Writes scalars, per-variable mask statistics, histograms, mask images and text.
+    """Writes scalars, mask statistics, histograms, mask images, texts and hparams.
 
     Args:
       logdir: the ``tb/`` directory; ``train/`` and ``validation/`` are made in it.
-      summary_every_n_steps: scalars and mask statistics interval.
-      histogram_every_n_steps: histograms interval.
-      texts: ``{tag: markdown}`` written once at the first step (e.g. config, freeze plan).
+      summary_every_n_steps: scalars and mask statistics interval (steps).
+      histogram_every_n_steps: weight and gradient histograms interval (steps).
+      texts: ``{tag: markdown}`` written once at the first step (e.g. the
+        config as YAML, the freeze plan as a Markdown table).
+      hparams: ``{name: bool | int | float | str}`` for the HParams plugin
+        (other values are written as ``str``); ``None`` writes no hparams.
+      gradient_batch: a fixed ``(x, y)`` batch on which the masked gradients
+        are computed (eagerly, with :meth:`Trainer.masked_gradients`) for the
+        ``gradients/<path>`` histograms; ``None`` writes no gradient histograms.
+        A fixed batch keeps the training data order untouched.
     """
 
     def __init__(self, logdir: str, *, summary_every_n_steps: int = 100, histogram_every_n_steps: int = 1000,
-                 texts: Optional[Dict[str, str]] = None):
+                 texts: Optional[Dict[str, str]] = None, hparams: Optional[Mapping[str, Any]] = None,
+                 gradient_batch: Optional[Tuple[Any, Any]] = None):
         self.logdir = logdir
         self.summary_every_n_steps = summary_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.texts = dict(texts or {})
-        self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
-        self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
+        self.hparams = None if hparams is None else {k: hparam_value(v) for k, v in hparams.items()}
+        self.gradient_batch = gradient_batch
+        self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, TRAIN))
+        self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, VALIDATION))
+        self.throughput = Throughput()
         self._mask_version: Optional[int] = None
+        self._scalars_at: Optional[int] = None
+        self._histograms_at: Optional[int] = None
 
-    def _masks_snapshot(self, registry):
-        return tuple(sorted((p, m.tobytes()) for p, m in registry.trainable_masks().items()))
+    # ------------------------------------------------------------------ pieces
+    def _masks_snapshot(self, registry) -> int:
+        return hash(tuple(sorted((p, m.tobytes()) for p, m in registry.trainable_masks().items())))
 
-    def write_masks(self, trainer, step: int, force: bool = False) -> None:
-        snapshot = hash(self._masks_snapshot(trainer.registry))
+    def write_masks(self, trainer, step: int, force: bool = False) -> bool:
+        """Writes ``masks/<path>/trainable`` images of every trainable variable of rank >= 2.
+
+        Skipped (returns False) when no mask changed since the last write,
+        unless ``force``.
+        """
+        snapshot = self._masks_snapshot(trainer.registry)
         if not force and snapshot == self._mask_version:
-            return
+            return False
         self._mask_version = snapshot
         with self.train_writer.as_default(step=step):
-            for path in trainer.registry.covered_paths():
-                mask = trainer.registry.trainable_mask(path)
+            for path, mask in trainer.registry.trainable_masks().items():
                 if mask.ndim >= 2:
                     tf.summary.image(f"masks/{path}/trainable", mask_image(mask), max_outputs=1)
+        return True
 
-    def write_scalars(self, trainer, step: int, logs: Dict[str, Any]) -> None:
+    def write_scalars(self, trainer, step: int, logs: Mapping[str, Any]) -> None:
+        """Train metrics, learning rate, gradient norm, throughput and the mask statistics at ``step``."""
+        self._scalars_at = step
         with self.train_writer.as_default(step=step):
             for name, value in logs.items():
-                if not name.startswith("val_"):
+                if not name.startswith(("val_", "test_")):
                     tf.summary.scalar(name, value)
             tf.summary.scalar("learning_rate", current_learning_rate(trainer.optimizer))
+            grad_norm = getattr(trainer, "grad_norm", None)
+            if grad_norm is not None:
+                tf.summary.scalar("gradient_norm", float(grad_norm.numpy()))
+            rates = self.throughput.measure(trainer)
+            if not math.isnan(rates["seconds_per_step"]):
+                tf.summary.scalar("examples_per_second", rates["examples_per_second"])
+                tf.summary.scalar("seconds_per_step", rates["seconds_per_step"])
             for path, stats in variable_stats(trainer.registry).items():
                 for stat, value in stats.items():
                     tf.summary.scalar(f"masks/{path}/{stat}", value)
+            for stat, value in model_stats(trainer.registry).items():
+                tf.summary.scalar(f"model/{stat}", value)
 
     def write_histograms(self, trainer, step: int) -> None:
+        """Histograms of each trainable variable's trainable elements and of its masked gradient there."""
+        self._histograms_at = step
+        registry = trainer.registry
+        grads = {}
+        if self.gradient_batch is not None:
+            x, y = self.gradient_batch
+            grads = {v.path: g for v, g in trainer.masked_gradients(x, y) if g is not None}
         with self.train_writer.as_default(step=step):
             for v in trainer.model.trainable_variables:
-                value = np.asarray(v.numpy())
-                tf.summary.histogram(f"weights/{v.path}", value[trainer.registry.trainable_mask(v.path)])
+                trainable = registry.trainable_mask(v.path)
+                if not trainable.any():
+                    continue
+                tf.summary.histogram(f"weights/{v.path}", np.asarray(v.numpy())[trainable])
+                if v.path in grads:
+                    tf.summary.histogram(f"gradients/{v.path}", np.asarray(grads[v.path].numpy())[trainable])
 
+    def write_hparams(self, trainer) -> None:
+        """The HParams experiment (columns) and this run's session (values) in ``tb/`` itself."""
+        writer = tf.summary.create_file_writer(self.logdir)
+        with writer.as_default():
+            hp.hparams_config(hparams=[hp.HParam(name) for name in self.hparams],
+                              metrics=hparams_metrics([m.name for m in trainer.train_metrics]))
+            hp.hparams(self.hparams)
+        writer.close()
+
+    # ------------------------------------------------------------------- hooks
     def on_train_begin(self, trainer) -> None:
         step = trainer.step
         with self.train_writer.as_default(step=step):
             for tag, text in self.texts.items():
                 tf.summary.text(tag, text)
+        if self.hparams is not None:
+            self.write_hparams(trainer)
         self.write_masks(trainer, step, force=True)
         self.train_writer.flush()
+        self.throughput.start(trainer)
 
     def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+        self.throughput.tick()
         if crossed(step_before, step, self.summary_every_n_steps):
             self.write_scalars(trainer, step, logs)
         if crossed(step_before, step, self.histogram_every_n_steps):
@@ -142,14 +266,17 @@ class TensorBoard(Callback):
                 if name.startswith("val_"):
                     tf.summary.scalar(name[4:], value)
         self.val_writer.flush()
+        self.throughput.resume()
 
     def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
-        self.write_scalars(trainer, step, {k: v for k, v in logs.items() if not k.startswith("val_")})
-        self.write_histograms(trainer, step)
+        if self._scalars_at != step:
+            self.write_scalars(trainer, step, logs)
+        if self._histograms_at != step:
+            self.write_histograms(trainer, step)
         self.train_writer.flush()
         self.val_writer.flush()
 
-    def write_test(self, step: int, metrics: Dict[str, float]) -> None:
+    def write_test(self, step: int, metrics: Mapping[str, float]) -> None:
         """Writes the final test metrics as ``test/<name>`` in the validation writer."""
         with self.val_writer.as_default(step=step):
             for name, value in metrics.items():
@@ -159,3 +286,63 @@ class TensorBoard(Callback):
     def close(self) -> None:
         self.train_writer.close()
         self.val_writer.close()
+
+
+class Profile(Callback):
+    """Captures a TensorBoard profile (trace viewer) of optimizer steps ``start`` to ``stop``.
+
+    Steps count from 1 (step ``s`` is the update that makes
+    ``optimizer.iterations == s``). The profiler starts between executions,
+    before the execution that runs step ``start``, and stops after the one
+    that reaches step ``stop``, so with ``steps_per_execution > 1`` whole
+    executions are captured (and an epoch-end evaluation inside the window).
+    The trace is written to ``<logdir>/plugins/profile/<time>/`` and shows in
+    TensorBoard's Profile tab (which needs the ``tensorboard-plugin-profile``
+    package installed where TensorBoard runs).
+
+    Args:
+      logdir: a TensorBoard run directory (e.g. ``tb/train``).
+      steps: ``[start, stop]``, the first and last step to capture,
+        ``1 <= start <= stop``.
+
+    Raises:
+      ValueError: ``steps`` is not two integers in order.
+    """
+
+    def __init__(self, logdir: str, steps: Sequence[int]):
+        steps = list(steps)
+        if len(steps) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in steps) \
+                or not 1 <= steps[0] <= steps[1]:
+            raise ValueError(f"log.profile_steps must be [start, stop] with integers 1 <= start <= stop, got {steps}")
+        self.logdir = logdir
+        self.start, self.stop = steps
+        self.active = False
+        self.done = False
+
+    def _maybe_start(self, step: int) -> None:
+        if not self.active and not self.done and self.start - 1 <= step < self.stop:
+            try:
+                tf.profiler.experimental.start(self.logdir)
+            except Exception as err:  # another profiler running, or no profiler in this build
+                log.warning("profiler not started: %s", err)
+                self.done = True
+                return
+            self.active = True
+            log.info("profiling steps %d-%d into %s", step + 1, self.stop, self.logdir)
+
+    def _stop(self) -> None:
+        if self.active:
+            tf.profiler.experimental.stop()
+            self.active, self.done = False, True
+
+    def on_train_begin(self, trainer) -> None:
+        self._maybe_start(trainer.step)
+
+    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+        if self.active and step >= self.stop:
+            self._stop()
+        else:
+            self._maybe_start(step)
+
+    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+        self._stop()

@@ -1,0 +1,163 @@
+"""Terminal display: a rich progress bar per epoch on a TTY, plain log lines otherwise, and the end summary.
+
+Which one a run gets is :func:`progress_callback`'s choice (``log.progress``):
+``auto`` shows the bar when standard output is a terminal and writes
+:class:`~trainer.callbacks.LogLines` otherwise (CI, ``nohup``, pipes), so log
+files never fill with bar redraws.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Dict, List, Mapping, Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from trainer.callbacks import Callback, LogLines, Throughput
+
+log = logging.getLogger("trainer")
+
+PROGRESS_MODES = ("auto", "bar", "lines")
+
+
+def _fmt(logs: Mapping[str, Any]) -> str:
+    return " · ".join(f"{k} {v:.4f}" for k, v in logs.items())
+
+
+class ProgressBar(Callback):
+    """A rich progress bar per epoch: steps, elapsed and remaining time, loss, metrics, examples/s.
+
+    Each epoch's bar stays on screen when the epoch ends, followed by a line
+    with the epoch's validation metrics (also logged through the ``trainer``
+    logger, so it reaches the run's log file). While a bar is live, log
+    records of handlers writing to the terminal are printed above it instead
+    of breaking it.
+
+    Args:
+      console: the ``rich`` console to draw on (default: a new one on stdout).
+    """
+
+    def __init__(self, console: Optional[Console] = None):
+        self.console = console or Console()
+        self.progress: Optional[Progress] = None
+        self.task = None
+        self.throughput = Throughput()
+        self._swapped: List[tuple] = []
+
+    # A logging.StreamHandler keeps the stream it was made with, so rich's
+    # redirection of sys.stdout / sys.stderr does not reach it: point such
+    # handlers at the redirected streams while the bar is live.
+    def _redirect_logging(self) -> None:
+        originals = {id(sys.__stdout__): "stdout", id(sys.__stderr__): "stderr"}
+        for handler in logging.getLogger().handlers + log.handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and id(stream) in originals:
+                handler.setStream(getattr(sys, originals[id(stream)]))
+                self._swapped.append((handler, stream))
+
+    def _restore_logging(self) -> None:
+        for handler, stream in self._swapped:
+            handler.setStream(stream)
+        self._swapped = []
+
+    def _start_epoch(self, trainer, step_before: int) -> None:
+        epoch = trainer.epoch
+        per_epoch = trainer.steps_per_epoch
+        first = epoch * per_epoch
+        total_epochs = -(-trainer.total_steps // per_epoch)
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{total_epochs}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+            console=self.console,
+        )
+        self.progress.start()
+        self._redirect_logging()
+        total = min(per_epoch, trainer.total_steps - first)
+        self.task = self.progress.add_task("train", total=total, completed=step_before - first, stats="")
+
+    def _end_epoch(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self._restore_logging()
+        self.progress = None
+
+    def on_train_begin(self, trainer) -> None:
+        self.throughput.start(trainer)
+
+    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+        self.throughput.tick()
+        if self.progress is None:
+            self._start_epoch(trainer, step_before)
+        rate = self.throughput.measure(trainer, reset=False)["examples_per_second"]
+        stats = _fmt(logs) + f" · {rate:,.0f} examples/s"
+        self.progress.update(self.task, completed=step - trainer.epoch * trainer.steps_per_epoch, stats=stats)
+
+    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        self._end_epoch()
+        self.throughput.start(trainer)  # the next epoch's rate leaves this evaluation out
+        log.info("epoch %d | step %d | %s", epoch, step, " | ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+
+    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+        self._end_epoch()
+
+
+def progress_callback(mode: str = "auto", every_n_steps: int = 200, *, stream=None) -> Callback:
+    """The terminal display for a run.
+
+    Args:
+      mode: ``"bar"`` (:class:`ProgressBar`), ``"lines"``
+        (:class:`~trainer.callbacks.LogLines` every ``every_n_steps`` steps) or
+        ``"auto"`` (the bar when ``stream`` is a terminal, else lines).
+      every_n_steps: the log-line interval (steps).
+      stream: the stream checked by ``auto`` (default ``sys.stdout``).
+
+    Raises:
+      ValueError: an unknown ``mode`` (the known ones are listed).
+    """
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"log.progress must be one of {list(PROGRESS_MODES)}, got {mode!r}")
+    stream = sys.stdout if stream is None else stream
+    if mode == "auto":
+        mode = "bar" if getattr(stream, "isatty", lambda: False)() else "lines"
+    return ProgressBar() if mode == "bar" else LogLines(every_n_steps)
+
+
+def summary_rows(result: Mapping[str, Any]) -> List[tuple]:
+    """``(label, text)`` rows of the end-of-run summary from a ``report.json`` dict."""
+    rows = [("status", str(result.get("status", "?")))]
+    for key in ("test_loss", "test_accuracy"):
+        if result.get(key) is not None:
+            rows.append((key.replace("_", " "), f"{result[key]:.4f}"))
+    if result.get("steps") is not None:
+        rows.append(("steps", f"{result['steps']:,} ({result.get('epochs', 0):.2f} epochs)"))
+    if result.get("wall_seconds") is not None:
+        rows.append(("wall time", f"{result['wall_seconds']:.1f} s"))
+    if result.get("examples_per_second") is not None:
+        rows.append(("examples/s", f"{result['examples_per_second']:,.0f}"))
+    if result.get("audit"):
+        rows.append(("frozen", result["audit"]))
+    return rows
+
+
+def print_summary(result: Mapping[str, Any], *, console: Optional[Console] = None, stream=None) -> None:
+    """Prints the end-of-run summary: test metrics, wall time, examples/s and the frozen-element audit.
+
+    A rich table when ``stream`` (default ``sys.stdout``) is a terminal or a
+    ``console`` is given; otherwise plain ``label: text`` log lines through
+    the ``trainer`` logger (so they reach the run's log file).
+    """
+    rows = summary_rows(result)
+    stream = sys.stdout if stream is None else stream
+    if console is None and not getattr(stream, "isatty", lambda: False)():
+        for label, text in rows:
+            log.info("summary | %s: %s", label, text)
+        return
+    table = Table(title="run summary", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, text in rows:
+        table.add_row(label, text)
+    (console or Console()).print(table)
