@@ -1,0 +1,216 @@
+"""Divergence, exports and hostile input: nothing is silently wrong."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.conftest import REPO
+from trainer import MaskRegistry, Trainer
+from trainer.data import DataError, check_arrays, load_mnist
+from trainer.loop import NonFiniteLossError
+
+
+def env(**extra):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+
+
+def small_model():
+    keras.utils.set_random_seed(7)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="relu", name="fc1"),
+                             keras.layers.Dense(3, name="out")], name="small")
+
+
+def batches(rng, n):
+    return [(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, size=8).astype(np.int32)) for _ in range(n)]
+
+
+def dataset(items):
+    xs = np.concatenate([x for x, _ in items])
+    ys = np.concatenate([y for _, y in items])
+    return tf.data.Dataset.from_tensor_slices((xs, ys)).batch(8)
+
+
+def trainer_for(policy):
+    model = small_model()
+    registry = MaskRegistry(model)
+    registry.freeze("*/kernel", elements={"random": 0.5, "seed": 1}, value="current")
+    trainer = Trainer(model, keras.optimizers.AdamW(0.01, weight_decay=0.1),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry,
+                      nan_policy=policy)
+    return trainer
+
+
+def state(trainer):
+    return [v.numpy().copy() for v in trainer.model.variables] + [v.numpy().copy() for v in trainer.optimizer.variables]
+
+
+def test_skip_step_drops_the_nonfinite_update_entirely():
+    rng = np.random.default_rng(0)
+    c0, c1, c2, c3 = batches(rng, 4)
+    bad = (np.full((8, 4), np.nan, np.float32), c0[1])
+    reference = trainer_for("stop")
+    reference.fit(dataset([c0, c1, c2, c3, c0]), epochs=1)
+    skipping = trainer_for("skip_step")
+    skipping.fit(dataset([c0, c1, bad, c2, c3]), epochs=1)
+    assert skipping.step == 5 and skipping.skipped_steps == 1
+    for a, b in zip(state(reference), state(skipping)):
+        np.testing.assert_array_equal(a, b)  # weights, slots and step as if the bad batch never came
+    assert skipping.registry.exact()
+
+
+def test_stop_raises_naming_the_step_and_keeps_the_last_good_state():
+    rng = np.random.default_rng(0)
+    c0, c1, c2 = batches(rng, 3)
+    bad = (c2[0] * np.float32(np.inf), c2[1])
+    reference = trainer_for("stop")
+    reference.fit(dataset([c0, c1]), epochs=1)
+    stopping = trainer_for("stop")
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        stopping.fit(dataset([c0, c1, bad, c2]), epochs=1)
+    assert stopping.step == 2
+    for a, b in zip(state(reference), state(stopping)):
+        np.testing.assert_array_equal(a, b)
+    assert stopping.registry.exact()
+
+
+def test_input_shape_mismatch_is_refused_before_training():
+    trainer = trainer_for("stop")
+    wrong = tf.data.Dataset.from_tensor_slices((np.zeros((8, 5), np.float32), np.zeros(8, np.int32))).batch(4)
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(batch, 4\)"):
+        trainer.fit(wrong, epochs=1)
+    assert trainer.step == 0
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (np.zeros((5, 2, 2), np.float32), np.zeros(4, np.int64), "5 inputs but 4 labels"),
+    (np.zeros((4, 2, 2), np.float32), np.array([0, 1, 10, -1]), r"labels must lie in \[0, 9\]; found \[-1, 10\]"),
+    (np.full((4, 2, 2), np.nan, np.float32), np.zeros(4, np.int64), "16 NaN or infinite"),
+    (np.zeros((4, 2, 2), np.float32), np.zeros(4, np.float32), "1-D integer array"),
+])
+def test_bad_arrays_are_refused(x, y, message):
+    with pytest.raises(DataError, match=message):
+        check_arrays(x, y, 10, "set")
+
+
+def write_npz(path, x_train, y_train, x_test, y_test):
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return str(path)
+
+
+def test_hostile_mnist_files(tmp_path):
+    ok_x, ok_y = np.zeros((20, 28, 28), np.uint8), np.arange(20, dtype=np.uint8) % 10
+    with pytest.raises(DataError, match="20 inputs but 19 labels"):
+        load_mnist(write_npz(tmp_path / "a.npz", ok_x, ok_y[:19], ok_x, ok_y), validation_size=5)
+    with pytest.raises(DataError, match="training inputs have shape"):
+        load_mnist(write_npz(tmp_path / "b.npz", ok_x, ok_y, np.zeros((20, 32, 32), np.uint8), ok_y),
+                   validation_size=5)
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 9\]"):
+        load_mnist(write_npz(tmp_path / "c.npz", ok_x, ok_y + 5, ok_x, ok_y), validation_size=5)
+    np.savez(tmp_path / "d.npz", x_train=np.array([object()] * 20, dtype=object), y_train=ok_y, x_test=ok_x,
+             y_test=ok_y)
+    with pytest.raises(DataError, match="without pickle"):
+        load_mnist(str(tmp_path / "d.npz"), validation_size=5)
+    with pytest.raises(DataError, match="lacks the arrays"):
+        np.savez(tmp_path / "e.npz", x_train=ok_x)
+        load_mnist(str(tmp_path / "e.npz"))
+    with pytest.raises(DataError, match="is not a file"):
+        load_mnist(str(tmp_path))
+
+
+def test_missing_mnist_says_what_to_pass(monkeypatch):
+    monkeypatch.delenv("TRAINER_DATA_DIR", raising=False)
+
+    def offline():
+        raise OSError("no network")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(DataError, match=r"pass data.path=.*TRAINER_DATA_DIR.*data=digits"):
+        load_mnist(None)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.batch_size=-5", "trainer.batch_size must be a positive integer, got -5"),
+    ("trainer.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("trainer.nan_policy=ignore", "trainer.nan_policy must be 'stop' or 'skip_step'"),
+])
+def test_bad_config_fails_before_anything_is_written(tmp_path, override, message):
+    (tmp_path / "report.json").write_text('{"earlier": true}')
+    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={tmp_path}", override], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert json.loads((tmp_path / "report.json").read_text()) == {"earlier": True}
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_pickled_mask_file_is_refused(tmp_path):
+    from trainer.masks import FreezeConfigError
+
+    path = tmp_path / "mask.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    model = small_model()
+    with pytest.raises(FreezeConfigError, match="could not be loaded without pickle"):
+        MaskRegistry(model).freeze("fc1/kernel", elements={"mask_file": str(path)})
+    with pytest.raises(FreezeConfigError, match="is a directory"):
+        MaskRegistry(model).freeze("fc1/kernel", elements={"mask_file": str(tmp_path)})
+    with pytest.raises(FreezeConfigError, match="does not exist"):
+        MaskRegistry(model).freeze("fc1/kernel", elements={"mask_file": str(tmp_path / "missing.npy")})
+    np.save(path, np.ones((3, 3), bool))
+    with pytest.raises(FreezeConfigError, match=r"has shape \(3, 3\) but variable 'small/fc1/kernel' has shape \(4, 6\)"):
+        MaskRegistry(model).freeze("fc1/kernel", elements={"mask_file": str(path)})
+
+
+def test_no_eval_or_exec_in_the_package():
+    root = os.path.join(REPO, "trainer")
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                text = open(os.path.join(folder, name)).read()
+                assert "eval(" not in text.replace("evaluate(", "").replace("_eval(", ""), name
+                assert "exec(" not in text, name
+
+
+@pytest.mark.slow
+def test_exports_load_without_trainer_and_predict_the_same(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={tmp_path}", "trainer.epochs=1",
+                           "freeze=random_90", "export.saved_model=true"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = f"""
+import sys, numpy as np, keras, tensorflow as tf
+x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
+m = keras.saving.load_model({str(tmp_path / 'model.keras')!r})
+saved = tf.saved_model.load({str(tmp_path / 'saved_model')!r})
+serve = saved.signatures["serving_default"]
+out = list(serve(tf.constant(x)).values())[0].numpy()
+assert 'trainer' not in sys.modules
+np.save({str(tmp_path / 'pred_keras.npy')!r}, m.predict(x, verbose=0))
+np.save({str(tmp_path / 'pred_saved.npy')!r}, out)
+np.savez({str(tmp_path / 'loaded.npz')!r}, **{{v.path: v.numpy() for v in m.variables}})
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from trainer.models import build_model
+
+    weights = np.load(tmp_path / "weights.npz")
+    masks = np.load(tmp_path / "masks.npz")
+    loaded = np.load(tmp_path / "loaded.npz")
+    model = build_model("mlp", (8, 8, 1), 10)
+    for v in model.variables:
+        v.assign(weights[v.path])
+        reloaded = loaded[v.path.split("/", 1)[1]]  # a loaded model's paths lack the model name
+        np.testing.assert_array_equal(reloaded, weights[v.path])
+        if v.path in masks.files and not masks[v.path].all():
+            assert np.all(reloaded[~masks[v.path]] == 0.0)  # frozen elements at their pinned zero
+    x = np.random.default_rng(0).random((16, 8, 8, 1)).astype(np.float32)
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "pred_keras.npy"), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "pred_saved.npy"), expected, rtol=1e-5, atol=1e-5)
+    assert sorted(masks.files) == sorted(v.path for v in model.trainable_variables)
