@@ -28,6 +28,7 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     deterministic: bool = False
     nan_policy: str = "stop"
+    mixed_precision: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -51,6 +52,12 @@ class FreezeConfig:
 
 
 @dataclasses.dataclass
+class DistributeConfig:
+    strategy: str = "none"
+    logical_cpu_devices: Optional[int] = None
+
+
+@dataclasses.dataclass
 class Config:
     name: str = "default"
     seed: int = 0
@@ -63,6 +70,7 @@ class Config:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
 
 def register() -> None:

@@ -59,6 +59,9 @@ class Trainer:
       nan_policy: ``"stop"`` raises :class:`NonFiniteLossError` naming the
         step; ``"skip_step"`` drops that update (no weight, slot or step change)
         and counts it in :attr:`skipped_steps`.
+      strategy: a ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy``);
+        the model, optimizer and registry must have been created in its
+        scope. Each dataset batch is the *global* batch, split across replicas.
 
     Raises:
       ValueError: a bad ``steps_per_execution`` or ``nan_policy``, or a
@@ -76,6 +79,7 @@ class Trainer:
         steps_per_execution: int = 1,
         jit_compile: bool = False,
         nan_policy: str = "stop",
+        strategy: Optional[tf.distribute.Strategy] = None,
     ):
         if isinstance(steps_per_execution, bool) or not isinstance(steps_per_execution, int) or steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be a positive integer, got {steps_per_execution!r}")
@@ -83,6 +87,8 @@ class Trainer:
             raise ValueError(f"nan_policy must be one of {list(NAN_POLICIES)}, got {nan_policy!r}")
         if registry is not None and registry.model is not model:
             raise ValueError("the registry was made for another model: build it with MaskRegistry(model)")
+        self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
+        self.replicas = int(self.strategy.num_replicas_in_sync)
         self.model = model
         self.optimizer = optimizer
         self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
@@ -90,20 +96,24 @@ class Trainer:
         self.steps_per_execution = steps_per_execution
         self.jit_compile = bool(jit_compile)
         self.nan_policy = nan_policy
+        # Metrics live outside the strategy: under several replicas they are
+        # updated in cross-replica context with the gathered global batch.
         self.train_metrics = [_metric(m) for m in metrics]
         self.eval_metrics = [_clone_metric(m) for m in self.train_metrics]
         self.train_loss = keras.metrics.Mean(name="loss")
         self.eval_loss = keras.metrics.Mean(name="loss")
-        self.registry.attach_optimizer(optimizer)
-        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
-        self.nonfinite = tf.Variable(False, trainable=False, name="nonfinite_seen")
-        self.examples = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen")
-        # Global L2 norm of the last applied step's masked gradients, read by
-        # summaries between executions (assigned in the step, never logged there).
-        self.grad_norm = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="grad_norm")
-        # Batches drawn from the input pipeline (skipped steps included): a
-        # resumed run skips this many to continue the same data order.
-        self.batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches_drawn")
+        with self.strategy.scope():
+            self.registry.attach_optimizer(optimizer)
+            first = tf.VariableAggregation.ONLY_FIRST_REPLICA  # counters written identically by every replica
+            self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps", aggregation=first)
+            self.nonfinite = tf.Variable(False, trainable=False, name="nonfinite_seen", aggregation=first)
+            self.examples = tf.Variable(0, dtype=tf.int64, trainable=False, name="examples_seen", aggregation=first)
+            # Global L2 norm of the last applied step's masked gradients, read by
+            # summaries between executions (assigned in the step, never logged there).
+            self.grad_norm = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="grad_norm", aggregation=first)
+            # Batches drawn from the input pipeline (skipped steps included): a
+            # resumed run skips this many to continue the same data order.
+            self.batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches_drawn", aggregation=first)
         self.train_iterator = None
         self.epoch = 0
         self.stop_requested = False
@@ -123,31 +133,57 @@ class Trainer:
         return int(self.skipped.numpy())
 
     # ---------------------------------------------------------- compiled step
-    def _make_train_function(self):
-        variables = self.registry.trainable_variables()
-        model, optimizer, registry = self.model, self.optimizer, self.registry
-        skip = self.nan_policy == "skip_step"
+    def _forward(self, x, y, variables, weight=None):
+        """Loss and masked gradients of one (replica's) batch; ``weight`` scales the objective."""
+        model, optimizer = self.model, self.optimizer
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            if y_pred.dtype != tf.float32:  # mixed precision: the loss in float32
+                y_pred = tf.cast(y_pred, tf.float32)
+            loss = self.loss(y, y_pred)
+            if weight is not None and isinstance(self.loss, keras.losses.Loss):
+                # In a replica context Keras divides a mean loss by the number of
+                # replicas; undo it so `loss` is this replica's own mean.
+                loss = loss * tf.cast(self.replicas, loss.dtype)
+            total = loss + tf.add_n(model.losses) if model.losses else loss
+            objective = total
+            if weight is not None:
+                objective = loss * weight + (tf.add_n(model.losses) / self.replicas if model.losses else 0.0)
+            scaled = optimizer.scale_loss(objective)
+        grads = tape.gradient(scaled, variables)
+        grads = self.registry.mask_gradients(grads, variables)
+        return y_pred, total, grads
 
-        def step(x, y):
-            self.batches.assign_add(1)
-            with tf.GradientTape() as tape:
-                y_pred = model(x, training=True)
-                loss = self.loss(y, y_pred)
-                total = loss + tf.add_n(model.losses) if model.losses else loss
-                scaled = optimizer.scale_loss(total)
-            grads = tape.gradient(scaled, variables)
-            grads = registry.mask_gradients(grads, variables)
-            finite = tf.math.is_finite(total)
+    def _finite(self, total, grads):
+        finite = tf.math.is_finite(total)
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # (a loss-scale optimizer skips overflowing steps itself)
             for g in grads:
                 if g is not None:
                     values = g.values if isinstance(g, tf.IndexedSlices) else g
                     finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
+        return finite
+
+    def _record_norm(self, grads):
+        present = [tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)
+                   for g in grads if g is not None]
+        if present:
+            self.grad_norm.assign(tf.linalg.global_norm(present))
+
+    def _make_train_function(self):
+        if self.replicas > 1:
+            return self._make_distributed_train_function()
+        variables = self.registry.trainable_variables()
+        optimizer, registry, strategy = self.optimizer, self.registry, self.strategy
+        skip = self.nan_policy == "skip_step"
+
+        def step(x, y):
+            self.batches.assign_add(1)
+            y_pred, total, grads = self._forward(x, y, variables)
+            finite = self._finite(total, grads)
 
             def apply():
-                present = [tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)
-                           for g in grads if g is not None]
-                if present:
-                    self.grad_norm.assign(tf.linalg.global_norm(present))
+                self._record_norm(grads)
                 optimizer.apply_gradients(zip(grads, variables))
                 registry.reproject()
                 self.train_loss.update_state(total, sample_weight=tf.shape(y)[0])
@@ -172,6 +208,70 @@ class Trainer:
                 ok = compiled_step(x, y)
                 if not skip:
                     if not ok:  # nan_policy="stop": the outer loop raises
+                        break
+
+        return train_k
+
+    def _make_distributed_train_function(self):
+        """The step under a multi-replica strategy.
+
+        Each replica computes the loss and masked gradients of its slice of
+        the global batch; the gradients are summed across replicas
+        (``strategy.reduce``), masked again after that reduction, and applied
+        in cross-replica context, where Keras updates every replica's copy of
+        each variable (``strategy.extended.update``); re-projection then runs on
+        every copy too. A non-finite value on any replica skips (or stops) the
+        step on all of them.
+        """
+        variables = self.registry.trainable_variables()
+        optimizer, registry, strategy = self.optimizer, self.registry, self.strategy
+        skip = self.nan_policy == "skip_step"
+        SUM = tf.distribute.ReduceOp.SUM
+
+        def replica_forward(x, y, count):
+            local = tf.shape(y)[0]
+            weight = tf.cast(local, tf.float32) / tf.cast(count, tf.float32)
+            y_pred, total, grads = self._forward(x, y, variables, weight=weight)
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+            finite = self._finite(total, grads)
+            return grads, tf.cast(tf.logical_not(finite), tf.int32), y_pred, total * tf.cast(local, total.dtype)
+
+        replica_forward = tf.function(replica_forward, jit_compile=self.jit_compile, reduce_retracing=True)
+
+        def global_step(x, y):
+            self.batches.assign_add(1)
+            count = strategy.reduce(SUM, strategy.run(lambda t: tf.shape(t)[0], args=(y,)), axis=None)
+            grads, bad, y_pred, loss_sum = strategy.run(replica_forward, args=(x, y, count))
+            grads = [None if g is None else strategy.reduce(SUM, g, axis=None) for g in grads]
+            grads = registry.mask_gradients(grads, variables)
+            finite = tf.equal(strategy.reduce(SUM, bad, axis=None), 0)
+            y_all, pred_all = strategy.gather(y, axis=0), strategy.gather(y_pred, axis=0)
+            loss_mean = strategy.reduce(SUM, loss_sum, axis=None) / tf.cast(count, tf.float32)
+
+            def apply():
+                self._record_norm(grads)
+                optimizer.apply_gradients(zip(grads, variables))
+                registry.reproject()
+                self.train_loss.update_state(loss_mean, sample_weight=count)
+                for metric in self.train_metrics:
+                    metric.update_state(y_all, pred_all)
+                self.examples.assign_add(tf.cast(count, tf.int64))
+                return tf.constant(True)
+
+            def refuse():
+                self.skipped.assign_add(1)
+                self.nonfinite.assign(True)
+                return tf.constant(False)
+
+            return tf.cond(finite, apply, refuse)
+
+        @tf.function
+        def train_k(iterator, k):
+            for _ in tf.range(k):
+                x, y = next(iterator)
+                ok = global_step(x, y)
+                if not skip:
+                    if not ok:
                         break
 
         return train_k
@@ -213,6 +313,8 @@ class Trainer:
 
         def step(x, y):
             y_pred = model(x, training=False)
+            if y_pred.dtype != tf.float32:
+                y_pred = tf.cast(y_pred, tf.float32)
             loss = self.loss(y, y_pred)
             self.eval_loss.update_state(loss, sample_weight=tf.shape(y)[0])
             for metric in self.eval_metrics:
@@ -223,7 +325,7 @@ class Trainer:
         @tf.function
         def run(dataset):
             for x, y in dataset:
-                compiled_step(x, y)
+                compiled_step(x, y)  # reads each variable's (identical) primary copy
 
         return run
 
@@ -318,7 +420,10 @@ class Trainer:
         if self.train_iterator is None:
             drawn = int(self.batches.numpy())
             repeated = train_ds.repeat()
-            self.train_iterator = iter(repeated.skip(drawn) if drawn else repeated)
+            repeated = repeated.skip(drawn) if drawn else repeated
+            if self.replicas > 1:  # each replica gets its slice of every global batch
+                repeated = self.strategy.experimental_distribute_dataset(repeated)
+            self.train_iterator = iter(repeated)
         history: List[Dict[str, float]] = []
         logs: Dict[str, float] = {}
         status = "failed"

@@ -27,6 +27,7 @@ from trainer import report as reports
 from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpointing
 from trainer.config import check_config
+from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
@@ -166,9 +167,13 @@ def build_registry(model: keras.Model, rules_cfg: Any) -> MaskRegistry:
     return registry
 
 
-def build(cfg: DictConfig):
-    """Data, model, optimizer and registry from a config; everything is checked here, before training."""
+def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
+    """Data, model, optimizer and registry from a config; everything is checked here, before training.
+
+    The model, optimizer and registry are created in ``strategy``'s scope.
+    """
     check_config(cfg)
+    strategy = strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(int(cfg.seed))
     tf.random.set_global_generator(tf.random.Generator.from_seed(int(cfg.seed)))
     if cfg.trainer.deterministic:
@@ -176,19 +181,22 @@ def build(cfg: DictConfig):
     splits = load_data(cfg.data, int(cfg.seed))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_options = {k: v for k, v in model_cfg.items() if k not in MODEL_RUN_KEYS}
-    if model_cfg.get("init_seed") is not None:
-        keras.utils.set_random_seed(int(model_cfg["init_seed"]))  # another initialization, same data order
-    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, **model_options)
-    keras.utils.set_random_seed(int(cfg.seed))
-    if model_cfg.get("init_from"):
-        loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [])
-        log.info("initialized %d variables from %s", len(loaded), model_cfg["init_from"])
-    steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
-    total_steps = int(cfg.trainer.epochs) * steps_per_epoch
-    if cfg.trainer.max_steps is not None:
-        total_steps = min(total_steps, int(cfg.trainer.max_steps))
-    optimizer = make_optimizer(cfg.optimizer, total_steps)
-    registry = build_registry(model, cfg.freeze.rules)
+    precision = cfg.trainer.get("mixed_precision")
+    set_precision(precision)
+    with strategy.scope():
+        if model_cfg.get("init_seed") is not None:
+            keras.utils.set_random_seed(int(model_cfg["init_seed"]))  # another initialization, same data order
+        model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, **model_options)
+        keras.utils.set_random_seed(int(cfg.seed))
+        if model_cfg.get("init_from"):
+            loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [])
+            log.info("initialized %d variables from %s", len(loaded), model_cfg["init_from"])
+        steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
+        total_steps = int(cfg.trainer.epochs) * steps_per_epoch
+        if cfg.trainer.max_steps is not None:
+            total_steps = min(total_steps, int(cfg.trainer.max_steps))
+        optimizer = wrap_optimizer(make_optimizer(cfg.optimizer, total_steps), precision)
+        registry = build_registry(model, cfg.freeze.rules)
     return splits, model, optimizer, registry
 
 
@@ -264,8 +272,12 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     run_dir = run_dir_of(cfg)
     if cfg.get("resume") and not has_checkpoint(run_dir):
         raise ResumeError(f"resume: {run_dir!r} has no checkpoints/checkpoint to continue from")
+    distribute = cfg.get("distribute") or {}
+    split_cpu(distribute.get("logical_cpu_devices"))
+    strategy = make_strategy(str(distribute.get("strategy") or "none"))
+    run_dir = worker_dir(run_dir, strategy)
     os.makedirs(run_dir, exist_ok=True)
-    splits, model, optimizer, registry = build(cfg)
+    splits, model, optimizer, registry = build(cfg, strategy)
     plan = {"variables": registry.plan()}
     reports.write_json(os.path.join(run_dir, "freeze_plan.json"), plan)
     if cfg.dry_run:
@@ -277,7 +289,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     trainer = Trainer(
         model, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"], registry=registry, steps_per_execution=int(t.steps_per_execution),
-        jit_compile=bool(t.jit_compile), nan_policy=str(t.nan_policy),
+        jit_compile=bool(t.jit_compile), nan_policy=str(t.nan_policy), strategy=strategy,
     )
     seed = int(cfg.seed)
     train_ds = make_dataset(splits.x_train, splits.y_train, int(t.batch_size), shuffle=True, seed=seed)
