@@ -214,3 +214,21 @@ np.savez({str(tmp_path / 'loaded.npz')!r}, **{{v.path: v.numpy() for v in m.vari
     np.testing.assert_allclose(np.load(tmp_path / "pred_keras.npy"), expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "pred_saved.npy"), expected, rtol=1e-5, atol=1e-5)
     assert sorted(masks.files) == sorted(v.path for v in model.trainable_variables)
+
+
+def test_skipped_steps_are_counted_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer.summaries import TensorBoard
+
+    rng = np.random.default_rng(0)
+    c0, c1 = batches(rng, 2)
+    bad = (np.full((8, 4), np.nan, np.float32), c0[1])
+    trainer = trainer_for("skip_step")
+    board = TensorBoard(str(tmp_path), summary_every_n_steps=1, histogram_every_n_steps=1000)
+    trainer.fit(dataset([c0, bad, c1]), epochs=1, callbacks=[board])
+    board.close()
+    events = EventAccumulator(str(tmp_path / "train"), size_guidance={"tensors": 0}).Reload()
+    values = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("skipped_steps")]
+    assert values and values[-1] == 1.0
+    assert trainer.registry.exact()

@@ -453,6 +453,8 @@ class Trainer:
                     self.timing["first_execution_seconds"] = first_done - start
                     steps_at_first = step
                 logs = self._results(self.train_loss, self.train_metrics)
+                if self.nan_policy == "skip_step":
+                    logs["skipped_steps"] = float(self.skipped_steps)
                 for cb in callbacks:
                     cb.on_execution_end(self, before, step, logs)
                 if step >= epoch_end:
