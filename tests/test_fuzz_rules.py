@@ -123,9 +123,11 @@ def expected_frozen(shape, spec, values):
         order = np.argsort(np.abs(values).reshape(-1), kind="stable")
         frozen.reshape(-1)[order[:k]] = True
     elif "magnitude_threshold" in spec:
-        frozen = np.abs(values) < spec["magnitude_threshold"]
+        frozen = np.abs(values.astype(np.float64)) < spec["magnitude_threshold"]  # |w| < t exactly, not in float32
     elif any(k in spec for k in ("units", "inputs", "rows")):
         key = next(k for k in ("units", "inputs", "rows") if k in spec)
+        if key == "inputs" and len(shape) < 2:
+            return None  # a vector has no input axis
         axis = {"units": len(shape) - 1, "rows": 0, "inputs": 0 if len(shape) <= 2 else len(shape) - 2}[key]
         if any(not -shape[axis] <= p < shape[axis] for p in spec[key]):
             return None

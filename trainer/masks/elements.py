@@ -177,11 +177,13 @@ def load_array_file(path: str, what: str) -> np.ndarray:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FreezeConfigError(f"{what} {path!r} does not exist")
+        raise FreezeConfigError(
+            f"{what} {path!r} does not exist; pass the path of a .npy file saved with np.save(path, bool_array)"
+        )
     if os.path.isdir(path):
         raise FreezeConfigError(f"{what} {path!r} is a directory, expected a .npy file")
     try:
-        return np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except ValueError as err:
         raise FreezeConfigError(
             f"{what} {path!r} could not be loaded without pickle ({err}); "
@@ -189,6 +191,12 @@ def load_array_file(path: str, what: str) -> np.ndarray:
         ) from None
     except OSError as err:
         raise FreezeConfigError(f"{what} {path!r} is not a readable .npy file: {err}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive loads as a lazy NpzFile
+        array.close()
+        raise FreezeConfigError(
+            f"{what} {path!r} is an .npz archive; expected one array saved with np.save(path, bool_array) (.npy)"
+        )
+    return array
 
 
 def _load_weights(path: str, variable_path: str) -> np.ndarray:
@@ -203,6 +211,8 @@ def _load_weights(path: str, variable_path: str) -> np.ndarray:
                     f"it holds {sorted(data.files)}"
                 )
             return np.asarray(data[variable_path])
+    except FreezeConfigError:
+        raise
     except (ValueError, OSError) as err:
         raise FreezeConfigError(f"elements.weights_file {path!r} is not a readable .npz: {err}") from None
 
@@ -215,7 +225,8 @@ def _path_seed(seed: int, path: str) -> int:
 def _check_shape(array: np.ndarray, ctx: ElementContext, what: str) -> np.ndarray:
     if tuple(array.shape) != tuple(ctx.shape):
         raise FreezeConfigError(
-            f"{what} has shape {tuple(array.shape)} but variable {ctx.path!r} has shape {tuple(ctx.shape)}"
+            f"{what} has shape {tuple(array.shape)} but variable {ctx.path!r} has shape {tuple(ctx.shape)}; "
+            f"give an array of shape {tuple(ctx.shape)}"
         )
     return array
 
@@ -269,7 +280,7 @@ def _select_indices(ctx: ElementContext, value: Any) -> np.ndarray:
         if bad.size:
             raise FreezeConfigError(
                 f"elements.indices {bad.tolist()} out of range for variable {ctx.path!r} of shape "
-                f"{tuple(ctx.shape)}: flat indices must lie in [0, {ctx.size - 1}]"
+                f"{tuple(ctx.shape)} and size {ctx.size}: flat indices must lie in [0, {ctx.size - 1}]"
             )
         frozen[flat] = True
     return frozen.reshape(ctx.shape)
@@ -324,7 +335,13 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
         return _axis_selection(ctx, key, _int_list(value, key), 0)
     if key == "inputs":
         # First axis of a Dense kernel (in, out); input channels (axis -2) of a conv kernel.
-        axis = 0 if len(ctx.shape) <= 2 else len(ctx.shape) - 2
+        # A vector (a bias, a BatchNorm scale) has no input axis: its one axis is the units'.
+        if len(ctx.shape) < 2:
+            raise FreezeConfigError(
+                f"elements.inputs needs a kernel with an input axis; {ctx.path!r} has shape {tuple(ctx.shape)}. "
+                "Select only kernels (e.g. select: '*/kernel') or use elements.units for a vector"
+            )
+        axis = 0 if len(ctx.shape) == 2 else len(ctx.shape) - 2
         return _axis_selection(ctx, key, _int_list(value, key), axis)
     raise FreezeConfigError(f"unknown selector {key!r}; allowed: {list(SELECTORS)}")
 

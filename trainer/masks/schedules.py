@@ -40,14 +40,24 @@ class PolynomialSparsity:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise FreezeConfigError(f"schedule.{name} must be a non-negative integer, got {v!r}")
+        power = self.power
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+            raise FreezeConfigError(f"schedule.power must be a positive number (3 in Zhu & Gupta 2017), got {power!r}")
         if self.end_step <= self.begin_step:
             raise FreezeConfigError(
                 f"schedule.end_step ({self.end_step}) must be greater than begin_step ({self.begin_step})"
             )
 
     def __call__(self, step: int) -> float:
-        """The target sparsity (fraction of frozen elements) at ``step``."""
-        t = min(max(step, self.begin_step), self.end_step)
+        """The target sparsity (fraction of frozen elements) at ``step``.
+
+        Exactly ``initial_sparsity`` up to ``begin_step`` and exactly
+        ``final_sparsity`` from ``end_step`` on (the formula alone is off by
+        rounding at ``begin_step``, which can change a rounded element count).
+        """
+        if step <= self.begin_step:
+            return float(self.initial_sparsity)
+        t = min(step, self.end_step)
         progress = (t - self.begin_step) / (self.end_step - self.begin_step)
         s = self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - progress) ** self.power
         return float(min(max(s, 0.0), 1.0))

@@ -111,9 +111,10 @@ def select_variables(
     by a layer of one of those classes, and matches no ``exclude`` pattern.
 
     Raises:
-      FreezeConfigError: a ``select`` pattern or ``layer_type`` matches no
-        variable (the message lists the paths or layer types that exist), or
-        the rule selects nothing after ``exclude``.
+      FreezeConfigError: a ``select`` or ``exclude`` pattern or a
+        ``layer_type`` matches no variable of the model (the message lists the
+        paths or layer types that exist), or the rule selects nothing after
+        ``exclude``.
     """
     all_paths = [i.path for i in infos]
     for pattern in select:
@@ -121,6 +122,12 @@ def select_variables(
             raise FreezeConfigError(
                 f"rule {rule_name!r}: select {pattern!r} matches no variable; the variable paths are: "
                 + ", ".join(all_paths)
+            )
+    for pattern in exclude:
+        if not any(path_matches(pattern, p) for p in all_paths):
+            raise FreezeConfigError(
+                f"rule {rule_name!r}: exclude {pattern!r} matches no variable (a typo would freeze more than "
+                "intended); the variable paths are: " + ", ".join(all_paths)
             )
     known_types = sorted({t for i in infos for t in i.layer_types})
     for layer_type in layer_types:
