@@ -152,7 +152,11 @@ class MaskRegistry(tf.Module):
             fit a variable, or pins an element another rule pins differently.
             The registry is unchanged when this is raised.
         """
-        rule = FreezeRule.create(name or f"rule{len(self._states)}", select, elements, value, **options)
+        name = name or f"rule{len(self._states)}"
+        unknown = sorted(set(options) - set(FreezeRule.KEYS))
+        if unknown:  # the same message as a config's unknown key, not Python's TypeError
+            raise FreezeConfigError(f"rule {name!r}: unknown key(s) {unknown}; allowed: {list(FreezeRule.KEYS)}")
+        rule = FreezeRule.create(name, select, elements, value, **options)
         return self.add_rule(rule)
 
     def add_rule(self, rule: FreezeRule) -> FreezeRule:
@@ -377,6 +381,28 @@ class MaskRegistry(tf.Module):
                 raise ValueError(f"the checkpoint's mask of {path!r} disagrees with its rule state; "
                                  "was it written by another freeze configuration?")
             entry.frozen, entry.pinned_host, entry.rules = frozen.copy(), pinned.copy(), list(names)
+
+    def next_update_step(self, step: int) -> Optional[int]:
+        """The first step after ``step`` at which :meth:`update` can change a mask because of a step.
+
+        That is the nearest ``start_step`` / ``end_step`` bound of a rule, or
+        the next due re-selection of a gradual-pruning rule. A loop that runs
+        several steps per compiled call should end a call there (and at epoch
+        ends, for epoch bounds), so that rules switch at the step they name.
+
+        Returns:
+          An ``int`` greater than ``step``, or ``None`` when no step-based
+          change is ahead.
+        """
+        candidates = []
+        for state in self._states.values():
+            rule, window = state.rule, state.rule.window
+            candidates += [b for b in (window.start_step, window.end_step) if b is not None and b > step]
+            if rule.update_every_n_steps is not None and state.active and state.last_update_step is not None:
+                end = rule.schedule.end_step if rule.schedule is not None else None
+                if end is None or state.last_update_step < end:
+                    candidates.append(max(state.last_update_step + rule.update_every_n_steps, step + 1))
+        return min(candidates) if candidates else None
 
     # --------------------------------------------------------- compiled-step API
     def trainable_variables(self) -> List[keras.Variable]:
