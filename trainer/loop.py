@@ -170,47 +170,54 @@ class Trainer:
         if present:
             self.grad_norm.assign(tf.linalg.global_norm(present))
 
-    def _make_train_function(self):
-        if self.replicas > 1:
-            return self._make_distributed_train_function()
-        variables = self.registry.trainable_variables()
-        optimizer, registry, strategy = self.optimizer, self.registry, self.strategy
-        skip = self.nan_policy == "skip_step"
+    def _apply_or_skip(self, finite, grads, variables, loss, count, y, y_pred):
+        """Applies the masked gradients and re-projects (the last two lines of the step), or skips."""
+        optimizer, registry = self.optimizer, self.registry
 
-        def step(x, y):
-            self.batches.assign_add(1)
-            y_pred, total, grads = self._forward(x, y, variables)
-            finite = self._finite(total, grads)
+        def apply():
+            self._record_norm(grads)
+            optimizer.apply_gradients(zip(grads, variables))
+            registry.reproject()  # must run last: after weight decay and momentum
+            self.train_loss.update_state(loss, sample_weight=count)
+            for metric in self.train_metrics:
+                metric.update_state(y, y_pred)
+            self.examples.assign_add(tf.cast(count, tf.int64))
+            return tf.constant(True)
 
-            def apply():
-                self._record_norm(grads)
-                optimizer.apply_gradients(zip(grads, variables))
-                registry.reproject()
-                self.train_loss.update_state(total, sample_weight=tf.shape(y)[0])
-                for metric in self.train_metrics:
-                    metric.update_state(y, y_pred)
-                self.examples.assign_add(tf.cast(tf.shape(y)[0], tf.int64))
-                return tf.constant(True)
+        def refuse():
+            self.skipped.assign_add(1)
+            self.nonfinite.assign(True)
+            return tf.constant(False)
 
-            def refuse():
-                self.skipped.assign_add(1)
-                self.nonfinite.assign(True)
-                return tf.constant(False)
+        return tf.cond(finite, apply, refuse)
 
-            return tf.cond(finite, apply, refuse)
-
-        compiled_step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+    def _execution(self, step):
+        """``k`` steps in one ``tf.function``: ``for _ in tf.range(k): step(next(iterator))`` (Orbit's shape)."""
+        stop_on_nonfinite = self.nan_policy == "stop"
 
         @tf.function
         def train_k(iterator, k):
             for _ in tf.range(k):
                 x, y = next(iterator)
-                ok = compiled_step(x, y)
-                if not skip:
-                    if not ok:  # nan_policy="stop": the outer loop raises
+                ok = step(x, y)
+                if stop_on_nonfinite:
+                    if not ok:  # the outer loop raises NonFiniteLossError
                         break
 
         return train_k
+
+    def _make_train_function(self):
+        if self.replicas > 1:
+            return self._make_distributed_train_function()
+        variables = self.registry.trainable_variables()
+
+        def step(x, y):
+            self.batches.assign_add(1)
+            y_pred, total, grads = self._forward(x, y, variables)  # forward, loss, gradients, mask
+            finite = self._finite(total, grads)
+            return self._apply_or_skip(finite, grads, variables, total, tf.shape(y)[0], y, y_pred)
+
+        return self._execution(tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True))
 
     def _make_distributed_train_function(self):
         """The step under a multi-replica strategy.
@@ -224,8 +231,7 @@ class Trainer:
         step on all of them.
         """
         variables = self.registry.trainable_variables()
-        optimizer, registry, strategy = self.optimizer, self.registry, self.strategy
-        skip = self.nan_policy == "skip_step"
+        registry, strategy = self.registry, self.strategy
         SUM = tf.distribute.ReduceOp.SUM
 
         def replica_forward(x, y, count):
@@ -247,34 +253,9 @@ class Trainer:
             finite = tf.equal(strategy.reduce(SUM, bad, axis=None), 0)
             y_all, pred_all = strategy.gather(y, axis=0), strategy.gather(y_pred, axis=0)
             loss_mean = strategy.reduce(SUM, loss_sum, axis=None) / tf.cast(count, tf.float32)
+            return self._apply_or_skip(finite, grads, variables, loss_mean, count, y_all, pred_all)
 
-            def apply():
-                self._record_norm(grads)
-                optimizer.apply_gradients(zip(grads, variables))
-                registry.reproject()
-                self.train_loss.update_state(loss_mean, sample_weight=count)
-                for metric in self.train_metrics:
-                    metric.update_state(y_all, pred_all)
-                self.examples.assign_add(tf.cast(count, tf.int64))
-                return tf.constant(True)
-
-            def refuse():
-                self.skipped.assign_add(1)
-                self.nonfinite.assign(True)
-                return tf.constant(False)
-
-            return tf.cond(finite, apply, refuse)
-
-        @tf.function
-        def train_k(iterator, k):
-            for _ in tf.range(k):
-                x, y = next(iterator)
-                ok = global_step(x, y)
-                if not skip:
-                    if not ok:
-                        break
-
-        return train_k
+        return self._execution(global_step)
 
     def _train_function(self):
         if self._train_fn is None or self._structure != self.registry.structure_version:
