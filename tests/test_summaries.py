@@ -47,12 +47,15 @@ def scalars(acc, tag):
     return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
 
 
-def session_hparams(tb_dir):
-    content = load(tb_dir).PluginTagToContent("hparams")
+def session_hparams(hparams_dir):
+    """``({name: value}, {final scalar tag: value})`` of a run's ``tb/hparams``."""
+    acc = load(hparams_dir)
+    content = acc.PluginTagToContent("hparams")
+    assert hparams_metadata.EXPERIMENT_TAG not in content  # TensorBoard builds the table from the sessions
     info = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
-    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
     values = {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
-    return values, experiment
+    final = {tag: scalars(acc, tag)[-1][1] for tag in acc.Tags()[ea.TENSORS] if not tag.startswith("_hparams_")}
+    return values, final
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +156,15 @@ def test_texts_hold_config_and_freeze_plan(train_events):
     assert "| lenet/fc1/kernel | (64, 300) | 17,280 | 0.9000 | zero | sparse |" in plan
 
 
-def test_single_run_writes_fixed_hparams(digits_run):
-    values, experiment = session_hparams(digits_run[0] / "tb")
+def test_single_run_writes_fixed_hparams_and_final_metrics(digits_run, validation_events):
+    values, final = session_hparams(digits_run[0] / "tb" / "hparams")
     assert values["seed"] == 0 and values["optimizer.name"] == "adam" and values["data.name"] == "digits"
-    metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
-    assert {("validation", "test/accuracy"), ("validation", "accuracy"), ("train", "model/sparsity")} <= metrics
+    assert "log.summary_every_n_steps" not in values  # log.* overrides do not change results
+    assert sorted(final) == ["model/sparsity", "test/accuracy", "test/loss", "train/accuracy", "train/loss",
+                             "validation/accuracy", "validation/loss"]
+    assert final["test/accuracy"] == scalars(validation_events, "test/accuracy")[-1][1]
+    assert final["validation/accuracy"] == scalars(validation_events, "accuracy")[-1][1]
+    assert 0.85 < final["model/sparsity"] < 0.9
 
 
 def test_profile_steps_write_a_trace(digits_run):
@@ -182,11 +189,10 @@ def test_multirun_jobs_write_their_own_hparams(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, sparsity in (("0", 0.5), ("1", 0.8)):
-        values, experiment = session_hparams(sweep / job / "tb")
+        values, final = session_hparams(sweep / job / "tb" / "hparams")
         assert values["freeze.rules.sparse.elements.random"] == sparsity
-        assert values["trainer.max_steps"] == 3
-        assert "freeze.rules.sparse.elements.random" in {h.name for h in experiment.hparam_infos}
-        assert scalars(load(sweep / job / "tb" / "validation"), "test/accuracy")
+        assert values["trainer.max_steps"] == 3 and values["freeze"] == "random_90"
+        assert final["test/accuracy"] == scalars(load(sweep / job / "tb" / "validation"), "test/accuracy")[-1][1]
 
 
 def test_mask_image_reshapes_conv_kernels():

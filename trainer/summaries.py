@@ -19,9 +19,14 @@ Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
   asked (:class:`Profile`).
 - ``tb/validation``: ``loss`` and every metric after each epoch, and the final
   ``test/<metric>``.
-- ``tb`` itself: the HParams plugin's experiment and session records, whose
-  metrics point at the scalars above, so that the runs of a Hydra multirun
-  compare in one HParams table.
+- ``tb/hparams``: the HParams plugin's session record (the run's
+  hyperparameters) and, at the end, the few final values the HParams table
+  shows as metrics: ``test/<metric>``, ``validation/<metric>`` (last epoch),
+  ``train/<metric>`` (last step) and ``model/sparsity``. No experiment record
+  is written: TensorBoard then builds the table from every session under its
+  logdir (typed columns, differing hyperparameters first), so the jobs of a
+  Hydra multirun, each in its own directory, compare in one table, and its
+  metric columns are only these final values, not every scalar of the run.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -39,7 +44,7 @@ from trainer.callbacks import Callback, Throughput, crossed
 
 log = logging.getLogger("trainer")
 
-TRAIN, VALIDATION = "train", "validation"
+TRAIN, VALIDATION, HPARAMS = "train", "validation", "hparams"
 
 
 def mask_image(trainable: np.ndarray) -> np.ndarray:
@@ -122,21 +127,6 @@ def hparam_value(value: Any) -> Any:
     return str(value)
 
 
-def hparams_metrics(metric_names: Sequence[str]) -> List[hp.Metric]:
-    """The HParams table's metric columns for a run with these metric names.
-
-    ``test/<m>`` and ``<m>`` of the ``validation`` writer, ``<m>`` of the
-    ``train`` writer (``m`` in ``loss`` and ``metric_names``), and the model's
-    final sparsity.
-    """
-    names = ["loss"] + [m for m in metric_names if m != "loss"]
-    metrics = [hp.Metric(f"test/{m}", group=VALIDATION, display_name=f"test {m}") for m in names]
-    metrics += [hp.Metric(m, group=VALIDATION, display_name=f"validation {m}") for m in names]
-    metrics += [hp.Metric(m, group=TRAIN, display_name=f"train {m}") for m in names]
-    metrics.append(hp.Metric("model/sparsity", group=TRAIN, display_name="sparsity"))
-    return metrics
-
-
 class TensorBoard(Callback):
     """Writes scalars, mask statistics, histograms, mask images, texts and hparams.
 
@@ -147,7 +137,8 @@ class TensorBoard(Callback):
       texts: ``{tag: markdown}`` written once at the first step (e.g. the
         config as YAML, the freeze plan as a Markdown table).
       hparams: ``{name: bool | int | float | str}`` for the HParams plugin
-        (other values are written as ``str``); ``None`` writes no hparams.
+        (other values are written as ``str``), in ``tb/hparams`` with the
+        final metrics (see the module docstring); ``None`` writes no hparams.
       gradient_batch: a fixed ``(x, y)`` batch on which the masked gradients
         are computed (eagerly, with :meth:`Trainer.masked_gradients`) for the
         ``gradients/<path>`` histograms; ``None`` writes no gradient histograms.
@@ -165,6 +156,8 @@ class TensorBoard(Callback):
         self.gradient_batch = gradient_batch
         self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, TRAIN))
         self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, VALIDATION))
+        self.hparams_writer = None if hparams is None else tf.summary.create_file_writer(os.path.join(logdir, HPARAMS))
+        self._final: Dict[str, float] = {}
         self.throughput = Throughput()
         self._mask_version: Optional[int] = None
         self._scalars_at: Optional[int] = None
@@ -229,13 +222,10 @@ class TensorBoard(Callback):
                     tf.summary.histogram(f"gradients/{v.path}", np.asarray(grads[v.path].numpy())[trainable])
 
     def write_hparams(self, trainer) -> None:
-        """The HParams experiment (columns) and this run's session (values) in ``tb/`` itself."""
-        writer = tf.summary.create_file_writer(self.logdir)
-        with writer.as_default():
-            hp.hparams_config(hparams=[hp.HParam(name) for name in self.hparams],
-                              metrics=hparams_metrics([m.name for m in trainer.train_metrics]))
+        """This run's HParams session record (its hyperparameters) in ``tb/hparams``."""
+        with self.hparams_writer.as_default(step=trainer.step):
             hp.hparams(self.hparams)
-        writer.close()
+        self.hparams_writer.flush()
 
     # ------------------------------------------------------------------- hooks
     def on_train_begin(self, trainer) -> None:
@@ -243,7 +233,7 @@ class TensorBoard(Callback):
         with self.train_writer.as_default(step=step):
             for tag, text in self.texts.items():
                 tf.summary.text(tag, text)
-        if self.hparams is not None:
+        if self.hparams_writer is not None:
             self.write_hparams(trainer)
         self.write_masks(trainer, step, force=True)
         self.train_writer.flush()
@@ -265,6 +255,7 @@ class TensorBoard(Callback):
             for name, value in logs.items():
                 if name.startswith("val_"):
                     tf.summary.scalar(name[4:], value)
+                    self._final[f"validation/{name[4:]}"] = float(value)
         self.val_writer.flush()
         self.throughput.resume()
 
@@ -273,19 +264,32 @@ class TensorBoard(Callback):
             self.write_scalars(trainer, step, logs)
         if self._histograms_at != step:
             self.write_histograms(trainer, step)
+        self._final.update({f"train/{k}": float(v) for k, v in logs.items() if not k.startswith(("val_", "test_"))})
+        self._final["model/sparsity"] = model_stats(trainer.registry)["sparsity"]
         self.train_writer.flush()
         self.val_writer.flush()
 
     def write_test(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Writes the final test metrics as ``test/<name>`` in the validation writer."""
+        """Writes the final test metrics as ``test/<name>`` in the validation writer.
+
+        With hparams, also the HParams table's final values in ``tb/hparams``
+        (``test/<name>``, and the last validation and train values).
+        """
         with self.val_writer.as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.scalar(f"test/{name}", value)
         self.val_writer.flush()
+        if self.hparams_writer is not None:
+            final = {**self._final, **{f"test/{k}": float(v) for k, v in metrics.items()}}
+            with self.hparams_writer.as_default(step=step):
+                for name, value in sorted(final.items()):
+                    tf.summary.scalar(name, value)
+            self.hparams_writer.flush()
 
     def close(self) -> None:
-        self.train_writer.close()
-        self.val_writer.close()
+        for writer in (self.train_writer, self.val_writer, self.hparams_writer):
+            if writer is not None:
+                writer.close()
 
 
 class Profile(Callback):
