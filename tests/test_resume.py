@@ -139,3 +139,39 @@ def test_resume_of_missing_directory_is_refused(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "is not a directory" in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_true_continues_the_latest_run_of_the_experiment(tmp_path):
+    first = subprocess.run(cli(["trainer.epochs=1", "export.keras=false"]), cwd=tmp_path, env=env(),
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "default").iterdir())
+    assert len(runs) == 1
+    again = subprocess.run(cli(["resume=true", "trainer.epochs=2", "export.keras=false"]), cwd=tmp_path, env=env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert list((tmp_path / "outputs" / "default").iterdir()) == runs  # continued in place
+    report = json.loads((runs[0] / "report.json").read_text())
+    assert report["steps"] == 2 * 21 and report["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    # one execution = a whole epoch of 1,257 single-example steps: the first SIGINT waits for it
+    args = [f"hydra.run.dir={run_dir}", "trainer.batch_size=1", "trainer.steps_per_execution=1257",
+            "trainer.epochs=50", "export.keras=false"]
+    proc = subprocess.Popen(cli(args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_file = run_dir / "__main__.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and "epoch 1 |" not in (log_file.read_text() if log_file.exists() else ""):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "second interrupt: exiting now" in out + err + log_file.read_text()
+    assert not (run_dir / "report.json").exists()  # it did not wait for the step, the checkpoint or the report

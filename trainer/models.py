@@ -12,15 +12,17 @@ import keras
 
 
 def mlp(input_shape: Tuple[int, ...], num_classes: int, *, hidden: Sequence[int] = (300, 100),
-        activation: str = "relu", name: str = "lenet") -> keras.Model:
+        activation: str = "relu", kernel_initializer: str = "glorot_uniform", name: str = "lenet") -> keras.Model:
     """A multilayer perceptron; the default is LeNet-300-100 (LeCun et al. 1998).
 
     Layers ``fc1 .. fcN`` (hidden) and ``out``; for 28x28 MNIST and 10 classes
     the kernels hold 784*300 + 300*100 + 100*10 = 266,200 weights.
+    ``kernel_initializer`` is any Keras initializer name (``he_normal`` suits ReLU).
     """
     layers = [keras.Input(input_shape, name="image"), keras.layers.Flatten(name="flatten")]
-    layers += [keras.layers.Dense(int(w), activation=activation, name=f"fc{i + 1}") for i, w in enumerate(hidden)]
-    layers.append(keras.layers.Dense(num_classes, name="out"))
+    layers += [keras.layers.Dense(int(w), activation=activation, kernel_initializer=kernel_initializer,
+                                  name=f"fc{i + 1}") for i, w in enumerate(hidden)]
+    layers.append(keras.layers.Dense(num_classes, kernel_initializer=kernel_initializer, name="out"))
     return keras.Sequential(layers, name=name)
 
 
