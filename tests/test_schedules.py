@@ -271,3 +271,34 @@ def test_next_update_step_names_where_a_multi_step_execution_must_end():
         registry.update(step)
         ahead[step] = registry.next_update_step(step)
     assert ahead == {0: 3, 3: 4, 4: 7, 7: 8, 8: None}  # window at 3 and 7, pruning at 4 and 8 (its end)
+
+
+def test_rules_switch_at_their_step_with_several_steps_per_execution():
+    """An execution ends where a rule switches, so steps_per_execution > 1 keeps the named step."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer import MaskRegistry, Trainer
+    from trainer.callbacks import Callback
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")], name="spe")
+    registry = MaskRegistry(model)
+    registry.freeze("fc/kernel", value="current", name="window", start_step=3, end_step=7)
+    rng = np.random.default_rng(0)
+    ds = tf.data.Dataset.from_tensor_slices((rng.normal(size=(80, 3)).astype(np.float32),
+                                             rng.integers(0, 2, 80).astype(np.int32))).batch(8)
+    trainer = Trainer(model, keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      registry=registry, steps_per_execution=5)
+    kernel = model.get_layer("fc").kernel
+    seen = {}
+
+    class Record(Callback):
+        def on_execution_end(self, trainer, step_before, step, logs):
+            seen[step] = kernel.numpy().copy()
+
+    trainer.fit(ds, epochs=1, callbacks=[Record()])
+    assert sorted(seen) == [3, 7, 10]  # executions end at the rule's start and end steps
+    np.testing.assert_array_equal(seen[7], seen[3])  # frozen for steps 3..6 exactly
+    assert np.all(seen[10] != seen[7])  # trainable again from step 7

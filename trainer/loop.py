@@ -420,6 +420,9 @@ class Trainer:
                 self.registry.update(step, self.epoch)
                 epoch_end = (self.epoch + 1) * steps_per_epoch
                 k = min(self.steps_per_execution, epoch_end - step, total - step)
+                switch = self.registry.next_update_step(step)
+                if switch is not None:  # end the execution where a rule switches or re-selects
+                    k = min(k, switch - step)
                 train_fn = self._train_function()
                 train_fn(self.train_iterator, tf.constant(k, dtype=tf.int64))
                 before, step = step, self.step

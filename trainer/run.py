@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Dict, Optional
@@ -210,7 +211,8 @@ def _plan_table(registry: MaskRegistry) -> None:
     for row in registry.plan():
         table.add_row(row["path"], str(tuple(row["shape"])), row["dtype"], f"{row['frozen_elements']:,}",
                       f"{row['frozen_fraction']:.4f}", row["value"] or "-", ", ".join(row["rules"]) or "-")
-    Console().print(table)
+    # Not a terminal (a log, CI): a wide console, so variable paths are not cut.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 class TestEachEpoch(Callback):

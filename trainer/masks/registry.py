@@ -449,14 +449,29 @@ class MaskRegistry(tf.Module):
 
         Decoupled weight decay and momentum move an element whatever its
         gradient (Keras applies them in ``apply``), so this must run last.
+        Under a ``tf.distribute`` strategy, called in a replica context, the
+        projection runs on every replica's copy of each variable (through
+        ``strategy.extended.update``, as Keras applies optimizer updates).
         """
+        if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            if tf.distribute.in_cross_replica_context():
+                self._reproject_replicas(tf.distribute.get_strategy())
+            else:
+                tf.distribute.get_replica_context().merge_call(self._reproject_replicas)
+            return
         for entry in self._entries.values():
             variable = entry.info.variable
-            pinned = entry.pinned if entry.pinned is not None else tf.zeros(variable.shape, variable.dtype)
-            if entry.mask is None:
-                variable.assign(pinned)
-            else:
-                variable.assign(tf.where(entry.mask, variable.value, pinned))
+            variable.assign(self._projected(entry, variable.value))
+
+    @staticmethod
+    def _projected(entry: "_Entry", value):
+        pinned = entry.pinned if entry.pinned is not None else tf.zeros(value.shape, value.dtype)
+        return tf.identity(pinned) if entry.mask is None else tf.where(entry.mask, value, pinned)
+
+    def _reproject_replicas(self, strategy) -> None:
+        for entry in self._entries.values():
+            strategy.extended.update(
+                entry.info.variable.value, lambda v, e=entry: v.assign(self._projected(e, v)), group=False)
 
     # ------------------------------------------------------------------ audits
     def drift(self) -> Dict[str, float]:
