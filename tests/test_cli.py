@@ -89,7 +89,7 @@ def test_sparse_mlp_on_mnist_writes_report_with_zero_drift(tmp_path, mnist_dir):
     assert report["test_accuracy"] > 0.75  # 300 steps of a 10 %-dense LeNet-300-100 (measured 0.84)
     assert sorted(os.listdir(tmp_path / "checkpoints"))[:1] == ["checkpoint"]
     assert os.path.isfile(tmp_path / "model.keras")
-    assert sorted(os.listdir(tmp_path / "tb")) == ["train", "validation"]
+    assert {"train", "validation"} <= set(os.listdir(tmp_path / "tb"))
 
     # model.keras loads in a process that never imports trainer, with the same zeros.
     masks = np.load(tmp_path / "masks.npz")
