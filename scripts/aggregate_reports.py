@@ -155,6 +155,31 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], *,
     return "\n".join(lines) + "\n"
 
 
+def markdown_wide_table(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], *, x_label: str = "x",
+                        x_values: Optional[Sequence[str]] = None, digits: int = 2) -> str:
+    """A Markdown table with one line per x and one column per (series, metric): series side by side.
+
+    ``x_values`` (formatted, e.g. ``["100", "51.3"]``) keeps only those lines, in that order.
+    """
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    xs = list(dict.fromkeys(_fmt_x(r["x"]) for r in rows)) if x_values is None else list(x_values)
+    by = {(r["series"], _fmt_x(r["x"])): r for r in rows}
+    head = [x_label] + [f"{s} {m}" for s in series for m in metrics] + ["seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for x in xs:
+        cells, seeds = [x], []
+        for s in series:
+            row = by.get((s, x))
+            seeds.append(str(row["n"]) if row else "-")
+            for m in metrics:
+                if row and row[m][2]:
+                    cells.append(f"{row[m][0]:.{digits}f} ± {row[m][1]:.{digits}f}")
+                else:
+                    cells.append("-")
+        lines.append("| " + " | ".join(cells + ["/".join(seeds)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: Sequence[Mapping[str, Any]], metric: str, path: str, *, xlabel: str, ylabel: str,
          title: str = "", published: Optional[Mapping[str, float]] = None, log_x: bool = False,
          invert_x: bool = False) -> None:
@@ -250,6 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument("--series", default=None, help="config key that splits runs into lines (e.g. name)")
     parser.add_argument("--metric", action="append", required=True, help="report key; the first one is plotted")
     parser.add_argument("--published", action="append", default=[], help="X=VALUE, a published number at x")
+    parser.add_argument("--wide", action="store_true", help="one line per x, the series side by side")
+    parser.add_argument("--x-values", nargs="+", help="with --wide: only these x values, in this order")
     parser.add_argument("--table", help="write the Markdown table here")
     parser.add_argument("--plot", help="write the PNG plot here")
     parser.add_argument("--history-plot", help="also write a PNG of --history-metric per epoch here")
@@ -267,7 +294,10 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     rows = summarize(runs, args.x, args.metric, series=args.series)
     published = parse_published(args.published)
     xlabel = args.xlabel or ("kernel weights kept (%)" if args.x == "kept_percent" else args.x)
-    table = markdown_table(rows, args.metric, x_label=xlabel, series_label=args.series, published=published)
+    if args.wide:
+        table = markdown_wide_table(rows, args.metric, x_label=xlabel, x_values=args.x_values)
+    else:
+        table = markdown_table(rows, args.metric, x_label=xlabel, series_label=args.series, published=published)
     wall = sum(r["wall_seconds"] for r in rows)
     table += f"\n{len(runs)} runs; training wall time (sum of report.json wall_seconds): {wall / 60:.1f} min\n"
     print(table)

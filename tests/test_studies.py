@@ -104,6 +104,17 @@ def test_aggregator_writes_a_table_and_a_png(tmp_path):
     assert [(r["series"], r["x"], r["n"]) for r in rows] == [("toy", 0.9, 2), ("toy", 0.0, 2)]
 
 
+def test_aggregator_wide_table_puts_series_side_by_side(tmp_path):
+    for i, (name, random, acc) in enumerate([("ticket", 0.0, 0.98), ("ticket", 0.9, 0.97), ("reinit", 0.9, 0.93)]):
+        _fake_run(str(tmp_path / str(i)), name, random, 0, acc)
+    table = aggregate_reports.main([str(tmp_path), "--x", "kept_percent", "--series", "name", "--metric",
+                                    "test_accuracy", "--wide", "--x-values", "100", "10"])
+    lines = table.splitlines()
+    assert lines[0] == "| kernel weights kept (%) | reinit test_accuracy | ticket test_accuracy | seeds |"
+    assert lines[2] == "| 100 | - | 98.00 ± 0.00 | -/1 |"
+    assert lines[3] == "| 10 | 93.00 ± 0.00 | 97.00 ± 0.00 | 1/1 |"
+
+
 def test_continual_eval_puts_task_a_head_on_task_b_layers(tmp_path, monkeypatch):
     from trainer.run import run
 
@@ -129,3 +140,24 @@ def test_continual_eval_puts_task_a_head_on_task_b_layers(tmp_path, monkeypatch)
     assert "task_a_accuracy_subnetwork" in result
     masks = np.load(tmp_path / "b" / "masks.npz")
     assert masks["lenet/fc1/kernel"].mean() == pytest.approx(0.5)
+
+
+def test_lottery_round_rewinds_kept_weights_and_reinit_changes_them(tmp_path):
+    from trainer.run import build
+
+    _, dense, _, _ = build(compose_cfg(["+experiment=lottery_ticket", "data=digits"]))
+    initial = {v.path: v.numpy() for v in dense.variables}
+    trained = {p: w + np.random.default_rng(0).normal(size=w.shape).astype(w.dtype) for p, w in initial.items()}
+    np.savez(tmp_path / "weights.npz", **trained)
+    rounds = lottery_ticket.round_overrides(2, str(tmp_path / "weights.npz"))
+    _, ticket, _, _ = build(compose_cfg(["+experiment=lottery_ticket", "data=digits", *rounds]))
+    _, reinit, _, _ = build(compose_cfg(["+experiment=lottery_ticket", "data=digits", "model.init_seed=1000", *rounds]))
+    for t, r in zip(ticket.variables, reinit.variables):
+        if not t.path.endswith("/kernel"):
+            continue
+        kept = t.numpy() != 0
+        assert kept.mean() == pytest.approx(0.64 if "out" not in t.path else 0.81, abs=0.01)
+        np.testing.assert_array_equal(t.numpy()[kept], initial[t.path][kept])  # rewound, bit for bit
+        np.testing.assert_array_equal(r.numpy() != 0, kept)  # the same mask ...
+        assert not np.array_equal(r.numpy()[kept], initial[t.path][kept])  # ... from another initialization
+        assert np.all(np.abs(trained[t.path][kept]) >= np.abs(trained[t.path][~kept]).max())
