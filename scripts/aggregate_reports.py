@@ -188,6 +188,7 @@ def plot(rows: Sequence[Mapping[str, Any]], metric: str, path: str, *, xlabel: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for s in dict.fromkeys(r["series"] for r in rows):
@@ -201,6 +202,10 @@ def plot(rows: Sequence[Mapping[str, Any]], metric: str, path: str, *, xlabel: s
         ax.plot(xs, list(published.values()), "k*", markersize=9, linestyle="none", label="published")
     if log_x:
         ax.set_xscale("log")
+        xs = [float(r["x"]) for r in rows] + [float(k) for k in (published or {})]
+        ax.set_xticks([t for t in (100, 50, 20, 10, 5, 2, 1, 0.5) if min(xs) <= t <= max(xs)])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if invert_x:
         ax.invert_xaxis()
     ax.set_xlabel(xlabel)

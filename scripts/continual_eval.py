@@ -106,7 +106,7 @@ def bar_plot(rows, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     width = 0.8 / len(METRICS)
     for i, metric in enumerate(METRICS):
-        means = [r[metric][0] if r[metric][2] else 0.0 for r in rows]
+        means = [r[metric][0] if r[metric][2] else float("nan") for r in rows]  # NaN: no bar
         stds = [r[metric][1] for r in rows]
         ax.bar(np.arange(len(rows)) + (i - (len(METRICS) - 1) / 2) * width, means, width, yerr=stds,
                capsize=3, label=labels[metric])
