@@ -111,12 +111,7 @@ def test_sparse_mlp_on_mnist_writes_report_with_zero_drift(tmp_path, mnist_dir):
 
 def test_run_in_process_returns_report(tmp_path):
     cfg = compose_cfg(["trainer.max_steps=5", "export.keras=false", "+experiment=sparse_mlp", "data=digits"])
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        report = run(cfg)
-    finally:
-        os.chdir(cwd)
+    report = run(cfg, run_dir=str(tmp_path))
     assert report["steps"] == 5
     assert report["frozen_exact"] is True
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 5

@@ -294,3 +294,23 @@ def test_freeze_rule_from_every_form_resolves_to_one_rule():
     r = described["cli"]
     assert (r.select, r.exclude, r.elements, r.value) == (("fc1/*", "re:out/k.*"), ("*/bias",), {"units": [1]}, 0.5)
     assert (r.window.start_step, r.window.end_step, r.window.start_epoch, r.window.end_epoch) == (2, None, None, 4)
+
+
+def test_mask_file_reads_a_runs_masks_npz_by_variable_path(tmp_path):
+    """A run's masks.npz (trainable-masks keyed by variable path) freezes the same elements again."""
+    import keras
+
+    from trainer.masks import MaskRegistry
+    from trainer.report import export_masks
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="fc1"),
+                              keras.layers.Dense(3, name="out")], name="net")
+    first = MaskRegistry(model)
+    first.freeze("*/kernel", elements={"random": 0.6, "seed": 4}, value="zero")
+    export_masks(first, str(tmp_path / "masks.npz"))
+    again = MaskRegistry(model)
+    again.freeze("*/kernel", elements={"mask_file": str(tmp_path / "masks.npz")}, value="zero")
+    for path in ("net/fc1/kernel", "net/out/kernel"):
+        np.testing.assert_array_equal(again.trainable_mask(path), first.trainable_mask(path))
+        assert (~again.trainable_mask(path)).sum() == round(0.6 * np.prod(model.get_layer(path.split("/")[1]).kernel.shape))

@@ -261,8 +261,13 @@ def stop_on_signals(trainer: Trainer):
             signal.signal(signum, handler)
 
 
-def run(cfg: DictConfig) -> Dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     """Trains (or, with ``dry_run``, only plans) one configured run.
+
+    Args:
+      cfg: the composed config.
+      run_dir: where to write; by default Hydra's output directory (the
+        current directory outside Hydra).
 
     Returns:
       The report written to ``report.json`` (or ``{"status": "dry_run", ...}``).
@@ -271,7 +276,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
       FreezeConfigError, DataError, ConfigError, ValueError: bad input, before training.
       NonFiniteLossError: the loss diverged with ``nan_policy=stop``.
     """
-    run_dir = run_dir_of(cfg)
+    run_dir = run_dir or run_dir_of(cfg)
     if cfg.get("resume") and not has_checkpoint(run_dir):
         raise ResumeError(f"resume: {run_dir!r} has no checkpoints/checkpoint to continue from")
     distribute = cfg.get("distribute") or {}

@@ -168,12 +168,15 @@ def selector_name(spec: Mapping[str, Any]) -> str:
     return next(k for k in spec if k in _OPTIONS)
 
 
-def load_array_file(path: str, what: str) -> np.ndarray:
+def load_array_file(path: str, what: str, key: Optional[str] = None) -> np.ndarray:
     """Loads a ``.npy`` array safely (``allow_pickle=False``).
+
+    With ``key``, an ``.npz`` archive is accepted too and its array ``key``
+    is returned (e.g. a run's ``masks.npz``, keyed by variable path).
 
     Raises:
       FreezeConfigError: the path is missing, a directory, not a ``.npy``
-        file, or holds pickled objects.
+        file (or an ``.npz`` without ``key``), or holds pickled objects.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -192,10 +195,19 @@ def load_array_file(path: str, what: str) -> np.ndarray:
     except OSError as err:
         raise FreezeConfigError(f"{what} {path!r} is not a readable .npy file: {err}") from None
     if not isinstance(array, np.ndarray):  # an .npz archive loads as a lazy NpzFile
-        array.close()
-        raise FreezeConfigError(
-            f"{what} {path!r} is an .npz archive; expected one array saved with np.save(path, bool_array) (.npy)"
-        )
+        if key is None:
+            array.close()
+            raise FreezeConfigError(
+                f"{what} {path!r} is an .npz archive; expected one array saved with np.save(path, bool_array) (.npy)"
+            )
+        with array:
+            if key not in array.files:
+                raise FreezeConfigError(
+                    f"{what} {path!r} is an .npz archive without an array for variable {key!r} (it holds "
+                    f"{sorted(array.files)[:10]}); pass a run's masks.npz, whose arrays are keyed by variable "
+                    "path, or one array saved with np.save(path, bool_array) (.npy)"
+                )
+            array = np.asarray(array[key])
     return array
 
 
@@ -307,7 +319,7 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
         trainable = _check_shape(np.asarray(value), ctx, f"elements.mask for {ctx.path!r}")
         return ~trainable.astype(bool)
     if key == "mask_file":
-        array = load_array_file(value, "elements.mask_file")
+        array = load_array_file(value, "elements.mask_file", key=ctx.path)
         if array.dtype != bool and not np.isin(array, (0, 1)).all():
             raise FreezeConfigError(
                 f"elements.mask_file {value!r} must hold booleans or 0/1 (1 = trainable), got dtype {array.dtype}"
