@@ -28,13 +28,13 @@ from trainer import report as reports
 from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpointing
 from trainer.config import check_config
-from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
+from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model
-from trainer.resume import ResumeError, has_checkpoint
 from trainer.progress import print_summary, progress_callback
+from trainer.resume import ResumeError, has_checkpoint
 from trainer.summaries import Profile, TensorBoard
 
 log = logging.getLogger("trainer")
