@@ -154,28 +154,33 @@ class Trainer:
         grads = self.registry.mask_gradients(grads, variables)
         return y_pred, total, grads
 
-    def _finite(self, total, grads):
-        finite = tf.math.is_finite(total)
-        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # (a loss-scale optimizer skips overflowing steps itself)
-            for g in grads:
-                if g is not None:
-                    values = g.values if isinstance(g, tf.IndexedSlices) else g
-                    finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(values)))
-        return finite
-
-    def _record_norm(self, grads):
+    @staticmethod
+    def _norm(grads):
+        """The global L2 norm of the gradients (float32)."""
         present = [tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g, tf.float32)
                    for g in grads if g is not None]
-        if present:
-            self.grad_norm.assign(tf.linalg.global_norm(present))
+        return tf.linalg.global_norm(present) if present else tf.constant(0.0)
 
-    def _apply_or_skip(self, finite, grads, variables, loss, count, y, y_pred):
+    def _check(self, total, grads):
+        """``(finite, norm)``: whether the loss and every gradient are finite, and the gradients' global norm.
+
+        One reduction serves both: the global norm is non-finite exactly when
+        some gradient element is (or when the squares overflow float32, which
+        is treated as divergence too). A loss-scale optimizer skips
+        overflowing steps itself, so only the loss is checked under it.
+        """
+        norm = self._norm(grads)
+        finite = tf.math.is_finite(total)
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            finite = tf.logical_and(finite, tf.math.is_finite(norm))
+        return finite, norm
+
+    def _apply_or_skip(self, finite, norm, grads, variables, loss, count, y, y_pred):
         """Applies the masked gradients and re-projects (the last two lines of the step), or skips."""
         optimizer, registry = self.optimizer, self.registry
 
         def apply():
-            self._record_norm(grads)
+            self.grad_norm.assign(norm)
             optimizer.apply_gradients(zip(grads, variables))
             registry.reproject()  # must run last: after weight decay and momentum
             self.train_loss.update_state(loss, sample_weight=count)
@@ -214,8 +219,8 @@ class Trainer:
         def step(x, y):
             self.batches.assign_add(1)
             y_pred, total, grads = self._forward(x, y, variables)  # forward, loss, gradients, mask
-            finite = self._finite(total, grads)
-            return self._apply_or_skip(finite, grads, variables, total, tf.shape(y)[0], y, y_pred)
+            finite, norm = self._check(total, grads)
+            return self._apply_or_skip(finite, norm, grads, variables, total, tf.shape(y)[0], y, y_pred)
 
         return self._execution(tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True))
 
@@ -239,7 +244,7 @@ class Trainer:
             weight = tf.cast(local, tf.float32) / tf.cast(count, tf.float32)
             y_pred, total, grads = self._forward(x, y, variables, weight=weight)
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-            finite = self._finite(total, grads)
+            finite, _ = self._check(total, grads)
             return grads, tf.cast(tf.logical_not(finite), tf.int32), y_pred, total * tf.cast(local, total.dtype)
 
         replica_forward = tf.function(replica_forward, jit_compile=self.jit_compile, reduce_retracing=True)
@@ -253,7 +258,7 @@ class Trainer:
             finite = tf.equal(strategy.reduce(SUM, bad, axis=None), 0)
             y_all, pred_all = strategy.gather(y, axis=0), strategy.gather(y_pred, axis=0)
             loss_mean = strategy.reduce(SUM, loss_sum, axis=None) / tf.cast(count, tf.float32)
-            return self._apply_or_skip(finite, grads, variables, loss_mean, count, y_all, pred_all)
+            return self._apply_or_skip(finite, self._norm(grads), grads, variables, loss_mean, count, y_all, pred_all)
 
         return self._execution(global_step)
 
