@@ -1,0 +1,45 @@
+"""scripts/bench.py: a --quick smoke run on the bundled digits writes the documented JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+REQUIRED_CASES = ["keras_fit", "trainer_dense", "trainer_masked", "keras_constraint", "keras_masked_layer"]
+REQUIRED_RATIOS = ["masked_vs_unmasked", "trainer_vs_keras_fit", "trainer_vs_constraint", "trainer_vs_tfmot"]
+
+
+@pytest.mark.slow
+def test_quick_bench_writes_cases_ratios_and_mfu(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--quick", "--data", "digits",
+         "--no-wide", "--no-tfmot", "--out", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| trainer_masked |" in proc.stdout and "masked_vs_unmasked" in proc.stdout
+    result = json.loads(out.read_text())
+
+    for name in REQUIRED_CASES:
+        case = result["cases"][name]
+        for key in ("examples_per_sec", "ms_per_step", "first_step_s"):
+            assert case[key] > 0, (name, key, case[key])
+        assert result["mfu"][name] > 0
+    assert result["matmul_flops_per_sec"] > 0
+
+    ratios = result["ratios"]
+    assert set(REQUIRED_RATIOS) <= set(ratios)
+    for key in REQUIRED_RATIOS[:3]:
+        assert ratios[key] > 0, key
+    assert ratios["trainer_vs_tfmot"] is None  # --no-tfmot: reported as not run, not as a number
+    assert result["settings"]["tfmot_skipped"] == "--no-tfmot"
+
+    memory = result["registry_memory"]["lenet"]
+    assert memory["zero"]["within_bound"]  # a zero-pinned mask costs 1 byte per element
+    assert all(row["bytes_per_element"] == 1.0 for row in memory["zero"]["variables"].values())
