@@ -72,6 +72,7 @@ Usage::
 
 from __future__ import annotations
 
+import abc
 import argparse
 import gc
 import importlib.util
@@ -221,11 +222,11 @@ class _Clock:
         return t - self.start, s
 
 
-class Case:
+class Case(abc.ABC):
     """One benchmarked configuration: built once, warmed up, then timed round by round.
 
-    Subclasses implement :meth:`_build` and :meth:`_fit` (run ``n`` steps,
-    marking the clock after each execution).
+    Subclasses implement ``setup`` and ``run_round`` (see :class:`StepCase`
+    for cases timed by training steps).
     """
 
     kind = "train"
@@ -242,40 +243,14 @@ class Case:
         jit = {True: "XLA", False: "no XLA"}.get(self.jit, f"jit={self.jit}")
         return f"K={self.k}, {jit}"
 
-    def setup(self, warmup_steps: int, mem: MemoryProbe) -> None:
-        """Builds the case and runs its first ``fit`` call (compilation + warm-up)."""
-        gc.collect()
-        before = mem.rss()
-        self._build()
-        self.clock.begin()
-        self._fit(warmup_steps)
-        seconds, steps = self.clock.first()
-        steady_s, steady_steps = self.clock.steady()
-        per_step = steady_s / steady_steps if steady_steps else 0.0
-        self.info["first_execution_s"] = seconds
-        self.info["first_step_s"] = max(seconds - (steps - 1) * per_step, 0.0)
-        self.info["setup_mib"] = _delta(mem.rss(), before)
 
-    def run_round(self, steps: int, mem: MemoryProbe) -> Dict[str, float]:
-        """Runs ``K + steps`` steps; times the last ``steps``; returns the round's numbers."""
-        gc.collect()
-        before = mem.rss()
-        mem.reset_peak()
-        self.clock.begin()
-        self._fit(self.k + steps)
-        seconds, timed = self.clock.steady()
-        if timed != steps:
-            raise RuntimeError(f"{self.name}: timed {timed} steps, expected {steps}")
-        result = {"seconds": seconds, "steps": timed, "cpu_seconds": self.clock.cpu(),
-                  "peak_step_mib": _delta(mem.peak(), before)}
-        self.rounds.append(result)
-        return result
+    @abc.abstractmethod
+    def setup(self, warmup_steps: int, mem: "MemoryProbe") -> None:
+        """Builds the case and warms it up (compilation included)."""
 
-    def _build(self) -> None:
-        raise NotImplementedError
-
-    def _fit(self, steps: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run_round(self, steps: int, mem: "MemoryProbe") -> Dict[str, float]:
+        """Times one round; returns ``{"seconds", "steps", ...}``."""
 
     def close(self) -> None:
         """Releases what the case holds."""
@@ -340,7 +315,48 @@ def _random_masks(model, seed: int = 0) -> Dict[str, np.ndarray]:
     return {p: m for p, m in registry.trainable_masks().items() if p.endswith("/kernel")}
 
 
-class KerasFitCase(Case):
+class StepCase(Case):
+    """A case timed by training steps: subclasses implement :meth:`_build` and :meth:`_fit`."""
+
+    def setup(self, warmup_steps: int, mem: MemoryProbe) -> None:
+        """Builds the case and runs its first ``fit`` call (compilation + warm-up)."""
+        gc.collect()
+        before = mem.rss()
+        self._build()
+        self.clock.begin()
+        self._fit(warmup_steps)
+        seconds, steps = self.clock.first()
+        steady_s, steady_steps = self.clock.steady()
+        per_step = steady_s / steady_steps if steady_steps else 0.0
+        self.info["first_execution_s"] = seconds
+        self.info["first_step_s"] = max(seconds - (steps - 1) * per_step, 0.0)
+        self.info["setup_mib"] = _delta(mem.rss(), before)
+
+    def run_round(self, steps: int, mem: MemoryProbe) -> Dict[str, float]:
+        """Runs ``K + steps`` steps; times the last ``steps``; returns the round's numbers."""
+        gc.collect()
+        before = mem.rss()
+        mem.reset_peak()
+        self.clock.begin()
+        self._fit(self.k + steps)
+        seconds, timed = self.clock.steady()
+        if timed != steps:
+            raise RuntimeError(f"{self.name}: timed {timed} steps, expected {steps}")
+        result = {"seconds": seconds, "steps": timed, "cpu_seconds": self.clock.cpu(),
+                  "peak_step_mib": _delta(mem.peak(), before)}
+        self.rounds.append(result)
+        return result
+
+    @abc.abstractmethod
+    def _build(self) -> None:
+        """Builds the case's model, optimizer and input."""
+
+    @abc.abstractmethod
+    def _fit(self, steps: int) -> None:
+        """Runs ``steps`` more steps, marking the clock after each execution."""
+
+
+class KerasFitCase(StepCase):
     """``model.fit`` of a Keras 3 model; ``variant`` is ``dense``, ``constraint`` or ``masked_layer``."""
 
     def __init__(self, *args, variant: str, hidden, input_shape, classes, ds, **kwargs):
@@ -385,7 +401,7 @@ class KerasFitCase(Case):
         self.model.fit(self.ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[self.callback])
 
 
-class TrainerCase(Case):
+class TrainerCase(StepCase):
     """:class:`trainer.Trainer` with (``masked``) or without freeze rules."""
 
     def __init__(self, *args, masked: bool, hidden, input_shape, classes, ds, **kwargs):
@@ -572,7 +588,7 @@ class MatmulCase(Case):
         return result
 
 
-class MatmulStepCase(Case):
+class MatmulStepCase(StepCase):
     """The ceiling at the model's shapes: only the dense layers' matmuls of a training step, under XLA.
 
     Linear layers (no bias, no activation), the gradient of ``sum(logits)``
