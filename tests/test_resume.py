@@ -34,6 +34,17 @@ def final_state(run_dir):
                   if "save_counter" not in k and not k.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
 
 
+def wait_for_log(run_dir, proc, text, timeout=240):
+    """Waits until the run's log file contains ``text``; returns the log file's path."""
+    log_file = run_dir / "__main__.log"
+    deadline = time.time() + timeout
+    while time.time() < deadline and text not in (log_file.read_text() if log_file.exists() else ""):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    assert text in log_file.read_text(), f"{text!r} never appeared in {log_file}"
+    return log_file
+
+
 def wait_for_checkpoint(run_dir, proc, min_step, timeout=240):
     index = os.path.join(run_dir, "checkpoints", "checkpoint")
     deadline = time.time() + timeout
@@ -83,11 +94,7 @@ def test_sigint_finishes_step_writes_checkpoint_and_interrupted_report(tmp_path)
     run_dir = tmp_path / "run"
     args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=2000", "trainer.checkpoint_every_n_steps=100000"]
     proc = subprocess.Popen(cli(args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log_file = run_dir / "__main__.log"
-    deadline = time.time() + 240
-    while time.time() < deadline and "train | step" not in (log_file.read_text() if log_file.exists() else ""):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.05)
+    wait_for_log(run_dir, proc, "train | step")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-2000:]
@@ -163,11 +170,7 @@ def test_second_sigint_exits_at_once(tmp_path):
     args = [f"hydra.run.dir={run_dir}", "trainer.batch_size=1", "trainer.steps_per_execution=1257",
             "trainer.epochs=50", "export.keras=false"]
     proc = subprocess.Popen(cli(args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log_file = run_dir / "__main__.log"
-    deadline = time.time() + 240
-    while time.time() < deadline and "epoch 1 |" not in (log_file.read_text() if log_file.exists() else ""):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        time.sleep(0.05)
+    log_file = wait_for_log(run_dir, proc, "epoch 1 |")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
