@@ -66,7 +66,7 @@ def kept_count(density: float, total: int) -> int:
     if count == 0:
         raise FreezeConfigError(
             f"density {density!r} keeps no element of {total} (round({density!r} * {total}) = 0); "
-            f"the smallest density that keeps one is {0.5 / total:.3g}"
+            f"use a density above {0.5 / total:.3g}"
         )
     return count
 
@@ -157,11 +157,11 @@ def _formula_densities(
         rest = [p for p in shapes if p not in dense]
         eps = (target - sum(sizes[p] for p in dense)) / sum(raw[p] * sizes[p] for p in rest)
         largest = max(raw[p] for p in rest)
-        if eps * largest <= 1.0:
+        if eps * largest <= 1.0 + 1e-12:  # the tolerance keeps float rounding from densifying everything
             break
         # RigL: every variable with the largest raw probability becomes dense, then solve again.
         dense.update(p for p in rest if raw[p] == largest)
-    densities = {p: 1.0 if p in dense else eps * raw[p] for p in shapes}
+    densities = {p: 1.0 if p in dense else min(eps * raw[p], 1.0) for p in shapes}
     return densities, tuple(p for p in shapes if p in dense)
 
 
@@ -235,8 +235,8 @@ def allocate_densities(
     density = check_density(density)
     shapes = _check_shapes(shapes)
     sizes = {p: math.prod(s) for p, s in shapes.items()}
-    kept = kept_count(density, sum(sizes.values()))
     densities, dense = _formula_densities(shapes, sizes, density, distribution, float(power))
+    kept = kept_count(density, sum(sizes.values()))
     counts = _round_counts(sizes, densities, kept)
     return LayerAllocation(
         distribution=distribution, density=density, sizes=sizes, densities=densities, counts=counts, dense=dense
