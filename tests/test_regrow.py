@@ -174,6 +174,7 @@ def test_a_tensor_drop_fraction_out_of_range_fails_at_run_time():
         (lambda w, m, g: rigl_update(w, m[:3], g, drop_fraction=0.1),
          "mask must be a bool tensor of the value's shape [7, 5], got bool [3, 5]"),
         (lambda w, m, g: rigl_update(w, m, g.T, drop_fraction=0.1), "grow scores must have the value's shape [7, 5], got [5, 7]"),
+        (lambda w, m, g: set_update(w, m, drop_fraction=0.1, seed=3), "seed must be two integers (a shape [2] int32/int64 tensor), got 3"),
         (lambda w, m, g: drop_and_grow(w, m, g, drop_fraction=0.1, grow_init=np.zeros(3)),
          "grow_init must have the value's shape [7, 5], got [3]"),
     ],

@@ -65,6 +65,19 @@ def check_drop_fraction(drop_fraction: Any, what: str = "drop_fraction") -> floa
     return float(drop_fraction)
 
 
+def _check_seed(seed: TensorLike) -> None:
+    if isinstance(seed, (tf.Tensor, tf.Variable)):
+        ok = seed.dtype in (tf.int32, tf.int64) and seed.shape.is_compatible_with([2])
+    else:
+        ok = (
+            isinstance(seed, (list, tuple))
+            and len(seed) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in seed)
+        )
+    if not ok:
+        raise FreezeConfigError(f"seed must be two integers (a shape [2] int32/int64 tensor), got {seed!r}")
+
+
 def _drop_fraction_tensor(drop_fraction: TensorLike) -> tf.Tensor:
     if isinstance(drop_fraction, (tf.Tensor, tf.Variable)):
         df = tf.cast(drop_fraction, tf.float64)
@@ -107,7 +120,9 @@ def drop_and_grow(
       mask: bool tensor of shape ``S``, ``True`` = active (trainable).
       grow_scores: real tensor of shape ``S``, higher grows first (no NaN).
       drop_fraction: a Python number in [0, 1), or a scalar float tensor
-        (checked at run time with ``tf.debugging.Assert``).
+        (checked at run time with ``tf.debugging.Assert``, which XLA
+        (``jit_compile=True``) drops: build tensors from a validated schedule
+        such as :class:`CosineDropFraction`).
       grow_init: values for grown elements, shape ``S`` (cast to the value's
         dtype); ``None`` = zeros.
 
@@ -143,7 +158,7 @@ def drop_and_grow(
     size = tf.size(active)
     num_active = tf.reduce_sum(tf.cast(active, tf.int32))
     n = tf.cast(tf.round(df * tf.cast(num_active, tf.float64)), tf.int32)
-    n = tf.minimum(n, size - num_active)
+    n = tf.clip_by_value(n, 0, tf.minimum(num_active, size - num_active))
 
     dropped = tf.logical_and(active, _ranks(-tf.abs(flat_value), active) < n)
     inactive = tf.logical_not(active)
@@ -171,24 +186,27 @@ def set_update(
 
     The random choice is ``tf.random.stateless_uniform(shape, seed)`` scores
     ranked by :func:`drop_and_grow`: a uniformly random subset of the
-    inactive elements, the same for the same seed on every device. Pass a new
-    seed per update (e.g. ``[base_seed, step]``) as a tensor to avoid
-    retracing.
+    inactive elements, the same for the same seed, TensorFlow version and
+    compilation (XLA draws other numbers from the same seed). Pass a new seed
+    per update (e.g. ``[base_seed, step]``) as a tensor to avoid retracing.
 
     Args:
       value: the variable's value, float tensor of static shape ``S``.
       mask: bool tensor of shape ``S``, ``True`` = active.
       drop_fraction: a Python number in [0, 1) or a scalar float tensor.
-      seed: shape ``[2]`` int32/int64 tensor or pair of ints, the stateless RNG seed.
+      seed: a shape ``[2]`` int32/int64 tensor or a pair of Python ints, the
+        stateless RNG seed.
       grow_init: values for grown elements, shape ``S``; ``None`` = zeros.
 
     Returns:
       A :class:`RegrowUpdate`.
 
     Raises:
-      FreezeConfigError: as :func:`drop_and_grow`.
+      FreezeConfigError: as :func:`drop_and_grow`, or a seed that is not two
+        integers.
     """
     shape = tf.convert_to_tensor(value).shape
+    _check_seed(seed)
     scores = tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
     return drop_and_grow(value, mask, scores, drop_fraction=drop_fraction, grow_init=grow_init)
 
