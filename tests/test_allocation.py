@@ -48,6 +48,11 @@ def test_erk_on_lenet_at_ten_percent_is_the_closed_form():
     assert a.densities["lenet/fc2/kernel"] == pytest.approx(eps * 400 / 30000, rel=1e-12)
     assert a.counts == {"lenet/fc1/kernel": 18714, "lenet/fc2/kernel": 6906, "lenet/fc3/kernel": 1000}
     assert a.kept == 26620 and a.total == 266200
+    assert a.lines() == [
+        "lenet/fc1/kernel: density 0.07957 (18714 of 235200 kept)",
+        "lenet/fc2/kernel: density 0.2302 (6906 of 30000 kept)",
+        "lenet/fc3/kernel: density 1 (1000 of 1000 kept), dense (erk density capped at 1)",
+    ]
 
 
 @pytest.mark.parametrize("density", [0.5, 0.1, 0.05, 0.02, 0.01, 0.003])

@@ -15,6 +15,7 @@ from trainer.masks.scores import (
     layerwise_topk_masks,
     magnitude_scores,
     n_m_mask,
+    random_scores,
     second_moment_scores,
     snip_scores,
     topk_mask,
@@ -79,6 +80,19 @@ def test_topk_and_layerwise_topk_equal_the_oracle():
     for p, s in scores.items():
         np.testing.assert_array_equal(masks[p], oracle_global({p: s}, counts[p])[p])
         np.testing.assert_array_equal(topk_mask(s, counts[p]), masks[p])
+
+
+def test_random_scores_with_layer_counts_give_exact_random_masks():
+    shapes = {"a": (30, 20), "b": (20, 10)}
+    counts = {"a": 61, "b": 17}
+    masks = layerwise_topk_masks(random_scores(shapes, seed=5), counts)
+    assert {p: int(m.sum()) for p, m in masks.items()} == counts
+    again = random_scores({"b": (20, 10)}, seed=5)  # per variable: the other variables do not matter
+    np.testing.assert_array_equal(again["b"], random_scores(shapes, seed=5)["b"])
+    assert not np.array_equal(random_scores(shapes, seed=6)["a"], random_scores(shapes, seed=5)["a"])
+    with pytest.raises(FreezeConfigError) as info:
+        random_scores(shapes, seed=-1)
+    assert str(info.value) == "seed must be a non-negative integer, got -1"
 
 
 @pytest.mark.parametrize(

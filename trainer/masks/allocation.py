@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from trainer.masks.errors import FreezeConfigError
 
@@ -100,6 +100,21 @@ class LayerAllocation:
     def kept_densities(self) -> Dict[str, float]:
         """``{path: counts[path] / sizes[path]}``: the densities actually realised."""
         return {p: self.counts[p] / self.sizes[p] for p in self.sizes}
+
+    def lines(self) -> List[str]:
+        """One line per variable, for a dry-run plan or a report.
+
+        For example ``"lenet/fc1/kernel: density 0.07957 (18714 of 235200
+        kept)"``; capped variables end with ``", dense (erk density capped at
+        1)"``. The density shown is the realised ``counts / sizes``.
+        """
+        out = []
+        for p, size in self.sizes.items():
+            line = f"{p}: density {self.counts[p] / size:.4g} ({self.counts[p]} of {size} kept)"
+            if p in self.dense:
+                line += f", dense ({self.distribution} density capped at 1)"
+            out.append(line)
+        return out
 
     @property
     def total(self) -> int:

@@ -3,6 +3,7 @@
 Scores (higher = more important, kept first), each ``{variable path: float64
 array of the variable's shape}``:
 
+- random, uniform in ``[0, 1)`` (with per-layer counts: random ER/ERK masks);
 - magnitude ``|w|``;
 - SNIP ``|g * w|`` (Lee et al. 2019, "SNIP: Single-shot Network Pruning based
   on Connection Sensitivity"), ``g`` the gradient of the loss averaged over a
@@ -24,6 +25,7 @@ whose path sorts first (string order). Scores must not be NaN.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
 import keras
@@ -64,6 +66,28 @@ def _same_shapes(first: Mapping[str, ArrayLike], second: Mapping[str, ArrayLike]
 def magnitude_scores(weights: Mapping[str, ArrayLike]) -> Dict[str, np.ndarray]:
     """``{path: |w|}`` as float64 arrays of each variable's shape."""
     return {p: np.abs(np.asarray(w, dtype=np.float64)) for p, w in weights.items()}
+
+
+def random_scores(shapes: Mapping[str, Sequence[int]], *, seed: int) -> Dict[str, np.ndarray]:
+    """Uniform ``[0, 1)`` float64 scores, independent per variable (a random mask with top-k).
+
+    With :func:`layerwise_topk_masks` and ``LayerAllocation.counts`` this
+    gives the random Erdős–Rényi / ERK initial masks of SET and RigL. Each
+    variable draws from ``np.random.default_rng([seed, crc32(path)])``, so its
+    scores do not depend on the other variables or their order.
+
+    Args:
+      shapes: ``{path: shape}``.
+      seed: a non-negative integer.
+
+    Raises:
+      FreezeConfigError: ``seed`` not a non-negative integer.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise FreezeConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    return {
+        p: np.random.default_rng([int(seed), zlib.crc32(p.encode())]).random(tuple(s)) for p, s in shapes.items()
+    }
 
 
 def snip_scores(weights: Mapping[str, ArrayLike], gradients: Mapping[str, ArrayLike]) -> Dict[str, np.ndarray]:
