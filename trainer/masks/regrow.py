@@ -236,6 +236,7 @@ def rigl_update(
     Raises:
       FreezeConfigError: as :func:`drop_and_grow`.
     """
+    gradient = tf.convert_to_tensor(gradient)  # IndexedSlices (embeddings) become dense
     return drop_and_grow(value, mask, tf.abs(gradient), drop_fraction=drop_fraction, grow_init=grow_init)
 
 
