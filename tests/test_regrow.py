@@ -2,6 +2,7 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,6 +15,7 @@ from trainer.masks.regrow import (
     make_drop_fraction_schedule,
     rigl_update,
     set_update,
+    zero_slots,
 )
 
 
@@ -155,6 +157,37 @@ def test_updates_inside_one_tf_function_keep_density_and_do_not_retrace():
             assert (bits(values[p].numpy())[grown[p].numpy()] == 0).all()
         assert any((before[p] != masks[p].numpy()).any() for p in shapes)
     assert update.experimental_get_tracing_count() == 1
+
+
+def test_grown_elements_get_zero_slots_inside_the_compiled_update():
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(6, name="fc")
+    dense.build((None, 8))
+    optimizer = keras.optimizers.Adam()
+    rng = np.random.default_rng(0)
+    mask = tf.Variable(rng.random((8, 6)) < 0.3)
+    for _ in range(2):  # non-zero momentum and velocity everywhere
+        optimizer.apply_gradients([(tf.constant(rng.normal(size=(8, 6)).astype(np.float32)), dense.kernel)])
+    slots = [v for v in optimizer.variables if v.name in ("fc_kernel_momentum", "fc_kernel_velocity")]
+    assert len(slots) == 2 and all((s.numpy() != 0).all() for s in slots)
+    before = [s.numpy().copy() for s in slots]
+
+    @tf.function
+    def update(gradient):
+        u = rigl_update(dense.kernel, mask, gradient, drop_fraction=0.5)
+        dense.kernel.assign(u.value)
+        mask.assign(u.mask)
+        zero_slots(slots, u.grown)
+        return u.grown
+
+    grown = update(tf.constant(rng.normal(size=(8, 6)).astype(np.float32))).numpy()
+    assert grown.sum() > 0
+    for slot, old in zip(slots, before):
+        assert (bits(slot.numpy())[grown] == 0).all()
+        np.testing.assert_array_equal(bits(slot.numpy())[~grown], bits(old)[~grown])
+    with pytest.raises(FreezeConfigError) as info:
+        zero_slots(slots, np.zeros((6, 8), bool))
+    assert str(info.value) == "slot 'adam/fc_kernel_momentum' has shape [8, 6], the elements to zero have shape [6, 8]"
 
 
 def test_a_tensor_drop_fraction_out_of_range_fails_at_run_time():

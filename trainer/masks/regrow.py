@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import tensorflow as tf
 
@@ -238,6 +238,31 @@ def rigl_update(
     """
     gradient = tf.convert_to_tensor(gradient)  # IndexedSlices (embeddings) become dense
     return drop_and_grow(value, mask, tf.abs(gradient), drop_fraction=drop_fraction, grow_init=grow_init)
+
+
+def zero_slots(slots: Sequence[tf.Variable], elements: TensorLike) -> None:
+    """Sets ``elements`` of every optimizer slot to 0 in place, with ``tf.where`` (as RigL's ``reset_momentum``).
+
+    Call it with :attr:`RegrowUpdate.grown` so grown elements start without
+    momentum or second moment; usable inside a ``tf.function``. Other
+    elements keep their bits.
+
+    Args:
+      slots: the variable's slot variables (e.g. Adam's momentum and
+        velocity), each of the variable's shape.
+      elements: bool tensor of that shape, ``True`` = set to 0.
+
+    Raises:
+      FreezeConfigError: a slot whose shape is not the shape of ``elements``.
+    """
+    elements = tf.convert_to_tensor(elements)
+    for slot in slots:
+        if slot.shape != elements.shape:
+            raise FreezeConfigError(
+                f"slot {getattr(slot, 'path', slot.name)!r} has shape {slot.shape.as_list()}, "
+                f"the elements to zero have shape {elements.shape.as_list()}"
+            )
+        slot.assign(tf.where(elements, tf.zeros_like(slot), slot))
 
 
 @dataclasses.dataclass(frozen=True)
