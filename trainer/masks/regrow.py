@@ -16,7 +16,7 @@ at a given init; all other elements keep their bits (``tf.where``). The
 functions are pure TensorFlow on tensors of static shape: call them inside a
 ``tf.function`` with the drop fraction and seed as tensors and changing masks
 do not retrace. Grown elements are returned so the caller can zero their
-optimizer slots (as RigL's ``reset_momentum``).
+optimizer slots (:func:`zero_slots`, as RigL's ``reset_momentum``).
 
 Differences from google-research/rigl (``sparse_optimizers_base.py``): the
 drop count is rounded (half to even), not truncated; growth candidates exclude
