@@ -23,6 +23,12 @@ def bits(a):
     return np.asarray(a, np.float32).view(np.uint32)
 
 
+def exact(tensor):
+    """Bit patterns of a float32 tensor, the values of a bool one."""
+    array = tensor.numpy()
+    return array.view(np.uint32) if array.dtype == np.float32 else array
+
+
 def oracle_rigl(w, mask, g, drop_fraction):
     """NumPy: drop the n active of smallest |w| (lower index first), grow the n inactive of largest |g|."""
     w, mask, g = (np.asarray(a).reshape(-1) for a in (w, mask, g))
@@ -53,12 +59,13 @@ def layer(seed, shape=(7, 5), density=0.4, ties=False):
     return w, mask, g, init
 
 
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["partial_sort", "static_shapes"])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
 @pytest.mark.parametrize("drop_fraction", [0.0, 0.1, 0.3, 0.5, 0.9])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rigl_equals_numpy(seed, drop_fraction, ties):
+def test_rigl_equals_numpy(seed, drop_fraction, ties, static_shapes):
     w, mask, g, init = layer(seed, ties=ties)
-    update = rigl_update(w, mask, g, drop_fraction=drop_fraction, grow_init=init)
+    update = rigl_update(w, mask, g, drop_fraction=drop_fraction, grow_init=init, static_shapes=static_shapes)
     expected_mask, dropped, grown = oracle_rigl(w, mask, g, drop_fraction)
     np.testing.assert_array_equal(update.mask.numpy().reshape(-1), expected_mask)
     np.testing.assert_array_equal(update.dropped.numpy().reshape(-1), dropped)
@@ -81,10 +88,12 @@ def test_drop_count_is_rounded_half_to_even_and_bounded_by_the_inactive():
     assert int(update.dropped.numpy().sum()) == int(update.grown.numpy().sum()) == 1
 
 
-def test_ties_drop_the_lower_index_and_grow_the_lower_index_first():
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_ties_drop_the_lower_index_and_grow_the_lower_index_first(static_shapes):
     w = tf.constant([0.5, -0.5, 0.5, 0.0, 0.0, 0.0])
     mask = tf.constant([True, True, True, False, False, False])
-    update = rigl_update(w, mask, tf.constant([9.0, 9.0, 9.0, 1.0, -1.0, 1.0]), drop_fraction=0.5)
+    g = tf.constant([9.0, 9.0, 9.0, 1.0, -1.0, 1.0])
+    update = rigl_update(w, mask, g, drop_fraction=0.5, static_shapes=static_shapes)
     np.testing.assert_array_equal(update.dropped.numpy(), [True, True, False, False, False, False])
     np.testing.assert_array_equal(update.grown.numpy(), [False, False, False, True, True, False])
 
@@ -105,6 +114,25 @@ def test_set_keeps_the_count_and_grows_only_previously_inactive_elements(seed):
     np.testing.assert_array_equal(again.grown.numpy(), grown)
     other = set_update(w, mask, drop_fraction=0.3, seed=[seed, 8], grow_init=init)
     assert (other.grown.numpy() != grown).any()
+
+
+def test_static_shapes_compile_with_xla_and_match_the_default_path():
+    w, mask, g, init = layer(4, shape=(40, 30), density=0.2, ties=True)
+
+    def both(w, mask, g, df, seed):
+        return (rigl_update(w, mask, g, drop_fraction=df, grow_init=init, static_shapes=True),
+                set_update(w, mask, drop_fraction=df, seed=seed, static_shapes=True))
+
+    args = (w, mask, g, tf.constant(0.3), tf.constant([1, 2]))
+    rigl_xla, _ = tf.function(both, jit_compile=True)(*args)
+    rigl_static, set_static = tf.function(both)(*args)
+    rigl_default = rigl_update(w, mask, g, drop_fraction=0.3, grow_init=init)
+    set_default = set_update(w, mask, drop_fraction=0.3, seed=tf.constant([1, 2]))
+    for xla, static, default in zip(rigl_xla, rigl_static, rigl_default):
+        np.testing.assert_array_equal(exact(xla), exact(default))
+        np.testing.assert_array_equal(exact(static), exact(default))
+    for static, default in zip(set_static, set_default):  # the same random scores outside XLA: the same selection
+        np.testing.assert_array_equal(exact(static), exact(default))
 
 
 def test_set_grows_uniformly_over_the_inactive_elements():

@@ -88,14 +88,21 @@ def _drop_fraction_tensor(drop_fraction: TensorLike) -> tf.Tensor:
     return tf.constant(check_drop_fraction(drop_fraction), tf.float64)
 
 
-def _ranks(scores: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
-    """Rank of each element (0 = first): candidates first, then by score descending, then by lower index."""
+def _select(scores: tf.Tensor, candidates: tf.Tensor, n: tf.Tensor, static_shapes: bool) -> tf.Tensor:
+    """The ``n`` candidates of highest score (ties: lower index), as a bool vector; 1-D inputs."""
     size = tf.size(scores)
-    order = tf.argsort(scores, direction="DESCENDING", stable=True)
-    # A second stable sort on the candidate flag keeps the score order within each group.
-    flag = tf.gather(tf.cast(candidates, tf.int32), order)
-    order = tf.gather(order, tf.argsort(flag, direction="DESCENDING", stable=True))
-    return tf.scatter_nd(order[:, None], tf.range(size), tf.reshape(size, [1]))
+    if static_shapes:
+        # Full sorts only (XLA needs static shapes): by score, then a stable sort on the candidate flag.
+        order = tf.argsort(scores, direction="DESCENDING", stable=True)
+        flag = tf.gather(tf.cast(candidates, tf.int32), order)
+        order = tf.gather(order, tf.argsort(flag, direction="DESCENDING", stable=True))
+        ranks = tf.scatter_nd(order[:, None], tf.range(size), tf.reshape(size, [1]))
+        return tf.logical_and(candidates, ranks < n)
+    # Faster: a partial sort of the candidates only (top_k keeps the lower index first on ties).
+    index = tf.where(candidates)
+    top = tf.math.top_k(tf.gather_nd(scores, index), k=n, sorted=True).indices
+    hits = tf.scatter_nd(tf.gather(index, top), tf.ones_like(top), tf.reshape(tf.cast(size, tf.int64), [1]))
+    return hits > 0
 
 
 def drop_and_grow(
@@ -105,6 +112,7 @@ def drop_and_grow(
     *,
     drop_fraction: TensorLike,
     grow_init: Optional[TensorLike] = None,
+    static_shapes: bool = False,
 ) -> RegrowUpdate:
     """Drops the smallest-``|w|`` active elements and grows as many with the highest ``grow_scores``.
 
@@ -125,6 +133,11 @@ def drop_and_grow(
         such as :class:`CosineDropFraction`).
       grow_init: values for grown elements, shape ``S`` (cast to the value's
         dtype); ``None`` = zeros.
+      static_shapes: ``False`` (default): partial sorts of the candidates,
+        whose number varies (``tf.where``), fast but not XLA-compilable;
+        ``True``: full sorts with static shapes, for a ``tf.function`` with
+        ``jit_compile=True`` (several times slower on CPU). Both give the same
+        result.
 
     Returns:
       A :class:`RegrowUpdate`.
@@ -160,9 +173,8 @@ def drop_and_grow(
     n = tf.cast(tf.round(df * tf.cast(num_active, tf.float64)), tf.int32)
     n = tf.clip_by_value(n, 0, tf.minimum(num_active, size - num_active))
 
-    dropped = tf.logical_and(active, _ranks(-tf.abs(flat_value), active) < n)
-    inactive = tf.logical_not(active)
-    grown = tf.logical_and(inactive, _ranks(tf.reshape(grow_scores, [-1]), inactive) < n)
+    dropped = _select(-tf.abs(flat_value), active, n, static_shapes)
+    grown = _select(tf.reshape(grow_scores, [-1]), tf.logical_not(active), n, static_shapes)
 
     new_mask = tf.logical_or(tf.logical_and(active, tf.logical_not(dropped)), grown)
     new_value = tf.where(dropped, tf.zeros_like(flat_value), tf.where(grown, tf.reshape(init, [-1]), flat_value))
@@ -181,6 +193,7 @@ def set_update(
     drop_fraction: TensorLike,
     seed: TensorLike,
     grow_init: Optional[TensorLike] = None,
+    static_shapes: bool = False,
 ) -> RegrowUpdate:
     """SET: drop the smallest-``|w|`` active elements, grow as many uniformly at random (Mocanu et al. 2018).
 
@@ -197,6 +210,7 @@ def set_update(
       seed: a shape ``[2]`` int32/int64 tensor or a pair of Python ints, the
         stateless RNG seed.
       grow_init: values for grown elements, shape ``S``; ``None`` = zeros.
+      static_shapes: ``True`` inside ``jit_compile=True`` (see :func:`drop_and_grow`).
 
     Returns:
       A :class:`RegrowUpdate`.
@@ -208,7 +222,9 @@ def set_update(
     shape = tf.convert_to_tensor(value).shape
     _check_seed(seed)
     scores = tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
-    return drop_and_grow(value, mask, scores, drop_fraction=drop_fraction, grow_init=grow_init)
+    return drop_and_grow(
+        value, mask, scores, drop_fraction=drop_fraction, grow_init=grow_init, static_shapes=static_shapes
+    )
 
 
 def rigl_update(
@@ -218,6 +234,7 @@ def rigl_update(
     *,
     drop_fraction: TensorLike,
     grow_init: Optional[TensorLike] = None,
+    static_shapes: bool = False,
 ) -> RegrowUpdate:
     """RigL: drop the smallest-``|w|`` active elements, grow as many where ``|g|`` is largest (Evci et al. 2020).
 
@@ -229,6 +246,7 @@ def rigl_update(
         gradients are masked.
       drop_fraction: a Python number in [0, 1) or a scalar float tensor.
       grow_init: values for grown elements, shape ``S``; ``None`` = zeros.
+      static_shapes: ``True`` inside ``jit_compile=True`` (see :func:`drop_and_grow`).
 
     Returns:
       A :class:`RegrowUpdate`.
@@ -237,7 +255,9 @@ def rigl_update(
       FreezeConfigError: as :func:`drop_and_grow`.
     """
     gradient = tf.convert_to_tensor(gradient)  # IndexedSlices (embeddings) become dense
-    return drop_and_grow(value, mask, tf.abs(gradient), drop_fraction=drop_fraction, grow_init=grow_init)
+    return drop_and_grow(
+        value, mask, tf.abs(gradient), drop_fraction=drop_fraction, grow_init=grow_init, static_shapes=static_shapes
+    )
 
 
 def zero_slots(slots: Sequence[tf.Variable], elements: TensorLike) -> None:
