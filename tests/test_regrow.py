@@ -191,7 +191,7 @@ def test_grown_elements_get_zero_slots_inside_the_compiled_update():
     keras.utils.set_random_seed(0)
     dense = keras.layers.Dense(6, name="fc")
     dense.build((None, 8))
-    optimizer = keras.optimizers.Adam()
+    optimizer = keras.optimizers.Adam(name="regrow_adam")
     rng = np.random.default_rng(0)
     mask = tf.Variable(rng.random((8, 6)) < 0.3)
     for _ in range(2):  # non-zero momentum and velocity everywhere
@@ -215,7 +215,7 @@ def test_grown_elements_get_zero_slots_inside_the_compiled_update():
         np.testing.assert_array_equal(bits(slot.numpy())[~grown], bits(old)[~grown])
     with pytest.raises(FreezeConfigError) as info:
         zero_slots(slots, np.zeros((6, 8), bool))
-    assert str(info.value) == "slot 'adam/fc_kernel_momentum' has shape [8, 6], the elements to zero have shape [6, 8]"
+    assert str(info.value) == "slot 'regrow_adam/fc_kernel_momentum' has shape [8, 6], the elements to zero have shape [6, 8]"
 
 
 def test_a_tensor_drop_fraction_out_of_range_fails_at_run_time():
