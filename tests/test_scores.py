@@ -251,5 +251,5 @@ def test_second_moments_need_an_optimizer_that_keeps_them():
     with pytest.raises(FreezeConfigError) as info:
         adam_second_moments(sgd, model.trainable_variables)
     assert str(info.value) == (
-        "SGD keeps no second moment ('velocity' slot) for 'lin/fc/kernel'; w^2*v scores need Adam, AdamW, Adamax or Nadam"
+        "SGD keeps no second moment ('velocity' slot) for 'lin/fc/kernel'; w^2*v scores need Adam, AdamW, Nadam or Lamb"
     )

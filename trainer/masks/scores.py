@@ -11,9 +11,10 @@ array of the variable's shape}``:
 - Fisher ``mean_b g_b ** 2`` (Sung et al. 2021, "Training Neural Networks with
   Fixed Sparse Masks", FISH masks), squared batch gradients averaged over
   ``N`` batches;
-- ``w ** 2 * v`` with ``v`` Adam's second-moment estimate (the diagonal-Fisher
-  saliency of Optimal Brain Damage, LeCun et al. 1990, with Adam's ``v`` as
-  the Fisher estimate).
+- ``w ** 2 * v`` with ``v`` Adam's second-moment estimate: an Optimal Brain
+  Damage saliency (LeCun et al. 1990: ``w ** 2`` times the Hessian diagonal)
+  with Adam's running mean of squared gradients standing in for the diagonal
+  Fisher.
 
 Selections return boolean *trainable*-masks (``True`` = kept, may change).
 Tie rule, everywhere: elements are ranked by score, highest first; among equal
@@ -129,7 +130,7 @@ def adam_second_moments(optimizer: keras.optimizers.Optimizer, variables: Sequen
     """Adam's second-moment slot ``v`` of each variable, as NumPy arrays.
 
     Works for the Keras 3 optimizers with a ``velocity`` slot (Adam, AdamW,
-    Adamax, Nadam).
+    Nadam, Lamb); Adamax keeps an infinity norm instead and is refused.
 
     Args:
       optimizer: a built Keras 3 optimizer.
@@ -150,7 +151,7 @@ def adam_second_moments(optimizer: keras.optimizers.Optimizer, variables: Sequen
         if not velocity:
             raise FreezeConfigError(
                 f"{type(optimizer).__name__} keeps no second moment ('velocity' slot) for {path!r}; "
-                f"w^2*v scores need Adam, AdamW, Adamax or Nadam"
+                f"w^2*v scores need Adam, AdamW, Nadam or Lamb"
             )
         result[path] = np.asarray(velocity[0].numpy())
     return result
