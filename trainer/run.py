@@ -327,8 +327,8 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     history = []
     try:
         with stop_on_signals(trainer):
-            history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), max_steps=t.max_steps,
-                                  callbacks=callbacks)
+            history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), initial_epoch=0, max_steps=t.max_steps,
+                                  callbacks=callbacks)  # epochs counted from step 0: a resumed run continues
         status = "interrupted" if trainer.stop_requested else "completed"
     except BaseException as err:
         error = f"{type(err).__name__}: {err}"
