@@ -48,7 +48,8 @@ def metric_value(result: Mapping[str, Any], name: str) -> Optional[float]:
 def optimized_value(cfg: DictConfig, result: Optional[Mapping[str, Any]]) -> Optional[float]:
     """What a job returns to the sweeper: ``cfg.optimized_metric`` of its report (``None`` when unset).
 
-    A failed job returns ``nan`` (Optuna records the trial as failed).
+    A failed job, or a run stopped before the first validation of a
+    ``val_*`` metric, returns ``nan`` (Optuna records the trial as failed).
 
     Raises:
       ValueError: the metric is configured but the report has no such key.
@@ -59,6 +60,9 @@ def optimized_value(cfg: DictConfig, result: Optional[Mapping[str, Any]]) -> Opt
     if result is None:
         return float("nan")
     value = metric_value(result, str(name))
+    if value is None and str(name).startswith("val_") and not result.get("history"):
+        log.warning("optimized_metric=%s: the run ended before its first epoch's validation; returning nan", name)
+        return float("nan")
     if value is None:
         raise ValueError(f"optimized_metric={name!r} is not in the run's report; use a report.json key such as "
                          "test_accuracy, or val_accuracy / val_loss (the last epoch's)")
@@ -105,9 +109,18 @@ def job_rows(sweep_dir: str) -> List[Dict[str, Any]]:
 def _format(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return f"{int(value):,}"
     if isinstance(value, float):
         return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
     return str(value)
+
+
+def split_overrides(rows: List[Dict[str, Any]]) -> tuple:
+    """``(common, varying)``: overrides every job shares, and per row the ones that differ between jobs."""
+    lists = [row["overrides"].split() for row in rows]
+    common = [o for o in lists[0] if all(o in other for other in lists[1:])] if lists else []
+    return common, [" ".join(o for o in each if o not in common) for each in lists]
 
 
 def rank(rows: List[Dict[str, Any]], metric: Optional[str], direction: str = "maximize") -> List[Dict[str, Any]]:
@@ -140,18 +153,21 @@ def write_tables(rows: List[Dict[str, Any]], sweep_dir: str) -> List[str]:
 
 
 def print_table(rows: List[Dict[str, Any]], title: str) -> None:
-    """The results as a rich table on stdout (wide enough for the overrides when not a terminal)."""
+    """The results as a rich table on stdout: the job number, the overrides that differ, status and metrics."""
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for column in ("job", "overrides", "status", *METRIC_COLUMNS):
+    common, varying = split_overrides(rows)
+    table = Table(title=title, caption=("every job: " + " ".join(common)) if common else None)
+    columns = ("job", "overrides", "status", *METRIC_COLUMNS)
+    for column in columns:
         table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(_format(row.get(c)) for c in ("job", "overrides", "status", *METRIC_COLUMNS)))
-    Console(width=None if sys.stdout.isatty() else 220).print(table)
+    for row, differ in zip(rows, varying):
+        cells = {**row, "job": row["job"].split("_")[0], "overrides": differ or "-"}
+        table.add_row(*(_format(cells.get(c)) for c in columns))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def summarize_sweep(sweep_dir: str, metric: Optional[str] = None, direction: str = "maximize") -> List[Dict[str, Any]]:
@@ -164,7 +180,8 @@ def summarize_sweep(sweep_dir: str, metric: Optional[str] = None, direction: str
     print_table(rows, f"sweep results ({len(rows)} jobs{', best ' + metric + ' first' if metric else ''})")
     best = rows[0]
     if metric and best.get(metric) is not None:
-        print(f"best: job {best['job']} | {metric} {_format(best[metric])} | {best['overrides']}")
+        differ = split_overrides(rows)[1][0] or best["overrides"]
+        print(f"best: {metric} {_format(best[metric])} | {differ} | {os.path.join(sweep_dir, best['job'])}")
     print(f"written: {paths[0]}, {paths[1]}")
     return rows
 
