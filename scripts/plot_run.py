@@ -8,15 +8,17 @@ such as a multirun sweep (``multirun/<name>/<time>``) or ``outputs/``: every
 run below it is plotted. PNGs written to ``--out`` (default: ``plots/`` in the
 first RUN_DIR):
 
-- ``curves.png``: loss and accuracy against step, train (solid) and
-  validation (dashed, markers) for each run;
+- ``curves.png``: loss and accuracy against step, train (solid: the mean
+  over each logged interval, so no jump at epoch boundaries) and validation
+  (dashed, markers) for each run;
 - ``sparsity.png``: the final sparsity (fraction of exact zeros) of every
   variable, one bar per run;
 - ``accuracy_vs_sparsity.png``: final test accuracy against the model's
   sparsity, one point per run (a sweep over sparsities reads as one curve).
 
 Runs are labelled by the hyperparameters that differ between them (from the
-HParams records the runs wrote), else by their directory.
+HParams records the runs wrote), else by their directory; a single run's
+legend says only train / validation, and its directory is the title.
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ def _fmt(value: object) -> str:
 
 def labels_for(runs: List[Dict[str, object]], root: str, max_keys: int = 3) -> List[str]:
     """Short labels: up to ``max_keys`` hyperparameters that every run has and whose values differ
-    (``random=0.9``), else the directory relative to ``root``."""
+    (``random=0.9``), else the directory relative to ``root``; ``[""]`` for a single run (its
+    directory is the figure's title, and the legend says only train / validation)."""
+    if len(runs) == 1:
+        return [""]
     keys = sorted(set.intersection(*(set(r["hparams"]) for r in runs))) if runs else []
     varying = [k for k in keys if len({_fmt(r["hparams"][k]) for r in runs}) > 1][:max_keys]
     labels = []
@@ -132,6 +137,43 @@ def labels_for(runs: List[Dict[str, object]], root: str, max_keys: int = 3) -> L
             rel = os.path.relpath(r["dir"], root)
             labels.append(rel if rel != "." else os.path.basename(os.path.abspath(r["dir"])))
     return labels
+
+
+def interval_means(steps: np.ndarray, values: np.ndarray, epoch_ends: Sequence[int]) -> np.ndarray:
+    """Per-interval means from running means that restart at every epoch end.
+
+    The trainer logs a metric's mean since the start of the epoch; plotted as
+    is, a curve jumps at every epoch boundary. The mean over the steps between
+    two logged points of one epoch is ``(m_i * n_i - m_j * n_j) / (n_i - n_j)``
+    with ``n`` the steps since the epoch began (exact for equal batch sizes;
+    the first point of an epoch is its own interval).
+
+    Args:
+      steps, values: the logged steps (increasing) and running means.
+      epoch_ends: the steps at which epochs ended (the ``epoch`` scalar's steps).
+    """
+    ends = np.sort(np.asarray(list(epoch_ends), dtype=np.int64))
+    out = np.empty(len(values), dtype=np.float64)
+    prev_step, prev_value, prev_start = None, None, None
+    for i, (step, value) in enumerate(zip(steps, values)):
+        before = ends[ends < step]
+        start = int(before[-1]) if len(before) else 0
+        if prev_step is not None and prev_start == start and prev_step > start:
+            out[i] = (value * (step - start) - prev_value * (prev_step - start)) / (step - prev_step)
+        else:
+            out[i] = value
+        prev_step, prev_value, prev_start = int(step), float(value), start
+    return out
+
+
+def train_series(run: Dict[str, object], metric: str) -> Optional[Series]:
+    """A run's train ``metric`` as per-interval means (see :func:`interval_means`); ``None`` if not logged."""
+    scalars = run["scalars"]["train"]
+    if metric not in scalars:
+        return None
+    steps, values = scalars[metric]
+    ends = scalars["epoch"][0] if "epoch" in scalars else []
+    return steps, interval_means(steps, values, ends)
 
 
 def _last(series: Optional[Series]) -> Optional[float]:
@@ -148,18 +190,21 @@ def plot_curves(runs, labels, path: str) -> Optional[str]:
     for ax, metric in zip(axes[0], metrics):
         for i, (run, label) in enumerate(zip(runs, labels)):
             color = colors[i % len(colors)]
-            if metric in run["scalars"]["train"]:
-                steps, values = run["scalars"]["train"][metric]
+            train = train_series(run, metric)
+            if train is not None:
+                steps, values = train
                 ax.plot(steps, values, color=color, marker="o" if len(steps) == 1 else None, markersize=3,
-                        label=f"{label} train")
+                        label=f"{label} train".strip())
             if metric in run["scalars"]["validation"]:
                 ax.plot(*run["scalars"]["validation"][metric], color=color, linestyle="--", marker="o",
-                        markersize=3, label=f"{label} validation")
+                        markersize=3, label=f"{label} validation".strip())
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if len(runs) == 1:
+        fig.suptitle(runs[0]["dir"], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -184,7 +229,8 @@ def plot_sparsity(runs, labels, path: str) -> Optional[str]:
     ax.set_xlabel("sparsity (fraction of exact zeros) at the last step")
     ax.set_title("per-variable sparsity")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7)
+    if any(labels):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import matplotlib.image
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -78,3 +79,31 @@ def test_no_run_is_an_error(tmp_path):
     plot_run = load_script()
     with pytest.raises(SystemExit, match="no run .* under"):
         plot_run.main([str(tmp_path)])
+
+
+def test_a_single_run_is_labelled_train_and_validation(sweep):
+    plot_run = load_script()
+    runs = [plot_run.read_run(str(sweep / "0"))]
+    assert plot_run.labels_for(runs, str(sweep / "0")) == [""]  # was the directory name (a timestamp under Hydra)
+
+
+def test_train_curves_are_interval_means_without_epoch_jumps():
+    plot_run = load_script()
+    # losses 4, 2 | 6, 2 | 1, 1 per step; steps 1-2 | 3-4 | 5-6 are three epochs, logged every step
+    running = [4, 3, 6, 4, 1, 1]  # the trainer's running means, restarting after steps 2 and 4
+    means = plot_run.interval_means(np.arange(1, 7), np.array(running, float), [2, 4, 6])
+    np.testing.assert_array_equal(means, [4, 2, 6, 2, 1, 1])
+    # logged every 3 steps of 4-step epochs: the mean over steps 4-6 is recovered from the running means
+    means = plot_run.interval_means(np.array([3, 6]), np.array([2.0, 3.0]), [4])
+    np.testing.assert_array_equal(means, [2.0, 3.0])
+    means = plot_run.interval_means(np.array([2, 4]), np.array([2.0, 3.0]), [8])
+    np.testing.assert_array_equal(means, [2.0, 4.0])
+
+
+def test_real_train_curve_uses_the_logged_epochs(sweep):
+    plot_run = load_script()
+    run_ = plot_run.read_run(str(sweep / "0"))
+    steps, values = plot_run.train_series(run_, "loss")
+    raw_steps, raw = run_["scalars"]["train"]["loss"]
+    np.testing.assert_array_equal(steps, raw_steps)
+    assert values[0] == raw[0] and np.isfinite(values).all()

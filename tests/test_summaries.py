@@ -188,11 +188,12 @@ def test_multirun_jobs_write_their_own_hparams(tmp_path):
          "log.progress=lines", "export.keras=false"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for job, sparsity in (("0", 0.5), ("1", 0.8)):
-        values, final = session_hparams(sweep / job / "tb" / "hparams")
+    for num, sparsity in (("0", 0.5), ("1", 0.8)):
+        (job,) = sweep.glob(f"{num}_*")  # job folders are named by their overrides
+        values, final = session_hparams(job / "tb" / "hparams")
         assert values["freeze.rules.sparse.elements.random"] == sparsity
         assert values["trainer.max_steps"] == 3 and values["freeze"] == "random_90"
-        assert final["test/accuracy"] == scalars(load(sweep / job / "tb" / "validation"), "test/accuracy")[-1][1]
+        assert final["test/accuracy"] == scalars(load(job / "tb" / "validation"), "test/accuracy")[-1][1]
 
 
 def test_mask_image_reshapes_conv_kernels():

@@ -1,11 +1,14 @@
 """Hydra entry point: ``python -m trainer +experiment=sparse_mlp [overrides]``.
 
 Parses the command line (resolving ``resume=`` to a run directory), calls
-``run(cfg)``, and exits non-zero when the run was interrupted.
+``run(cfg)`` (a user error prints one line and a hint: :mod:`trainer.logs`),
+exits non-zero when the run was interrupted, and returns the configured
+``optimized_metric`` to a sweeper (:mod:`trainer.sweep`).
 """
 
 import os
 import sys
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -13,6 +16,8 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from trainer.config import register  # noqa: E402
+from trainer.logs import run_job  # noqa: E402
+from trainer.sweep import optimized_value  # noqa: E402
 from trainer.resume import ResumeError, resolve_resume  # noqa: E402
 
 register()
@@ -20,12 +25,14 @@ EXIT_INTERRUPTED = 130
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[float]:
+    """Runs one job; returns ``optimized_metric`` of its report (what a sweeper optimizes), else ``None``."""
     from trainer.run import run
 
-    result = run(cfg)
-    if result.get("status") == "interrupted":
+    result = run_job(run, cfg)
+    if result is not None and result.get("status") == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
+    return optimized_value(cfg, result)
 
 
 def entry() -> None:

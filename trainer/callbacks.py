@@ -8,8 +8,11 @@ executions (as Orbit's controller does).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Dict, Optional
+
+import numpy as np
 
 log = logging.getLogger("trainer")
 
@@ -19,8 +22,11 @@ class Callback:
 
     ``step`` is the optimizer step (``optimizer.iterations``) after the
     execution; ``logs`` maps metric names (``"loss"``, ``"accuracy"``, and
-    ``"val_loss"`` ... after validation) to Python floats.
+    ``"val_loss"`` ... after validation) to Python floats. A callback that
+    draws progress sets ``display = True``; ``fit`` then adds no bar of its own.
     """
+
+    display = False
 
     def on_train_begin(self, trainer) -> None:
         """Before the first execution (after a checkpoint restore, if any)."""
@@ -102,6 +108,8 @@ class LogLines(Callback):
     ``trainer`` logger, so under Hydra they also reach the run's log file.
     """
 
+    display = True
+
     def __init__(self, every_n_steps: int = 100):
         self.every_n_steps = every_n_steps
         self.throughput = Throughput()
@@ -122,3 +130,113 @@ class LogLines(Callback):
     def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         log.info("epoch %d | step %d | %s", epoch, step, " | ".join(f"{k} {v:.4f}" for k, v in logs.items()))
         self.throughput.resume()
+
+
+def _improves(mode: str, value: float, best: Optional[float], min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _mode_of(monitor: str, mode: str) -> str:
+    """``"min"`` or ``"max"``; ``"auto"`` maximizes accuracy-like metrics (Keras' rule) and minimizes the rest."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        return "max" if "acc" in monitor or monitor.endswith("auc") else "min"
+    return mode
+
+
+def _monitored(monitor: str, logs: Dict[str, Any]) -> float:
+    if monitor not in logs:
+        raise ValueError(f"the monitored metric {monitor!r} is not in the epoch's logs {sorted(logs)}; "
+                         "pass validation data for val_* metrics")
+    return float(logs[monitor])
+
+
+class EarlyStopping(Callback):
+    """Stops training when a monitored metric has not improved for ``patience`` epochs (as Keras' callback).
+
+    Args:
+      monitor: an epoch log key, e.g. ``"val_loss"`` or ``"val_accuracy"``.
+      patience: epochs without improvement before stopping.
+      min_delta: the smallest change that counts as an improvement.
+      mode: ``"min"``, ``"max"`` or ``"auto"`` (max for accuracy-like names).
+      restore_best_weights: at the end, put back the model's values of the
+        best epoch (then re-project, so frozen elements stay exactly pinned).
+
+    Attributes:
+      best: the best value seen; ``best_epoch`` its epoch (from 1);
+      ``stopped_epoch``: the epoch after which training stopped (0 if it did not).
+
+    Raises:
+      ValueError: the monitored key is missing from an epoch's logs.
+    """
+
+    def __init__(self, monitor: str = "val_loss", *, patience: int = 0, min_delta: float = 0.0,
+                 mode: str = "auto", restore_best_weights: bool = False):
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be a non-negative integer, got {patience!r}")
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(float(min_delta))
+        self.mode = _mode_of(monitor, mode)
+        self.restore_best_weights = restore_best_weights
+        self.best: Optional[float] = None
+        self.best_epoch = 0
+        self.stopped_epoch = 0
+        self._wait = 0
+        self._best_values = None
+
+    def on_train_begin(self, trainer) -> None:
+        self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_values = None, 0, 0, 0, None
+
+    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        value = _monitored(self.monitor, logs)
+        if _improves(self.mode, value, self.best, self.min_delta):
+            self.best, self.best_epoch, self._wait = value, epoch, 0
+            if self.restore_best_weights:
+                self._best_values = [v.numpy() for v in trainer.model.variables]
+            return
+        self._wait += 1
+        if self._wait > self.patience:
+            self.stopped_epoch = epoch
+            trainer.stop_training = True
+            log.info("early stopping after epoch %d: %s has not improved on %.4f (epoch %d) for %d epochs",
+                     epoch, self.monitor, self.best, self.best_epoch, self._wait)
+
+    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+        if self.restore_best_weights and self._best_values is not None and self.best_epoch:
+            for variable, value in zip(trainer.model.variables, self._best_values):
+                variable.assign(value)
+            trainer.registry.reproject()
+            log.info("restored the weights of epoch %d (%s %.4f)", self.best_epoch, self.monitor, self.best)
+
+
+class BestWeights(Callback):
+    """Writes the model's weights to ``path`` whenever a monitored metric improves (Keras' ``save_best_only``).
+
+    The file is a ``.npz`` of every variable's value keyed by ``variable.path``
+    (the format of a run's ``weights.npz``, readable with ``model.init_from``),
+    written atomically.
+
+    Args:
+      path: the ``.npz`` file to write.
+      monitor, mode: as for :class:`EarlyStopping`.
+
+    Attributes:
+      best, best_epoch: the best value and its epoch (from 1).
+    """
+
+    def __init__(self, path: str, monitor: str = "val_loss", *, mode: str = "auto"):
+        self.path, self.monitor, self.mode = str(path), monitor, _mode_of(monitor, mode)
+        self.best: Optional[float] = None
+        self.best_epoch = 0
+
+    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        value = _monitored(self.monitor, logs)
+        if not _improves(self.mode, value, self.best, 0.0):
+            return
+        self.best, self.best_epoch = value, epoch
+        tmp = self.path + ".tmp.npz"
+        np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in trainer.model.variables})
+        os.replace(tmp, self.path)
+        log.info("epoch %d: %s improved to %.4f, weights written to %s", epoch, self.monitor, value, self.path)

@@ -38,6 +38,7 @@ class LogConfig:
     test_every_epoch: bool = False
     progress: str = "auto"
     profile_steps: Optional[List[int]] = None
+    verbose: bool = False
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class Config:
     seed: int = 0
     dry_run: bool = False
     resume: Optional[str] = None
+    optimized_metric: Optional[str] = None
     data: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING

@@ -8,6 +8,7 @@ offline use. Images become float32 in [0, 1] of shape ``(H, W, 1)``; labels int3
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Optional, Tuple
 
@@ -15,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 DATA_DIR_ENV = "TRAINER_DATA_DIR"
+log = logging.getLogger("trainer")
 
 
 class DataError(ValueError):
@@ -31,6 +33,7 @@ class Splits:
       y_train, y_val, y_test: int32 label arrays ``(N,)`` in ``[0, num_classes)``.
       num_classes: the number of classes.
       name: the dataset's name.
+      source: where the arrays came from (a file path, a download, a bundled dataset).
     """
 
     x_train: np.ndarray
@@ -41,6 +44,7 @@ class Splits:
     y_test: np.ndarray
     num_classes: int
     name: str
+    source: str = ""
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -71,10 +75,12 @@ def check_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, what: str) -> N
 
 
 def resolve_mnist_path(path: Optional[str]) -> Optional[str]:
-    """The MNIST file to read: ``path``, else ``$TRAINER_DATA_DIR/mnist.npz``, else ``None``.
+    """The MNIST file to read: ``path``, else ``$TRAINER_DATA_DIR/mnist.npz``, else ``None`` (download).
 
     Raises:
-      DataError: ``path`` is given but is not a file.
+      DataError: ``path`` is given but is not a file, or ``TRAINER_DATA_DIR``
+        is set but is not a directory holding ``mnist.npz`` (the message
+        echoes the value and says what to set instead; nothing is downloaded).
     """
     if path:
         path = os.path.expanduser(str(path))
@@ -83,11 +89,23 @@ def resolve_mnist_path(path: Optional[str]) -> Optional[str]:
                             "(keys x_train y_train x_test y_test)")
         return path
     env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        candidate = os.path.join(os.path.expanduser(env), "mnist.npz")
-        if os.path.isfile(candidate):
-            return candidate
-    return None
+    if not env:
+        return None
+    directory = os.path.expanduser(env)
+    if os.path.isfile(directory):
+        raise DataError(f"{DATA_DIR_ENV}={env!r} is a file, not a directory: set {DATA_DIR_ENV}="
+                        f"{os.path.dirname(os.path.abspath(directory))!r} (the directory holding mnist.npz), "
+                        f"or pass data.path={env}")
+    if not os.path.isdir(directory):
+        raise DataError(f"{DATA_DIR_ENV}={env!r} does not exist: set it to the directory holding mnist.npz, "
+                        f"or unset it to download MNIST")
+    candidate = os.path.join(directory, "mnist.npz")
+    if not os.path.isfile(candidate):
+        held = sorted(os.listdir(directory))
+        shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "") if held else "nothing"
+        raise DataError(f"{DATA_DIR_ENV}={env!r} has no mnist.npz (it holds {shown}): set it to the directory "
+                        f"holding mnist.npz, pass data.path=/path/to/mnist.npz, or unset it to download MNIST")
+    return candidate
 
 
 def _npz_arrays(path: str):
@@ -115,7 +133,9 @@ def load_mnist(path: Optional[str] = None, validation_size: int = 5000) -> Split
     resolved = resolve_mnist_path(path)
     if resolved is not None:
         x_train, y_train, x_test, y_test = _npz_arrays(resolved)
+        source = resolved
     else:
+        log.info("MNIST: no data.path and no %s: downloading with keras.datasets.mnist.load_data()", DATA_DIR_ENV)
         try:
             import keras
 
@@ -126,7 +146,9 @@ def load_mnist(path: Optional[str] = None, validation_size: int = 5000) -> Split
                 f"or set {DATA_DIR_ENV} to a directory holding mnist.npz, or use data=digits "
                 f"(bundled with scikit-learn, no download). The download attempt failed: {err}"
             ) from None
-    return _split(x_train, y_train, x_test, y_test, validation_size, 255.0, 10, "mnist")
+        source = "downloaded by keras.datasets.mnist.load_data() (cached in ~/.keras/datasets)"
+    splits = _split(x_train, y_train, x_test, y_test, validation_size, 255.0, 10, "mnist")
+    return dataclasses.replace(splits, source=source)
 
 
 def load_digits(validation_size: int = 180, test_size: int = 360, seed: int = 0) -> Splits:
@@ -138,7 +160,8 @@ def load_digits(validation_size: int = 180, test_size: int = 360, seed: int = 0)
     y = bunch.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
-    return _split(x[test_size:], y[test_size:], x[:test_size], y[:test_size], validation_size, 16.0, 10, "digits")
+    splits = _split(x[test_size:], y[test_size:], x[:test_size], y[:test_size], validation_size, 16.0, 10, "digits")
+    return dataclasses.replace(splits, source="scikit-learn's bundled digits (no download)")
 
 
 def _split(x_train, y_train, x_test, y_test, validation_size, scale, num_classes, name) -> Splits:
@@ -194,7 +217,7 @@ def select_classes(splits: Splits, classes) -> Splits:
 
     (xt, yt), (xv, yv), (xs, ys) = (pick(splits.x_train, splits.y_train), pick(splits.x_val, splits.y_val),
                                     pick(splits.x_test, splits.y_test))
-    return Splits(xt, yt, xv, yv, xs, ys, len(classes), f"{splits.name}{classes}")
+    return Splits(xt, yt, xv, yv, xs, ys, len(classes), f"{splits.name}{classes}", splits.source)
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,

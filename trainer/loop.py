@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
+from trainer import inputs
 from trainer.callbacks import Callback
 from trainer.masks import MaskRegistry
 
@@ -121,6 +125,8 @@ class Trainer:
         self._structure = None
         self._eval_fn = None
         self.timing: Dict[str, float] = {}
+        # fit() across calls: the dataset behind train_iterator, epochs done, early stop.
+        self._train_source, self._epochs_done, self._predict_fn, self.stop_training = None, 0, None, False
 
     # ---------------------------------------------------------------- state
     @property
@@ -323,12 +329,18 @@ class Trainer:
             out[prefix + m.name] = float(m.result())
         return out
 
-    def evaluate(self, dataset: tf.data.Dataset) -> Dict[str, float]:
-        """Runs the model over a finite dataset of ``(x, y)`` batches.
+    def evaluate(self, x: Any, y: Any = None, *, batch_size: Optional[int] = None) -> Dict[str, float]:
+        """Runs the model over a finite dataset of ``(x, y)`` batches, or over arrays ``x, y``.
+
+        Args:
+          x: a batched ``tf.data.Dataset`` of ``(x, y)``, or an input array.
+          y: the labels when ``x`` is an array.
+          batch_size: batch size for arrays (default 32).
 
         Returns:
           ``{"loss": mean loss per example, <metric name>: value, ...}``.
         """
+        dataset = inputs.evaluation_inputs(x, y, batch_size=batch_size)
         if self._eval_fn is None:
             self._eval_fn = self._make_eval_function()
         self.eval_loss.reset_state()
@@ -337,11 +349,36 @@ class Trainer:
         self._eval_fn(dataset)
         return self._results(self.eval_loss, self.eval_metrics)
 
+    def predict(self, x: Any, *, batch_size: Optional[int] = None) -> np.ndarray:
+        """The model's outputs (``training=False``) for every example, as one NumPy array.
+
+        Args:
+          x: an input array ``(N, ...)``, or a batched ``tf.data.Dataset`` of
+            inputs or of ``(x, y)`` pairs (labels are ignored).
+          batch_size: batch size for arrays (default 32).
+
+        Returns:
+          The outputs concatenated over batches, ``(N, ...)`` (logits for the
+          project's models; ``argmax(-1)`` gives the class).
+        """
+        dataset = x if inputs.is_dataset(x) else inputs.from_arrays(x, None, batch_size, shuffle=False, seed=None)
+        if isinstance(dataset.element_spec, tuple):
+            dataset = dataset.map(lambda features, *rest: features)
+        if self._predict_fn is None:
+            self._predict_fn = tf.function(lambda batch: self.model(batch, training=False), reduce_retracing=True)
+        outputs = [np.asarray(self._predict_fn(batch)) for batch in dataset]
+        if not outputs:
+            raise ValueError("predict got no batches")
+        return np.concatenate(outputs, axis=0)
+
     def _check_inputs(self, dataset: tf.data.Dataset) -> None:
         """Refuses a dataset whose inputs do not fit the model, before any step runs."""
         spec = dataset.element_spec
         if not isinstance(spec, tuple) or len(spec) != 2:
-            raise ValueError(f"the training dataset must yield (x, y) pairs, got elements of {spec}")
+            raise ValueError(f"the training dataset must yield batched (x, y) pairs, got elements of {spec}")
+        if spec[0].shape.rank is not None and spec[0].shape.rank > 0 and spec[1].shape.rank == 0:
+            raise ValueError("the training dataset yields single examples, not batches: batch it with "
+                             "dataset.batch(n), or pass NumPy arrays with batch_size")
         expected = getattr(self.model, "input_shape", None)
         if isinstance(expected, tuple) and all(isinstance(d, (int, type(None))) for d in expected):
             got = tuple(spec[0].shape)[1:]
@@ -350,86 +387,163 @@ class Trainer:
                 raise ValueError(f"the model expects inputs of shape (batch, {', '.join(map(str, want))}) "
                                  f"but the dataset yields {spec[0].shape}")
 
+    def _iterator_for(self, train_ds: tf.data.Dataset):
+        """The persistent iterator over ``train_ds.repeat()``; a new dataset gets a new iterator.
+
+        A restored trainer (no iterator yet in this process) skips the batches
+        its checkpoint says were drawn, to continue the same data order.
+        """
+        if self.train_iterator is not None and self._train_source is train_ds:
+            return self.train_iterator
+        drawn = int(self.batches.numpy()) if self.train_iterator is None and self._train_source is None else 0
+        repeated = train_ds.repeat()
+        repeated = repeated.skip(drawn) if drawn else repeated
+        if self.replicas > 1:  # each replica gets its slice of every global batch
+            repeated = self.strategy.experimental_distribute_dataset(repeated)
+        self.train_iterator = iter(repeated)
+        self._train_source = train_ds
+        return self.train_iterator
+
+    def _epoch_of(self, step: int) -> int:
+        return self._epoch_base + (step - self._epoch_origin) // self.steps_per_epoch
+
     def fit(
         self,
-        train_ds: tf.data.Dataset,
-        validation_ds: Optional[tf.data.Dataset] = None,
+        x: Any,
+        y: Any = None,
         *,
+        batch_size: Optional[int] = None,
         epochs: int = 1,
+        validation_data: Any = None,
+        validation_split: float = 0.0,
+        shuffle: bool = True,
+        seed: Optional[int] = None,
+        initial_epoch: Optional[int] = None,
         max_steps: Optional[int] = None,
         steps_per_epoch: Optional[int] = None,
         callbacks: Iterable[Callback] = (),
+        verbose: Any = "auto",
     ) -> List[Dict[str, float]]:
-        """Trains until ``epochs`` epochs or ``max_steps`` optimizer steps, whichever is first.
+        """Trains ``epochs`` epochs on the data it is given, as Keras' ``Model.fit`` does.
 
-        One persistent iterator over ``train_ds.repeat()`` feeds every epoch
-        (re-creating a ``tf.data`` iterator at each epoch can stall the input
-        pipeline). Training resumes from ``optimizer.iterations``, so a
-        restored checkpoint continues where it stopped.
+        Each call trains ``epochs`` more epochs from where the trainer stands
+        (``fit(ds, epochs=1)`` three times trains three epochs), on the data
+        of *this* call: a dataset seen in the previous call continues its
+        persistent iterator over ``dataset.repeat()`` (re-creating a
+        ``tf.data`` iterator every epoch can stall the input pipeline), any
+        other data gets a new iterator. ``initial_epoch`` is Keras' resume
+        form: epochs are then counted from optimizer step 0, so
+        ``fit(ds, epochs=20, initial_epoch=0)`` after restoring a checkpoint
+        of step 500 trains from step 500 to the end of epoch 20.
 
         Args:
-          train_ds: a finite dataset of ``(x, y)`` batches; shuffle it with
+          x: a *batched* ``tf.data.Dataset`` of ``(x, y)`` pairs, or a NumPy
+            input array ``(N, ...)``. Shuffle a dataset with
             ``reshuffle_each_iteration=True`` for a new order each epoch.
-          validation_ds: evaluated after every epoch (keys get ``val_``).
-          epochs: the number of epochs (counted from step 0).
-          max_steps: an optional cap on the optimizer step.
+          y: the labels ``(N,)`` when ``x`` is an array. When ``x`` is a
+            dataset, ``y`` may be the validation dataset (``fit(train_ds,
+            val_ds)``).
+          batch_size: examples per batch for arrays (default 32).
+          epochs: epochs to train in this call; with ``initial_epoch``, the
+            last epoch of the whole run.
+          validation_data: a batched dataset of ``(x, y)`` or an ``(x_val,
+            y_val)`` tuple, evaluated after every epoch (keys get ``val_``).
+          validation_split: for arrays, the last fraction of ``x, y`` (before
+            shuffling) held out for validation.
+          shuffle: reshuffle arrays every epoch (datasets are used as given).
+          seed: the shuffle seed for arrays.
+          initial_epoch: ``None`` (train ``epochs`` more epochs) or the epoch
+            at which the trainer stands when resuming: the optimizer step must
+            lie between that epoch's first step and the end of epoch
+            ``epochs`` (at the end, nothing is trained).
+          max_steps: an optional cap on the optimizer step
+            (``optimizer.iterations``, counted over the trainer's life).
           steps_per_epoch: batches per epoch; by default the dataset's
             cardinality, which must then be known.
-          callbacks: outer-loop hooks.
+          callbacks: outer-loop hooks (:mod:`trainer.callbacks`:
+            ``EarlyStopping``, ``BestWeights``, ``LogLines``; ``ProgressBar``
+            in :mod:`trainer.progress`).
+          verbose: ``"auto"`` shows a progress bar when standard output is a
+            terminal and the ``CI`` variable is unset; ``True`` always,
+            ``False`` never. Ignored when ``callbacks`` already hold a display.
 
         Returns:
-          One logs dict per completed epoch.
+          One logs dict per completed epoch of this call.
 
         Raises:
-          ValueError: the epoch length is unknown or zero, or ``epochs`` /
-            ``max_steps`` is not a positive integer.
+          ValueError: the epoch length is unknown or zero, ``epochs`` /
+            ``max_steps`` is not a positive integer, ``initial_epoch`` does not
+            match the optimizer step, or the inputs do not fit the model.
+          TypeError: inputs that are neither a dataset nor arrays.
           NonFiniteLossError: with ``nan_policy="stop"``, at the first
             non-finite loss or gradient (that update is not applied).
         """
+        train_ds, validation_ds = inputs.training_inputs(
+            x, y, batch_size=batch_size, validation_data=validation_data, validation_split=validation_split,
+            shuffle=shuffle, seed=seed)
         if steps_per_epoch is None:
             steps_per_epoch = int(train_ds.cardinality().numpy())
             if steps_per_epoch < 0:
-                raise ValueError("the training dataset's length is unknown: pass steps_per_epoch")
-        if steps_per_epoch <= 0:
-            raise ValueError(f"an epoch must have at least one step, got steps_per_epoch={steps_per_epoch}")
+                raise ValueError("the training dataset's length is unknown or infinite: pass steps_per_epoch")
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch <= 0:
+            raise ValueError(f"an epoch must have at least one step, got steps_per_epoch={steps_per_epoch!r}")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps must be a positive integer or None, got {max_steps!r}")
-        self.steps_per_epoch = steps_per_epoch
-        total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-        self.total_steps = total
-        callbacks = list(callbacks)
+        if initial_epoch is not None and (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, int)
+                                          or not 0 <= initial_epoch < epochs):
+            raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}), got {initial_epoch!r}")
         self._check_inputs(train_ds)
+        callbacks = list(callbacks)
+        if not any(getattr(cb, "display", False) for cb in callbacks):
+            display = default_display(verbose)
+            if display is not None:
+                callbacks.insert(0, display)
+        self.steps_per_epoch = steps_per_epoch
+        self.stop_training = False
         for cb in callbacks:
             cb.on_train_begin(self)  # a checkpoint restore happens here
-        if self.train_iterator is None:
-            drawn = int(self.batches.numpy())
-            repeated = train_ds.repeat()
-            repeated = repeated.skip(drawn) if drawn else repeated
-            if self.replicas > 1:  # each replica gets its slice of every global batch
-                repeated = self.strategy.experimental_distribute_dataset(repeated)
-            self.train_iterator = iter(repeated)
+        step = self.step
+        if initial_epoch is None:  # `epochs` more epochs from here
+            self._epoch_origin, self._epoch_base = step, self._epochs_done
+            total = step + epochs * steps_per_epoch
+        else:  # Keras' resume form: epochs counted from optimizer step 0
+            if not initial_epoch * steps_per_epoch <= step <= epochs * steps_per_epoch:
+                for cb in callbacks:
+                    cb.on_train_end(self, step, {}, "failed")
+                raise ValueError(
+                    f"initial_epoch={initial_epoch} with epochs={epochs} covers optimizer steps "
+                    f"[{initial_epoch * steps_per_epoch}, {epochs * steps_per_epoch}] at {steps_per_epoch} steps "
+                    f"per epoch, but the trainer is at step {step}: restore a checkpoint of that epoch first, "
+                    "raise epochs, or leave initial_epoch out to train `epochs` more epochs from here")
+            self._epoch_origin, self._epoch_base = 0, 0
+            total = epochs * steps_per_epoch
+        if max_steps is not None:
+            total = min(total, max_steps)
+        self.total_steps = total
+        self.final_epoch = self._epoch_of(max(total - 1, self._epoch_origin)) + 1
+        iterator = self._iterator_for(train_ds)
         history: List[Dict[str, float]] = []
         logs: Dict[str, float] = {}
         status = "failed"
-        step = self.step
         start = time.perf_counter()
         first_done: Optional[float] = None
         steps_at_first = step
         skipped_in_a_row = 0
-        self.epoch = step // steps_per_epoch
+        self.epoch = self._epoch_of(step)
         try:
-            while step < total and not self.stop_requested:
-                self.epoch = step // steps_per_epoch
+            while step < total and not self.stop_requested and not self.stop_training:
+                self.epoch = self._epoch_of(step)
                 self.registry.update(step, self.epoch)
-                epoch_end = (self.epoch + 1) * steps_per_epoch
+                epoch_end = self._epoch_origin + (self.epoch - self._epoch_base + 1) * steps_per_epoch
+                self.epoch_first_step = epoch_end - steps_per_epoch
                 k = min(self.steps_per_execution, epoch_end - step, total - step)
                 switch = self.registry.next_update_step(step)
                 if switch is not None:  # end the execution where a rule switches or re-selects
                     k = min(k, switch - step)
                 train_fn = self._train_function()
-                train_fn(self.train_iterator, tf.constant(k, dtype=tf.int64))
+                train_fn(iterator, tf.constant(k, dtype=tf.int64))
                 before, step = step, self.step
                 if bool(self.nonfinite.numpy()) and self.nan_policy == "stop":
                     raise NonFiniteLossError(
@@ -451,6 +565,7 @@ class Trainer:
                     if validation_ds is not None:
                         epoch_logs.update({"val_" + n: v for n, v in self.evaluate(validation_ds).items()})
                     history.append(epoch_logs)
+                    self._epochs_done = self.epoch + 1
                     for cb in callbacks:
                         cb.on_epoch_end(self, self.epoch + 1, step, epoch_logs)
                     logs = epoch_logs
@@ -473,3 +588,25 @@ class Trainer:
             for cb in callbacks:
                 cb.on_train_end(self, step, logs, status)
         return history
+
+
+def default_display(verbose: Any) -> Optional[Callback]:
+    """The display ``fit`` adds by itself: a progress bar in a terminal, nothing otherwise.
+
+    Args:
+      verbose: ``"auto"`` (a bar when ``sys.stdout`` is a terminal and the
+        ``CI`` environment variable is unset), ``True``/``1`` (always a bar),
+        ``False``/``0`` (none).
+
+    Raises:
+      ValueError: any other value.
+    """
+    from trainer.progress import ProgressBar
+
+    if verbose == "auto":
+        show = sys.stdout.isatty() and not os.environ.get("CI")
+    elif verbose in (True, False, 0, 1):
+        show = bool(verbose)
+    else:
+        raise ValueError(f"verbose must be 'auto', True or False, got {verbose!r}")
+    return ProgressBar() if show else None

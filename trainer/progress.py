@@ -23,8 +23,20 @@ log = logging.getLogger("trainer")
 PROGRESS_MODES = ("auto", "bar", "lines")
 
 
-def _fmt(logs: Mapping[str, Any]) -> str:
-    return " · ".join(f"{k} {v:.4f}" for k, v in logs.items())
+def fit_stats(logs: Mapping[str, Any], rate: float, width: int) -> str:
+    """The metrics text of the bar, in at most ``width`` characters when it can be.
+
+    Tries ``loss 0.1234 · accuracy 0.9876 · 1,234 ex/s``, then without the
+    rate, then 3 decimals, then the loss alone.
+    """
+    full = " · ".join(f"{k} {v:.4f}" for k, v in logs.items())
+    candidates = [f"{full} · {rate:,.0f} examples/s", full,
+                  " ".join(f"{k} {v:.3f}" for k, v in logs.items()),
+                  " ".join(f"{k} {v:.3f}" for k, v in list(logs.items())[:1])]
+    for text in candidates:
+        if len(text) <= width:
+            return text
+    return candidates[-1]
 
 
 class ProgressBar(Callback):
@@ -40,12 +52,15 @@ class ProgressBar(Callback):
       console: the ``rich`` console to draw on (default: a new one on stdout).
     """
 
+    display = True
+
     def __init__(self, console: Optional[Console] = None):
         self.console = console or Console()
         self.progress: Optional[Progress] = None
         self.task = None
         self.throughput = Throughput()
         self._swapped: List[tuple] = []
+        self._fixed_width = 0
 
     # A logging.StreamHandler keeps the stream it was made with, so rich's
     # redirection of sys.stdout / sys.stderr does not reach it: point such
@@ -64,19 +79,20 @@ class ProgressBar(Callback):
         self._swapped = []
 
     def _start_epoch(self, trainer, step_before: int) -> None:
-        epoch = trainer.epoch
-        per_epoch = trainer.steps_per_epoch
-        first = epoch * per_epoch
-        total_epochs = -(-trainer.total_steps // per_epoch)
+        first = trainer.epoch_first_step
+        # Every column fits an 80-column terminal: a short bar, compact times,
+        # and metrics that drop the rate when the line would not fit.
         self.progress = Progress(
-            TextColumn(f"epoch {epoch + 1}/{total_epochs}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-            console=self.console,
+            TextColumn(f"epoch {trainer.epoch + 1}/{trainer.final_epoch}"), BarColumn(bar_width=12),
+            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(compact=True),
+            TextColumn("{task.fields[stats]}"), console=self.console,
         )
         self.progress.start()
         self._redirect_logging()
-        total = min(per_epoch, trainer.total_steps - first)
+        total = min(trainer.steps_per_epoch, trainer.total_steps - first)
         self.task = self.progress.add_task("train", total=total, completed=step_before - first, stats="")
+        self._fixed_width = len(f"epoch {trainer.epoch + 1}/{trainer.final_epoch}") + 12 + 2 * len(str(total)) + 1 \
+            + 7 + 5 + 5  # bar, "n/m", elapsed, remaining, column gaps
 
     def _end_epoch(self) -> None:
         if self.progress is not None:
@@ -92,8 +108,8 @@ class ProgressBar(Callback):
         if self.progress is None:
             self._start_epoch(trainer, step_before)
         rate = self.throughput.measure(trainer, reset=False)["examples_per_second"]
-        stats = _fmt(logs) + f" · {rate:,.0f} examples/s"
-        self.progress.update(self.task, completed=step - trainer.epoch * trainer.steps_per_epoch, stats=stats)
+        stats = fit_stats(logs, rate, self.console.width - self._fixed_width)
+        self.progress.update(self.task, completed=step - trainer.epoch_first_step, stats=stats)
 
     def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         self._end_epoch()

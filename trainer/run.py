@@ -25,6 +25,7 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import report as reports
+from trainer.banner import log_banner
 from trainer.callbacks import Callback
 from trainer.checkpoint import Checkpointing
 from trainer.config import check_config
@@ -286,6 +287,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     splits, model, optimizer, registry = build(cfg, strategy)
     plan = {"variables": registry.plan()}
+    log_banner(run_dir=run_dir, splits=splits, model=model, plan=plan["variables"], cfg=cfg)
     reports.write_json(os.path.join(run_dir, "freeze_plan.json"), plan)
     if cfg.dry_run:
         _plan_table(registry)
@@ -327,8 +329,8 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     history = []
     try:
         with stop_on_signals(trainer):
-            history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), max_steps=t.max_steps,
-                                  callbacks=callbacks)
+            history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), initial_epoch=0, max_steps=t.max_steps,
+                                  callbacks=callbacks)  # epochs counted from step 0: a resumed run continues
         status = "interrupted" if trainer.stop_requested else "completed"
     except BaseException as err:
         error = f"{type(err).__name__}: {err}"
