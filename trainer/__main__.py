@@ -23,9 +23,21 @@ EXIT_INTERRUPTED = 130
 def main(cfg: DictConfig) -> None:
     from trainer.run import run
 
-    result = run(cfg)
+    result = run_or_refuse(run, cfg)
     if result.get("status") == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
+
+
+def run_or_refuse(run, cfg: DictConfig) -> dict:
+    """Calls ``run(cfg)``; a refused run directory or resume ends with one line on stderr and exit code 2."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.rundir import RunDirError
+
+    try:
+        return run(cfg)
+    except (RunDirError, ResumeError, CheckpointError) as err:
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def entry() -> None:
