@@ -100,38 +100,57 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
     return splits
 
 
-MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude")
+MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial")
 
 
-def load_initial_weights(model: keras.Model, path: str, exclude) -> list:
+def load_initial_weights(model: keras.Model, path: str, exclude, partial: bool = False) -> list:
     """Assigns values from a ``weights.npz`` (arrays keyed by variable path) to matching variables.
 
     Variables matching an ``exclude`` glob are left at their initialization
-    (e.g. a new output head). Returns the paths loaded.
+    (e.g. a new output head). Every array is checked before any is assigned
+    (:mod:`trainer.npfiles`): a regular ``.npz`` file within the size limit,
+    the variable's shape read from the header before the data, numbers that
+    are finite and representable in the variable's dtype. Returns the paths
+    loaded.
+
+    Args:
+      model: the built model.
+      path: the ``.npz`` file (``model.init_from``).
+      exclude: globs of variable paths to leave alone (``model.init_exclude``).
+      partial: allow variables that the file lacks to keep their random
+        initialization (``model.init_from_partial``).
 
     Raises:
-      ValueError: the file is missing, a listed variable has another shape,
-        or no variable of the model is in the file.
+      ValueError: one line naming the file and the problem: not a regular
+        ``.npz`` file, a shape, dtype or value that does not fit, variables the
+        file lacks (without ``partial``), or none of the model's variables.
     """
     from trainer.masks.variables import path_matches
+    from trainer.npfiles import NpzReader, check_values
 
-    if not os.path.isfile(path):
-        raise ValueError(f"model.init_from {path!r} is not a file; pass a run's weights.npz")
-    loaded = []
-    with np.load(path, allow_pickle=False) as data:
-        for v in model.variables:
-            if any(path_matches(p, v.path) for p in exclude) or v.path not in data.files:
+    where = f"model.init_from {str(path)!r}"
+    wanted = [v for v in model.variables if not any(path_matches(p, v.path) for p in exclude)]
+    values = {}
+    with NpzReader(path, "model.init_from") as data:
+        for v in wanted:
+            if v.path not in data.files:
                 continue
-            value = data[v.path]
-            if tuple(value.shape) != tuple(v.shape):
-                raise ValueError(f"model.init_from {path!r}: {v.path!r} has shape {value.shape}, "
-                                 f"the model's has {tuple(v.shape)}; exclude it with model.init_exclude")
-            v.assign(value)
-            loaded.append(v.path)
-        if not loaded:
-            raise ValueError(f"model.init_from {path!r} holds none of the model's variables; "
-                             f"it has {sorted(data.files)[:10]}")
-    return loaded
+            shape, _ = data.header(v.path)
+            if tuple(shape) != tuple(v.shape):
+                raise ValueError(f"{where}: {v.path!r} has shape {shape}, the model's has {tuple(v.shape)}; "
+                                 "exclude it with model.init_exclude")
+            values[v.path] = check_values(v.path, data.array(v.path), v.dtype, where)
+        if not values:
+            raise ValueError(f"{where} holds none of the model's variables; it has {sorted(data.files)[:10]}")
+    missing = [v.path for v in wanted if v.path not in values]
+    if missing and not partial:
+        raise ValueError(f"{where} has no array for {len(missing)} of the model's variables ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}); they would keep their random initialization: "
+                         "exclude them with model.init_exclude, or set model.init_from_partial=true")
+    for v in wanted:
+        if v.path in values:
+            v.assign(values[v.path])
+    return list(values)
 
 
 SCHEDULES = ("constant", "cosine")
@@ -191,7 +210,8 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
         model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, **model_options)
         keras.utils.set_random_seed(int(cfg.seed))
         if model_cfg.get("init_from"):
-            loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [])
+            loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [],
+                                          partial=bool(model_cfg.get("init_from_partial")))
             log.info("initialized %d variables from %s", len(loaded), model_cfg["init_from"])
         steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
         total_steps = int(cfg.trainer.epochs) * steps_per_epoch
@@ -349,6 +369,7 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
       NonFiniteLossError: the loss diverged with ``nan_policy=stop``.
     """
     run_dir = run_dir or run_dir_of(cfg)
+    check_config(cfg)  # a bad value is named first, whatever the run directory holds
     if cfg.get("resume") and not os.path.isdir(run_dir):
         raise ResumeError(f"resume={run_dir!r} is not a directory; pass the run directory of an earlier run")
     distribute = cfg.get("distribute") or {}
