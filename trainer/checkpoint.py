@@ -4,7 +4,8 @@ A checkpoint holds the model, the optimizer with its slots and step
 (``optimizer.iterations``), the registry (masks, pinned values and each rule's
 captured state), the trainer's counters (batches drawn from the input
 pipeline, so a resumed run continues the same data order; skipped steps;
-examples seen) and the global RNG states of TensorFlow and Keras.
+examples seen; the training metrics' running state) and the global RNG states
+of TensorFlow and Keras.
 
 ``CheckpointManager`` writes the data files first and then replaces the
 ``checkpoint`` index atomically. On restore the index is not trusted: the
@@ -64,6 +65,8 @@ def make_checkpoint(trainer, record: Optional[tf.Variable] = None) -> tf.train.C
         skipped_steps=trainer.skipped,
         examples_seen=trainer.examples,
         batches_drawn=trainer.batches,
+        # the running means of the epoch in progress, so a resumed epoch logs what an uninterrupted one does
+        train_metrics=[v for metric in (trainer.train_loss, *trainer.train_metrics) for v in metric.variables],
         **extra,
         **_rng_state(),
     )
