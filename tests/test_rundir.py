@@ -246,9 +246,9 @@ def export_masks(registry, path):
     os.kill(os.getpid(), signal.{name})
     original(registry, path)
 reports.export_masks = export_masks
-from trainer.__main__ import entry
+import runpy
 sys.argv = ["trainer"] + sys.argv[1:]
-entry()
+runpy.run_module("trainer", run_name="__main__", alter_sys=True)  # as python -m trainer
 """
 
 
