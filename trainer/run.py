@@ -5,7 +5,10 @@ returns the report dict, so tests call it directly with a composed config.
 
 Run directory contents: ``tb/`` (TensorBoard), ``checkpoints/``,
 ``model.keras``, ``masks.npz``, ``weights.npz``, ``report.json``,
-``freeze_plan.json``, and Hydra's ``.hydra/`` and log file.
+``freeze_plan.json``, ``fingerprint.json``, Hydra's ``.hydra/`` and log file,
+and ``run.lock`` while a process holds the directory. The contract (lock,
+fresh-run and resume checks before anything is written) is in
+:mod:`trainer.rundir`.
 """
 
 from __future__ import annotations
