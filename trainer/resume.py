@@ -40,6 +40,9 @@ def compose_fingerprint(argv: List[str]) -> Dict[str, Any]:
     """The fingerprint of the config that ``argv`` (Hydra overrides) composes, without starting a run.
 
     Flags (``-m``, ``--cfg``) and ``hydra.*`` / ``resume`` overrides are left out.
+
+    Raises:
+      ResumeError: the overrides do not compose (one line with Hydra's reason).
     """
     from hydra import compose, initialize_config_dir
 
@@ -48,9 +51,13 @@ def compose_fingerprint(argv: List[str]) -> Dict[str, Any]:
     register()
     overrides = [a for a in argv if not a.startswith("-")
                  and a.lstrip("+~").split("=", 1)[0].split(".")[0] not in ("hydra", "resume")]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return fingerprint(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        return fingerprint(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as err:  # noqa: BLE001 - Hydra and OmegaConf raise several kinds for a bad override
+        raise ResumeError(f"resume=true: the command's config does not compose: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def latest_run(outputs_root: str, name: str, argv: Sequence[str] = ()) -> str:
