@@ -27,7 +27,7 @@ from trainer.config import register
 from trainer.masks import FreezeConfigError, MaskRegistry
 from trainer.resume import ResumeError, resolve_resume
 from trainer.run import load_initial_weights, run
-from trainer.rundir import RunDirError, RunLock
+from trainer.rundir import RunDirError, RunLock, config_changes
 
 register()
 
@@ -190,9 +190,23 @@ def test_changed_config_on_resume_is_refused_listing_each_key_and_nothing_is_wri
     assert snapshot(run_copy) == before  # .hydra/, the log, freeze_plan.json, report.json: all as they were
 
 
-def test_shorter_run_or_cosine_length_change_is_refused(run_copy):
+def test_shorter_run_is_refused(run_copy):
     with pytest.raises(RunDirError, match=r"\(trainer.epochs: 2 -> 1\)"):
         run(compose_cfg([*BASE, f"resume={run_copy}", "trainer.epochs=1"]), run_dir=str(run_copy))
+
+
+@pytest.mark.parametrize("old, new, changes", [
+    ({"trainer.epochs": 2, "trainer.max_steps": None}, {"trainer.epochs": 5, "trainer.max_steps": None}, []),
+    ({"trainer.max_steps": 10}, {"trainer.max_steps": None}, []),
+    ({"trainer.max_steps": None}, {"trainer.max_steps": 10}, [("trainer.max_steps", None, 10)]),
+    ({"trainer.epochs": 2, "optimizer.schedule": "cosine"}, {"trainer.epochs": 5, "optimizer.schedule": "cosine"},
+     [("trainer.epochs", 2, 5)]),  # the cosine decay length follows the run length
+    ({"trainer.deterministic": True}, {"trainer.deterministic": 1}, [("trainer.deterministic", True, 1)]),
+    ({"optimizer.learning_rate": 0.001}, {"optimizer.learning_rate": 0.001}, []),
+    ({"seed": 0}, {}, [("seed", 0, "(absent)")]),
+])
+def test_which_changes_count(old, new, changes):
+    assert config_changes(old, new) == changes
 
 
 def test_allowed_change_is_recorded_in_the_report(run_copy):
