@@ -368,6 +368,11 @@ def test_user_file_errors_are_ours(tmp_path):
         load_initial_weights(model, str(tmp_path / "one.npy"), [])
     assert str(info.value) == (f"model.init_from {str(tmp_path / 'one.npy')!r} is a .npy file (one array); expected a "
                                ".npz archive saved with np.savez(path, **arrays_by_variable_path) (a run's weights.npz)")
+    with pytest.raises(FreezeConfigError) as info:
+        MaskRegistry(model).freeze("fc/kernel", elements={"magnitude": 0.5, "weights_file": str(tmp_path / "one.npy")})
+    assert str(info.value).endswith(f"elements.weights_file {str(tmp_path / 'one.npy')!r} is a .npy file (one array); "
+                                    "expected a .npz archive saved with np.savez(path, **arrays_by_variable_path) "
+                                    "(a run's weights.npz)")
     giant_npy(tmp_path / "giant.npy")
     with pytest.raises(FreezeConfigError) as info:
         MaskRegistry(model).freeze("fc/kernel", elements={"mask_file": str(tmp_path / "giant.npy")})
