@@ -9,7 +9,6 @@ in the run directory.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading

@@ -256,7 +256,7 @@ def fingerprint(config: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps(out, default=str))  # what JSON stores: tuples as lists, keys as strings
 
 
-def _length_grows(key: str, old: Any, new: Any) -> bool:
+def _length_grows(old: Any, new: Any) -> bool:
     def steps(value):
         return float("inf") if value is None else value
 
@@ -276,7 +276,7 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
         if a == b and isinstance(a, bool) == isinstance(b, bool):
             continue
-        if key in LENGTH_KEYS and not cosine and _length_grows(key, a, b):
+        if key in LENGTH_KEYS and not cosine and _length_grows(a, b):
             continue
         changes.append((key, a, b))
     return changes
