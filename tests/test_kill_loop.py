@@ -125,6 +125,7 @@ def test_twenty_kills_then_resume_is_bit_exact_and_loses_nothing(tmp_path):
         processes += 1
         assert processes < 3 * KILLS, phases
     assert kills == KILLS and {"checkpointing", "finishing"} <= set(phases), phases
+    print("kill points:", {p: phases.count(p) for p in set(phases)}, "processes:", processes)
 
     before = files_of(killed)
     resumed = subprocess.run([sys.executable, "-m", "trainer", f"resume={killed}", *COMMON], cwd=REPO, env=env(),
