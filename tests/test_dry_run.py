@@ -2,8 +2,7 @@
 
 A dry run resolves every rule, prints the plan and writes only
 ``freeze_plan.json``. A bad rule exits non-zero with the message on stderr
-before anything is written, so the files of an earlier run in the same
-directory stay as they were.
+before anything is written (Hydra's ``.hydra/`` and log file included).
 """
 
 import json
@@ -58,21 +57,9 @@ def test_dry_run_prints_the_plan_writes_freeze_plan_and_does_not_train(tmp_path)
 
 
 def test_bad_rule_on_the_command_line_fails_before_writing_anything(tmp_path):
-    # The files of an earlier run in this directory.
-    earlier = {
-        "report.json": json.dumps({"status": "completed", "steps": 210}).encode(),
-        "freeze_plan.json": json.dumps({"variables": []}).encode(),
-        "masks.npz": b"earlier masks",
-        "weights.npz": b"earlier weights",
-        "model.keras": b"earlier model",
-        os.path.join("checkpoints", "checkpoint"): b"earlier checkpoint",
-    }
-    for name, data in earlier.items():
-        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
-        (tmp_path / name).write_bytes(data)
-
-    proc = cli(["+experiment=zero_indices", "freeze.rules.fc1_elements.elements.indices=[0,19200]"], tmp_path)
+    run_dir = tmp_path / "run"
+    proc = cli(["+experiment=zero_indices", "freeze.rules.fc1_elements.elements.indices=[0,19200]"], run_dir)
     assert proc.returncode != 0
     assert ("elements.indices [19200] out of range for variable 'lenet/fc1/kernel' of shape (64, 300) and size "
             "19200: flat indices must lie in [0, 19199]") in proc.stderr
-    assert listing(tmp_path) == earlier
+    assert sorted(os.listdir(run_dir)) == []  # not even Hydra's .hydra/ or log file

@@ -23,15 +23,16 @@ def cli(args, env=None):
 
 
 def env():
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # PYTHONPATH: a run started outside the repository (cwd=tmp_path) imports this checkout, not an installed copy.
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
 
 
 def final_state(run_dir):
-    """Every tensor of the latest checkpoint except the save counter, by checkpoint key."""
+    """Every tensor of the latest checkpoint except the save counter and the run record, by checkpoint key."""
     path = tf.train.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     reader = tf.train.load_checkpoint(path)
     return path, {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-                  if "save_counter" not in k and not k.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
+                  if "save_counter" not in k and not k.startswith(("_CHECKPOINTABLE_OBJECT_GRAPH", "run_record"))}
 
 
 def wait_for_log(run_dir, proc, text, timeout=240):
@@ -87,6 +88,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     report = json.loads((killed / "report.json").read_text())
     assert report["status"] == "completed" and report["frozen_exact"] is True
+    assert report["history"] == json.loads((straight / "report.json").read_text())["history"]  # the whole run
+    assert [s["status"] for s in report["segments"]] == ["killed", "completed"]
 
 
 @pytest.mark.slow

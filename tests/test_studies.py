@@ -119,12 +119,13 @@ def test_continual_eval_puts_task_a_head_on_task_b_layers(tmp_path, monkeypatch)
     from trainer.run import run
 
     common = ["data=digits", "trainer.max_steps=5", "trainer.jit_compile=false", "trainer.steps_per_execution=5"]
-    os.makedirs(tmp_path / "a" / ".hydra")
+    os.makedirs(tmp_path / "a")
     os.makedirs(tmp_path / "b")
     a_cfg = compose_cfg(["+experiment=continual_task_a", *common])
-    OmegaConf.save(a_cfg, tmp_path / "a" / ".hydra" / "config.yaml")  # where a CLI run keeps its config
     monkeypatch.chdir(tmp_path / "a")  # run() writes into the current directory outside a Hydra app
     run(a_cfg)
+    os.makedirs(tmp_path / "a" / ".hydra")  # a run refuses a directory that already holds .hydra/
+    OmegaConf.save(a_cfg, tmp_path / "a" / ".hydra" / "config.yaml")  # where a CLI run keeps its config
     monkeypatch.chdir(tmp_path / "b")
     b_cfg = compose_cfg(["+experiment=continual_task_b_freeze", *common,
                          f"model.init_from={tmp_path / 'a' / 'weights.npz'}"])

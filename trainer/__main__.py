@@ -16,7 +16,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from trainer.config import register  # noqa: E402
-from trainer.logs import run_job  # noqa: E402
+from trainer.logs import error_lines, run_job  # noqa: E402
 from trainer.sweep import optimized_value  # noqa: E402
 from trainer.resume import ResumeError, resolve_resume  # noqa: E402
 
@@ -40,7 +40,7 @@ def entry() -> None:
     try:
         sys.argv = [sys.argv[0]] + resolve_resume(sys.argv[1:])
     except ResumeError as err:
-        print(f"Error: {err}", file=sys.stderr)
+        sys.stderr.write(error_lines(err) + "\n")
         sys.exit(2)
     main()
 

@@ -4,23 +4,29 @@ A checkpoint holds the model, the optimizer with its slots and step
 (``optimizer.iterations``), the registry (masks, pinned values and each rule's
 captured state), the trainer's counters (batches drawn from the input
 pipeline, so a resumed run continues the same data order; skipped steps;
-examples seen) and the global RNG states of TensorFlow and Keras.
+examples seen; the training metrics' running state) and the global RNG states
+of TensorFlow and Keras.
 
 ``CheckpointManager`` writes the data files first and then replaces the
-``checkpoint`` index atomically, so the index never names a half-written
-checkpoint. A checkpoint whose files were cut or corrupted afterwards is
-detected on restore (every tensor is read back) and skipped with a warning.
+``checkpoint`` index atomically. On restore the index is not trusted: the
+candidates are the ``ckpt-<step>.index`` files, newest first; a checkpoint
+whose files were cut or corrupted is detected (every tensor is read back) and
+skipped with a warning, and the index is rebuilt from the files up to the one
+restored. With a ``record``, each checkpoint also stores the run's
+fingerprint, epoch history and segments as JSON (``run_record``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
 from trainer.callbacks import Callback, crossed
+from trainer.rundir import checkpoint_steps, write_text
 
 log = logging.getLogger("trainer")
 
@@ -40,8 +46,18 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
-def make_checkpoint(trainer) -> tf.train.Checkpoint:
-    """A ``tf.train.Checkpoint`` of a :class:`~trainer.Trainer`'s whole training state."""
+RECORD_KEY = "run_record/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def make_checkpoint(trainer, record: Optional[tf.Variable] = None) -> tf.train.Checkpoint:
+    """A ``tf.train.Checkpoint`` of a :class:`~trainer.Trainer`'s whole training state.
+
+    Args:
+      trainer: the trainer whose model, optimizer, registry and counters are saved.
+      record: an optional scalar ``tf.string`` variable saved as ``run_record``
+        (the run's fingerprint, history and segments as JSON).
+    """
+    extra = {"run_record": record} if record is not None else {}
     return tf.train.Checkpoint(
         model=trainer.model,
         optimizer=trainer.optimizer,
@@ -49,6 +65,9 @@ def make_checkpoint(trainer) -> tf.train.Checkpoint:
         skipped_steps=trainer.skipped,
         examples_seen=trainer.examples,
         batches_drawn=trainer.batches,
+        # the running means of the epoch in progress, so a resumed epoch logs what an uninterrupted one does
+        train_metrics=[v for metric in (trainer.train_loss, *trainer.train_metrics) for v in metric.variables],
+        **extra,
         **_rng_state(),
     )
 
@@ -64,54 +83,86 @@ def checkpoint_is_readable(path: str) -> Optional[str]:
     return None
 
 
-def restore_latest_good(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager) -> Optional[str]:
-    """Restores the newest checkpoint that reads back whole; warns about each bad one it skips.
+def latest_good(run_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[Tuple[str, str]]]:
+    """The newest checkpoint of ``run_dir`` that reads back whole, found from its ``ckpt-*.index`` files.
+
+    The ``checkpoints/checkpoint`` index is not trusted (it may be missing, cut,
+    empty or name paths elsewhere): candidates are the regular files
+    ``checkpoints/ckpt-<step>.index``, newest step first.
 
     Returns:
-      The path restored, or ``None`` when the directory has no checkpoint.
-
-    Raises:
-      CheckpointError: checkpoints exist but none is readable (names each).
+      ``(path, record, bad)``: the checkpoint prefix (``None`` when there is
+      none), its ``run_record`` as a dict (``None`` when it has none), and
+      ``(path, problem)`` for each newer checkpoint that did not read back.
     """
-    candidates: List[str] = list(reversed(manager.checkpoints))
-    if not candidates:
-        return None
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
     bad = []
-    for path in candidates:
+    for step in reversed(checkpoint_steps(run_dir)):
+        path = os.path.join(ckpt_dir, f"ckpt-{step}")
         problem = checkpoint_is_readable(path)
-        if problem is None:
-            if bad:
-                log.warning("checkpoint %s is unreadable (%s); falling back to %s",
-                            bad[0][0], bad[0][1], path)
-            checkpoint.restore(path).assert_existing_objects_matched()
-            return path
-        bad.append((path, problem))
-    raise CheckpointError("no readable checkpoint in " + os.path.dirname(candidates[0]) + ": "
-                          + "; ".join(f"{p} ({e})" for p, e in bad))
+        if problem is not None:
+            bad.append((path, problem))
+            continue
+        reader = tf.train.load_checkpoint(path)
+        record = None
+        if reader.has_tensor(RECORD_KEY):
+            try:
+                record = json.loads(reader.get_tensor(RECORD_KEY).decode("utf-8"))
+            except ValueError:
+                record = None
+        return path, record, bad
+    return None, None, bad
+
+
+def write_index(ckpt_dir: str, latest_step: int) -> None:
+    """Rewrites ``checkpoints/checkpoint`` (atomically) to name ``ckpt-<latest_step>`` and the older ones.
+
+    Paths are relative to ``ckpt_dir``, so nothing outside it is ever named
+    (``CheckpointManager`` deletes what the index lists beyond ``max_to_keep``).
+    """
+    run_dir = os.path.dirname(ckpt_dir)
+    steps = [s for s in checkpoint_steps(run_dir) if s <= latest_step]
+    lines = [f'model_checkpoint_path: "ckpt-{latest_step}"']
+    lines += [f'all_model_checkpoint_paths: "ckpt-{s}"' for s in steps]
+    write_text(os.path.join(ckpt_dir, "checkpoint"), "\n".join(lines) + "\n")
 
 
 class Checkpointing(Callback):
-    """Saves every ``every_n_steps`` steps and at the end; optionally restores the latest good one first.
+    """Saves every ``every_n_steps`` steps and at the end; restores the latest good checkpoint on request.
+
+    A save due at an epoch's last step waits for ``on_epoch_end``, so the
+    checkpoint's record includes that epoch (a resumed run never trains it
+    again, so its history row would be lost otherwise).
 
     Args:
       directory: the ``checkpoints/`` directory.
       every_n_steps: the save interval in optimizer steps.
       keep: how many checkpoints ``CheckpointManager`` keeps.
-      restore: restore in ``on_train_begin`` (a resumed run).
+      record: called at each save with ``(trainer, status)``; returns a JSON-able
+        dict stored in the checkpoint as ``run_record`` (``status`` is
+        ``"running"`` except in the save at the end of training).
     """
 
-    def __init__(self, directory: str, *, every_n_steps: int = 1000, keep: int = 3, restore: bool = False):
+    def __init__(self, directory: str, *, every_n_steps: int = 1000, keep: int = 3,
+                 record: Optional[Callable[[Any, str], Dict[str, Any]]] = None):
         self.directory = directory
         self.every_n_steps = every_n_steps
         self.keep = keep
-        self.restore = restore
+        self.record = record
         self.manager: Optional[tf.train.CheckpointManager] = None
         self.restored_from: Optional[str] = None
+        self.restored_record: Optional[Dict[str, Any]] = None
+        self._record_var: Optional[tf.Variable] = None
+        self._pending = False
+        self._saved: Optional[Tuple[int, str]] = None
 
     def _manager(self, trainer) -> tf.train.CheckpointManager:
         if self.manager is None:
+            if self.record is not None:
+                with tf.init_scope():
+                    self._record_var = tf.Variable("", dtype=tf.string, trainable=False, name="run_record")
             self.manager = tf.train.CheckpointManager(
-                make_checkpoint(trainer), self.directory, max_to_keep=self.keep,
+                make_checkpoint(trainer, self._record_var), self.directory, max_to_keep=self.keep,
                 step_counter=trainer.optimizer.iterations,
             )
         return self.manager
@@ -119,33 +170,53 @@ class Checkpointing(Callback):
     def restore_now(self, trainer) -> Optional[str]:
         """Restores the latest good checkpoint into ``trainer`` (once); returns its path or ``None``.
 
+        The ``checkpoint`` index is rebuilt from the ``ckpt-*.index`` files up
+        to the restored one first, so a cut, empty or crafted index neither
+        hides intact checkpoints nor names files outside ``checkpoints/``.
+
         Raises:
           CheckpointError: checkpoints exist but none reads back whole.
         """
-        self.restore = False
+        path, record, bad = latest_good(os.path.dirname(self.directory))
+        if path is None:
+            if bad:
+                raise CheckpointError("no readable checkpoint in " + self.directory + ": "
+                                      + "; ".join(f"{p} ({e})" for p, e in bad))
+            return None
+        if bad:
+            log.warning("checkpoint %s is unreadable (%s); falling back to %s", bad[0][0], bad[0][1], path)
+        write_index(self.directory, int(path.rsplit("-", 1)[1]))
         manager = self._manager(trainer)
-        self.restored_from = restore_latest_good(manager.checkpoint, manager)
-        if self.restored_from is not None:
-            trainer.registry.after_restore()
-            log.info("restored %s at step %d", self.restored_from, trainer.step)
+        manager.checkpoint.restore(path).assert_existing_objects_matched()
+        self.restored_from, self.restored_record = path, record
+        trainer.registry.after_restore()
+        self._saved = (trainer.step, "restored")
+        log.info("restored %s at step %d", self.restored_from, trainer.step)
         return self.restored_from
 
-    def on_train_begin(self, trainer) -> None:
-        if self.restore:
-            self.restore_now(trainer)
-
-    def save(self, trainer) -> str:
-        path = self._manager(trainer).save(checkpoint_number=trainer.step)
+    def save(self, trainer, status: str = "running") -> str:
+        """Writes a checkpoint at the current step (with the record, if any); returns its path."""
+        manager = self._manager(trainer)
+        if self._record_var is not None:
+            self._record_var.assign(json.dumps(self.record(trainer, status)))
+        path = manager.save(checkpoint_number=trainer.step)
+        self._saved, self._pending = (trainer.step, status), False
         log.info("checkpoint %s", path)
         return path
 
     def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
         if crossed(step_before, step, self.every_n_steps):
+            if step % trainer.steps_per_epoch == 0:
+                self._pending = True  # on_epoch_end follows at once: save there, with the epoch's row
+            else:
+                self.save(trainer)
+
+    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        if self._pending:
             self.save(trainer)
 
     def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
         if status == "failed":
             return  # keep the last good checkpoint as the latest
-        latest = self._manager(trainer).latest_checkpoint
-        if latest is None or not latest.endswith(f"-{step}"):
-            self.save(trainer)
+        if self._saved != (step, status):  # the last save is earlier, or recorded another status
+            self.save(trainer, status)

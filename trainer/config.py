@@ -65,6 +65,9 @@ class Config:
     dry_run: bool = False
     resume: Optional[str] = None
     optimized_metric: Optional[str] = None
+    # Config keys (or key prefixes, or "*") a resume may change although they change the trajectory;
+    # each accepted change is listed in report.json's config_changes.
+    resume_allow_changes: List[str] = dataclasses.field(default_factory=list)
     data: Any = MISSING
     model: Any = MISSING
     optimizer: Any = MISSING

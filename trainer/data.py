@@ -109,16 +109,15 @@ def resolve_mnist_path(path: Optional[str]) -> Optional[str]:
 
 
 def _npz_arrays(path: str):
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = sorted({"x_train", "y_train", "x_test", "y_test"} - set(data.files))
-            if missing:
-                raise DataError(f"{path!r} lacks the arrays {missing}; it holds {sorted(data.files)}")
-            return tuple(np.asarray(data[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
-    except (OSError, ValueError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{path!r} is not a readable .npz without pickle: {err}") from None
+    """The four MNIST arrays, read through :class:`trainer.npfiles.NpzReader` (size, header and dtype checked)."""
+    from trainer.npfiles import NpzReader
+
+    expected = ".npz archive saved with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+    with NpzReader(path, "data.path", DataError, expected=expected) as data:
+        missing = sorted({"x_train", "y_train", "x_test", "y_test"} - set(data.files))
+        if missing:
+            raise DataError(f"{path!r} lacks the arrays {missing}; it holds {sorted(data.files)}")
+        return tuple(data.array(k) for k in ("x_train", "y_train", "x_test", "y_test"))
 
 
 def load_mnist(path: Optional[str] = None, validation_size: int = 5000) -> Splits:

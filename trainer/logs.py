@@ -91,8 +91,9 @@ def user_errors() -> tuple:
     from trainer.loop import NonFiniteLossError
     from trainer.masks import FreezeConfigError
     from trainer.resume import ResumeError
+    from trainer.rundir import RunDirError
 
-    return (FreezeConfigError, DataError, ConfigError, ResumeError, CheckpointError, NonFiniteLossError,
+    return (FreezeConfigError, DataError, ConfigError, ResumeError, RunDirError, CheckpointError, NonFiniteLossError,
             ValueError, FileNotFoundError)
 
 
@@ -103,6 +104,7 @@ def hint_for(error: BaseException) -> str:
     from trainer.loop import NonFiniteLossError
     from trainer.masks import FreezeConfigError
     from trainer.resume import ResumeError
+    from trainer.rundir import RunDirError
 
     if isinstance(error, FreezeConfigError):
         advice = "check freeze.rules; add dry_run=true to list the variable paths and what each rule selects"
@@ -113,6 +115,8 @@ def hint_for(error: BaseException) -> str:
         advice = "configs/config.yaml lists every key with its allowed values"
     elif isinstance(error, ResumeError):
         advice = "resume=<run dir> continues that run; leave resume out to start a new run"
+    elif isinstance(error, RunDirError):
+        advice = "README's \"Nothing lost\" section says what a run directory guarantees and refuses"
     elif isinstance(error, NonFiniteLossError):
         advice = "lower optimizer.learning_rate, or set trainer.nan_policy=skip_step"
     else:

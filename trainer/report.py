@@ -1,12 +1,16 @@
-"""The end-of-run audit, ``report.json``, and exports (``model.keras``, ``masks.npz``)."""
+"""The end-of-run audit, ``report.json``, the run record across resumes, and exports (``model.keras``, ``masks.npz``)."""
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Dict, List
+import shutil
+import time
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from trainer import rundir
+from trainer.callbacks import Callback
 
 
 def audit(registry) -> List[Dict[str, Any]]:
@@ -41,35 +45,105 @@ def audit_line(rows: List[Dict[str, Any]], exact: bool) -> str:
 
 
 def write_json(path: str, data: Dict[str, Any]) -> None:
-    """Writes JSON atomically (a temporary file, then ``os.replace``)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes JSON atomically (a temporary file beside it, then ``os.replace``)."""
+    rundir.write_json(path, data)
 
 
 def export_masks(registry, path: str) -> None:
     """Writes ``masks.npz``: each trainable variable's bool trainable-mask under its variable path."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **registry.trainable_masks())
-    os.replace(tmp, path)
+    with rundir.atomic_write(path) as tmp:
+        np.savez(tmp, **registry.trainable_masks())
 
 
 def export_weights(model, path: str) -> None:
     """Writes every variable's value under its variable path (``weights.npz``)."""
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in model.variables})
-    os.replace(tmp, path)
+    with rundir.atomic_write(path) as tmp:
+        np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in model.variables})
 
 
 def export_model(model, path: str) -> None:
     """Saves ``model.keras`` (a plain Keras model; loading it needs no import of this package)."""
-    tmp = path[: -len(".keras")] + ".tmp.keras" if path.endswith(".keras") else path + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
+    with rundir.atomic_write(path) as tmp:
+        model.save(tmp)
 
 
 def export_saved_model(model, directory: str) -> None:
-    """Writes a TensorFlow SavedModel with a ``serving_default`` signature."""
-    model.export(directory, format="tf_saved_model")
+    """Writes a TensorFlow SavedModel with a ``serving_default`` signature (replacing an earlier one whole)."""
+    aside = None
+    with rundir.atomic_write(directory) as tmp:
+        model.export(tmp, format="tf_saved_model")
+        if os.path.isdir(directory):  # os.replace cannot replace a non-empty directory: move it aside first
+            aside = tmp + ".old"
+            os.replace(directory, aside)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+class RunRecord(Callback):
+    """The run's history across resumes: its fingerprint, every epoch's logs and one row per segment.
+
+    A segment is one process's part of the run (a fresh start or a resume).
+    The record is stored in every checkpoint (see
+    :class:`~trainer.checkpoint.Checkpointing`'s ``record``) and read back on
+    resume with :meth:`restore`, so ``report.json`` keeps the whole history,
+    sums wall time and lists the segments even after a SIGKILL. Place it
+    before the checkpointing callback (it must see each epoch first).
+
+    Args:
+      fingerprint: this config's :func:`trainer.rundir.fingerprint`.
+      config_changes: changes accepted with ``resume_allow_changes`` for this
+        segment, as ``[{"key", "old", "new"}]``.
+    """
+
+    def __init__(self, *, fingerprint: Dict[str, Any], config_changes: List[Dict[str, Any]] = ()):
+        self.fingerprint = fingerprint
+        self.config_changes = list(config_changes)
+        self.previous_history: List[Dict[str, Any]] = []
+        self.previous_segments: List[Dict[str, Any]] = []
+        self.history: List[Dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.start_step = 0
+        self.start_examples = 0
+        self.fit_started: Optional[float] = None
+
+    def restore(self, record: Dict[str, Any]) -> None:
+        """Takes the history and segments of a record read back from a checkpoint.
+
+        A segment stored while ``"running"`` ended without finishing (a kill):
+        it is listed as ``"killed"``.
+        """
+        self.previous_history = list(record.get("history", []))
+        self.previous_segments = [dict(s, status="killed" if s.get("status") == "running" else s.get("status"))
+                                  for s in record.get("segments", [])]
+
+    def on_train_begin(self, trainer) -> None:
+        self.start_step = trainer.step
+        self.start_examples = int(trainer.examples.numpy())
+        self.fit_started = time.perf_counter()
+
+    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        self.history.append(dict(logs))
+
+    def segment(self, trainer, status: str) -> Dict[str, Any]:
+        """This process's row: steps from/to, wall and training seconds, examples, status, accepted changes."""
+        now = time.perf_counter()
+        train_seconds = trainer.timing.get("train_seconds") if status != "running" else None
+        if train_seconds is None:
+            train_seconds = now - self.fit_started if self.fit_started is not None else 0.0
+        return {"start_step": self.start_step, "end_step": trainer.step, "status": status,
+                "wall_seconds": now - self.started, "train_seconds": train_seconds,
+                "examples": int(trainer.examples.numpy()) - self.start_examples,
+                "config_changes": self.config_changes}
+
+    def snapshot(self, trainer, status: str = "running") -> Dict[str, Any]:
+        """The whole record (fingerprint, history, segments with this one last) as a JSON-able dict."""
+        return {"fingerprint": self.fingerprint, "history": self.previous_history + self.history,
+                "segments": self.previous_segments + [self.segment(trainer, status)]}
+
+
+def totals(segments: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Wall seconds summed over segments and examples per second over the segments that trained."""
+    trained = [s for s in segments if s["examples"] > 0]
+    seconds = sum(s["train_seconds"] for s in trained)
+    return {"wall_seconds": sum(s["wall_seconds"] for s in segments),
+            "examples_per_second": sum(s["examples"] for s in trained) / seconds if seconds > 0 else None}

@@ -7,18 +7,25 @@ resolves ``resume`` from the command line first and passes
 
 from __future__ import annotations
 
+import json
 import os
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
+from omegaconf import OmegaConf
+
+from trainer.rundir import ALLOW_KEY, checkpoint_steps, config_changes, fingerprint, has_checkpoints
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TRUE = ("true", "True", "yes", "1")
 
 
 class ResumeError(ValueError):
-    """The run to resume does not exist or holds no checkpoint."""
+    """The run to resume does not exist, holds no checkpoint, or no run matches this config."""
 
 
 def has_checkpoint(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, "checkpoints", "checkpoint"))
+    """True when ``run_dir/checkpoints`` holds a ``ckpt-<step>.index`` file (the index file may be gone)."""
+    return has_checkpoints(run_dir)
 
 
 def _override(argv: List[str], key: str) -> Optional[str]:
@@ -29,43 +36,100 @@ def _override(argv: List[str], key: str) -> Optional[str]:
     return None
 
 
-def latest_run(outputs_root: str, name: str) -> str:
-    """The newest run directory of experiment ``name`` under ``outputs_root`` that has a checkpoint.
+def compose_fingerprint(argv: List[str]) -> Dict[str, Any]:
+    """The fingerprint of the config that ``argv`` (Hydra overrides) composes, without starting a run.
+
+    Flags (``-m``, ``--cfg``) and ``hydra.*`` / ``resume`` overrides are left out.
 
     Raises:
-      ResumeError: none exists (the message names the directory searched).
+      ResumeError: the overrides do not compose (one line with Hydra's reason).
     """
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register
+
+    register()
+    overrides = [a for a in argv if not a.startswith("-")
+                 and a.lstrip("+~").split("=", 1)[0].split(".")[0] not in ("hydra", "resume")]
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        return fingerprint(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as err:  # noqa: BLE001 - Hydra and OmegaConf raise several kinds for a bad override
+        raise ResumeError(f"resume=true: the command's config does not compose: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def latest_run(outputs_root: str, name: str, argv: Sequence[str] = ()) -> str:
+    """The newest run of experiment ``name`` under ``outputs_root`` whose checkpoint has this config.
+
+    "This config" is what ``argv`` composes; a run matches when
+    :func:`trainer.rundir.config_changes` finds no difference with the
+    fingerprint stored in its newest readable checkpoint (a longer run is
+    allowed), or only keys listed in ``resume_allow_changes``.
+
+    Raises:
+      ResumeError: no run with a checkpoint, or none with this config (one
+        line naming the newest run's differences and what to pass instead).
+    """
+    from trainer.checkpoint import latest_good
+
     base = os.path.join(outputs_root, name)
     runs = [os.path.join(base, d) for d in os.listdir(base)] if os.path.isdir(base) else []
-    runs = [r for r in runs if has_checkpoint(r)]
+    runs = sorted((r for r in runs if has_checkpoint(r)), key=lambda r: max(
+        os.path.getmtime(os.path.join(r, "checkpoints", f"ckpt-{s}.index")) for s in checkpoint_steps(r)), reverse=True)
     if not runs:
         raise ResumeError(f"resume=true: no run with a checkpoint under {base!r}; "
                           "pass resume=<run dir> or start a new run without resume")
-    return max(runs, key=lambda r: os.path.getmtime(os.path.join(r, "checkpoints", "checkpoint")))
+    wanted = compose_fingerprint(list(argv))
+    allowed = _list_override(_override(list(argv), ALLOW_KEY))
+    differences = []
+    for run_dir in runs:
+        _, record, _ = latest_good(run_dir)
+        stored = (record or {}).get("fingerprint")
+        changes = config_changes(stored, wanted) if stored is not None else [("fingerprint", "(none)", "(this config)")]
+        changes = [c for c in changes if not any(c[0] == a or c[0].startswith(a + ".") or a == "*" for a in allowed)]
+        if not changes:
+            return run_dir
+        differences.append((run_dir, changes))
+    newest, changes = differences[0]
+    listed = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in changes[:5])
+    raise ResumeError(f"resume=true: none of the {len(runs)} runs under {base!r} has this config (the newest, "
+                      f"{newest}, differs in {listed}); pass resume=<run dir> to continue a run with its own "
+                      "config, or drop resume= to start a new run")
+
+
+def _list_override(text: Optional[str]) -> List[str]:
+    if not text:
+        return []
+    return [p.strip().strip("'\"") for p in text.strip().strip("[]").split(",") if p.strip()]
 
 
 def resolve_resume(argv: List[str], outputs_root: str = "outputs") -> List[str]:
     """Returns ``argv`` with ``hydra.run.dir`` set to the run that ``resume=`` names.
 
     ``resume=true`` takes the latest run of the experiment (``name=`` or
-    ``+experiment=`` on the command line, else ``default``); ``resume=<dir>``
-    takes that directory; no ``resume`` (or ``resume=null``) changes nothing.
+    ``+experiment=`` on the command line, else ``default``) whose stored
+    config fingerprint matches this command's config; ``resume=<dir>`` takes
+    that directory (its config is checked when the run starts); no
+    ``resume`` (or ``resume=null``) changes nothing.
 
     Raises:
-      ResumeError: the directory is missing or has no checkpoint.
+      ResumeError: the directory is missing or has no checkpoint, or no run
+        of the experiment has this config.
     """
     value = _override(argv, "resume")
     if value in (None, "", "null", "None", "false", "False"):
         return argv
     if value in TRUE:
         name = _override(argv, "name") or _override(argv, "experiment") or "default"
-        run_dir = latest_run(outputs_root, name)
+        run_dir = latest_run(outputs_root, name, argv)
     else:
         run_dir = os.path.expanduser(value)
         if not os.path.isdir(run_dir):
             raise ResumeError(f"resume={value!r} is not a directory; pass the run directory of an earlier run")
         if not has_checkpoint(run_dir):
-            raise ResumeError(f"resume={value!r} has no checkpoints/checkpoint to continue from")
+            raise ResumeError(f"resume={value!r} has no checkpoints/ckpt-*.index to continue from")
     run_dir = os.path.abspath(run_dir)
     argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "+resume=", "++resume=", "resume="))]
     return argv + [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]

@@ -5,7 +5,10 @@ returns the report dict, so tests call it directly with a composed config.
 
 Run directory contents: ``tb/`` (TensorBoard), ``checkpoints/``,
 ``model.keras``, ``masks.npz``, ``weights.npz``, ``report.json``,
-``freeze_plan.json``, and Hydra's ``.hydra/`` and log file.
+``freeze_plan.json``, ``fingerprint.json``, Hydra's ``.hydra/`` and log file,
+and ``run.lock`` while a process holds the directory. The contract (lock,
+fresh-run and resume checks before anything is written) is in
+:mod:`trainer.rundir`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ import os
 import signal
 import sys
 import threading
-import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import keras
 import numpy as np
@@ -25,9 +27,10 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer import report as reports
+from trainer import rundir
 from trainer.banner import log_banner
 from trainer.callbacks import Callback
-from trainer.checkpoint import Checkpointing
+from trainer.checkpoint import CheckpointError, Checkpointing, latest_good
 from trainer.config import check_config
 from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
@@ -35,7 +38,8 @@ from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model
 from trainer.progress import print_summary, progress_callback
-from trainer.resume import ResumeError, has_checkpoint
+from trainer.resume import ResumeError
+from trainer.rundir import RunDirError, RunLock
 from trainer.summaries import Profile, TensorBoard
 
 log = logging.getLogger("trainer")
@@ -100,38 +104,57 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
     return splits
 
 
-MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude")
+MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial")
 
 
-def load_initial_weights(model: keras.Model, path: str, exclude) -> list:
+def load_initial_weights(model: keras.Model, path: str, exclude, partial: bool = False) -> list:
     """Assigns values from a ``weights.npz`` (arrays keyed by variable path) to matching variables.
 
     Variables matching an ``exclude`` glob are left at their initialization
-    (e.g. a new output head). Returns the paths loaded.
+    (e.g. a new output head). Every array is checked before any is assigned
+    (:mod:`trainer.npfiles`): a regular ``.npz`` file within the size limit,
+    the variable's shape read from the header before the data, numbers that
+    are finite and representable in the variable's dtype. Returns the paths
+    loaded.
+
+    Args:
+      model: the built model.
+      path: the ``.npz`` file (``model.init_from``).
+      exclude: globs of variable paths to leave alone (``model.init_exclude``).
+      partial: allow variables that the file lacks to keep their random
+        initialization (``model.init_from_partial``).
 
     Raises:
-      ValueError: the file is missing, a listed variable has another shape,
-        or no variable of the model is in the file.
+      ValueError: one line naming the file and the problem: not a regular
+        ``.npz`` file, a shape, dtype or value that does not fit, variables the
+        file lacks (without ``partial``), or none of the model's variables.
     """
     from trainer.masks.variables import path_matches
+    from trainer.npfiles import NpzReader, check_values
 
-    if not os.path.isfile(path):
-        raise ValueError(f"model.init_from {path!r} is not a file; pass a run's weights.npz")
-    loaded = []
-    with np.load(path, allow_pickle=False) as data:
-        for v in model.variables:
-            if any(path_matches(p, v.path) for p in exclude) or v.path not in data.files:
+    where = f"model.init_from {str(path)!r}"
+    wanted = [v for v in model.variables if not any(path_matches(p, v.path) for p in exclude)]
+    values = {}
+    with NpzReader(path, "model.init_from") as data:
+        for v in wanted:
+            if v.path not in data.files:
                 continue
-            value = data[v.path]
-            if tuple(value.shape) != tuple(v.shape):
-                raise ValueError(f"model.init_from {path!r}: {v.path!r} has shape {value.shape}, "
-                                 f"the model's has {tuple(v.shape)}; exclude it with model.init_exclude")
-            v.assign(value)
-            loaded.append(v.path)
-        if not loaded:
-            raise ValueError(f"model.init_from {path!r} holds none of the model's variables; "
-                             f"it has {sorted(data.files)[:10]}")
-    return loaded
+            shape, _ = data.header(v.path)
+            if tuple(shape) != tuple(v.shape):
+                raise ValueError(f"{where}: {v.path!r} has shape {shape}, the model's has {tuple(v.shape)}; "
+                                 "exclude it with model.init_exclude")
+            values[v.path] = check_values(v.path, data.array(v.path), v.dtype, where)
+        if not values:
+            raise ValueError(f"{where} holds none of the model's variables; it has {sorted(data.files)[:10]}")
+    missing = [v.path for v in wanted if v.path not in values]
+    if missing and not partial:
+        raise ValueError(f"{where} has no array for {len(missing)} of the model's variables ({', '.join(missing[:5])}"
+                         f"{', ...' if len(missing) > 5 else ''}); they would keep their random initialization: "
+                         "exclude them with model.init_exclude, or set model.init_from_partial=true")
+    for v in wanted:
+        if v.path in values:
+            v.assign(values[v.path])
+    return list(values)
 
 
 SCHEDULES = ("constant", "cosine")
@@ -191,7 +214,8 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
         model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, **model_options)
         keras.utils.set_random_seed(int(cfg.seed))
         if model_cfg.get("init_from"):
-            loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [])
+            loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [],
+                                          partial=bool(model_cfg.get("init_from_partial")))
             log.info("initialized %d variables from %s", len(loaded), model_cfg["init_from"])
         steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
         total_steps = int(cfg.trainer.epochs) * steps_per_epoch
@@ -262,8 +286,77 @@ def stop_on_signals(trainer: Trainer):
             signal.signal(signum, handler)
 
 
+def write_records(cfg: DictConfig, run_dir: str, registry: MaskRegistry, fingerprint: Optional[Dict[str, Any]],
+                  resume: bool) -> None:
+    """Writes what describes the run, after every check passed: ``.hydra/``, ``fingerprint.json``, ``freeze_plan.json``.
+
+    Hydra's own ``.hydra/`` writing is off (``hydra.output_subdir: null``) so
+    that a refused run changes nothing; these are the same files, written
+    here. A resumed run keeps ``.hydra/overrides.yaml`` (how the run was
+    started); its config and the plan are those of the run as it continues.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        hydra_cfg = None
+    if hydra_cfg is not None and os.path.abspath(hydra_cfg.runtime.output_dir) == os.path.abspath(run_dir):
+        hydra_dir = os.path.join(run_dir, ".hydra")
+        os.makedirs(hydra_dir, exist_ok=True)
+        rundir.write_text(os.path.join(hydra_dir, "config.yaml"), OmegaConf.to_yaml(cfg))
+        rundir.write_text(os.path.join(hydra_dir, "hydra.yaml"), OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+        if not resume or not os.path.exists(os.path.join(hydra_dir, "overrides.yaml")):
+            rundir.write_text(os.path.join(hydra_dir, "overrides.yaml"),
+                              OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+    if fingerprint is not None:
+        rundir.write_json(os.path.join(run_dir, rundir.FINGERPRINT_NAME), fingerprint)
+    reports.write_json(os.path.join(run_dir, "freeze_plan.json"), {"variables": registry.plan()})
+
+
+def check_run_dir(cfg: DictConfig, run_dir: str) -> List[Dict[str, Any]]:
+    """The checks before anything is written into ``run_dir`` (call it with the run lock held).
+
+    A fresh run needs a directory without an earlier run's files; a resumed
+    run needs a readable checkpoint whose stored fingerprint matches this
+    config (up to a longer run, or changes allowed by ``resume_allow_changes``).
+
+    Returns:
+      The accepted config changes of a resume (``[]`` otherwise).
+
+    Raises:
+      RunDirError: another run's files, or a changed config.
+      ResumeError: nothing to resume.
+      CheckpointError: checkpoints exist but none reads back whole.
+    """
+    if not cfg.get("resume"):
+        rundir.check_fresh(run_dir)
+        return []
+    if cfg.dry_run:
+        raise RunDirError("dry_run=true plans a new run and cannot be combined with resume=; drop one of them")
+    path, record, bad = latest_good(run_dir)
+    if path is None:
+        if bad:
+            raise CheckpointError(f"no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}: "
+                                  + "; ".join(f"{p} ({e})" for p, e in bad))
+        raise ResumeError(f"resume: {run_dir!r} has no checkpoints/ckpt-*.index to continue from")
+    if not record or "fingerprint" not in record:
+        raise RunDirError(f"resume={run_dir}: checkpoint {path} stores no config fingerprint, so the config cannot "
+                          "be checked; start a new run without resume=")
+    allowed = list(cfg.get(rundir.ALLOW_KEY) or [])
+    return rundir.check_changes(run_dir, record["fingerprint"], run_fingerprint(cfg), allowed)
+
+
+def run_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
+    """:func:`trainer.rundir.fingerprint` of a composed config."""
+    return rundir.fingerprint(OmegaConf.to_container(cfg, resolve=True))
+
+
 def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     """Trains (or, with ``dry_run``, only plans) one configured run.
+
+    Nothing is written into the run directory before its lock is taken and
+    :func:`check_run_dir` passed; a refusal leaves it as it was.
 
     Args:
       cfg: the composed config.
@@ -274,25 +367,36 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
       The report written to ``report.json`` (or ``{"status": "dry_run", ...}``).
 
     Raises:
+      RunDirError, ResumeError: the run directory cannot hold this run (in
+        use, another run's files, a changed config, nothing to resume).
       FreezeConfigError, DataError, ConfigError, ValueError: bad input, before training.
       NonFiniteLossError: the loss diverged with ``nan_policy=stop``.
     """
     run_dir = run_dir or run_dir_of(cfg)
-    if cfg.get("resume") and not has_checkpoint(run_dir):
-        raise ResumeError(f"resume: {run_dir!r} has no checkpoints/checkpoint to continue from")
+    check_config(cfg)  # a bad value is named first, whatever the run directory holds
+    if cfg.get("resume") and not os.path.isdir(run_dir):
+        raise ResumeError(f"resume={run_dir!r} is not a directory; pass the run directory of an earlier run")
     distribute = cfg.get("distribute") or {}
     split_cpu(distribute.get("logical_cpu_devices"))
     strategy = make_strategy(str(distribute.get("strategy") or "none"))
     run_dir = worker_dir(run_dir, strategy)
     os.makedirs(run_dir, exist_ok=True)
+    with RunLock(run_dir):
+        changes = check_run_dir(cfg, run_dir)
+        rundir.clean_leftovers(run_dir)
+        return _run_locked(cfg, run_dir, strategy, changes)
+
+
+def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str, Any]]) -> Dict[str, Any]:
+    resume = bool(cfg.get("resume"))
+    record = reports.RunRecord(fingerprint=run_fingerprint(cfg), config_changes=changes)
     splits, model, optimizer, registry = build(cfg, strategy)
-    plan = {"variables": registry.plan()}
-    log_banner(run_dir=run_dir, splits=splits, model=model, plan=plan["variables"], cfg=cfg)
-    reports.write_json(os.path.join(run_dir, "freeze_plan.json"), plan)
+    log_banner(run_dir=run_dir, splits=splits, model=model, plan=registry.plan(), cfg=cfg)
     if cfg.dry_run:
+        write_records(cfg, run_dir, registry, None, resume)
         _plan_table(registry)
         log.info("dry run: plan written to %s", os.path.join(run_dir, "freeze_plan.json"))
-        return {"status": "dry_run", **plan}
+        return {"status": "dry_run", "variables": registry.plan()}
 
     t = cfg.trainer
     trainer = Trainer(
@@ -307,9 +411,12 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     test_ds = make_dataset(splits.x_test, splits.y_test, int(t.eval_batch_size), shuffle=False, seed=seed)
 
     checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"), every_n_steps=int(t.checkpoint_every_n_steps),
-                                  keep=int(t.keep_checkpoints))
-    if cfg.get("resume"):
-        checkpointing.restore_now(trainer)  # before any file of this run is touched
+                                  keep=int(t.keep_checkpoints), record=record.snapshot)
+    if resume:
+        if checkpointing.restore_now(trainer) is None:  # checked before; the files went away since
+            raise ResumeError(f"resume: {run_dir!r} has no checkpoints/ckpt-*.index to continue from")
+        record.restore(checkpointing.restored_record)
+    write_records(cfg, run_dir, registry, record.fingerprint, resume)
     tensorboard = TensorBoard(
         os.path.join(run_dir, "tb"),
         summary_every_n_steps=int(cfg.log.summary_every_n_steps),
@@ -318,46 +425,52 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
         hparams=hparams_of(cfg),
         gradient_batch=(splits.x_train[:int(t.batch_size)], splits.y_train[:int(t.batch_size)]),
     )
-    callbacks = [progress_callback(str(cfg.log.progress), int(t.log_every_n_steps)), tensorboard, checkpointing]
+    callbacks = [progress_callback(str(cfg.log.progress), int(t.log_every_n_steps)), tensorboard, record,
+                 checkpointing]
     if cfg.log.profile_steps:
         callbacks.append(Profile(os.path.join(run_dir, "tb", "train"), list(cfg.log.profile_steps)))
     if cfg.log.test_every_epoch:
         callbacks.insert(0, TestEachEpoch(test_ds))
 
-    start = time.perf_counter()
     status, error = "failed", None
-    history = []
-    try:
-        with stop_on_signals(trainer):
-            history = trainer.fit(train_ds, val_ds, epochs=int(t.epochs), initial_epoch=0, max_steps=t.max_steps,
-                                  callbacks=callbacks)  # epochs counted from step 0: a resumed run continues
-        status = "interrupted" if trainer.stop_requested else "completed"
-    except BaseException as err:
-        error = f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        wall = time.perf_counter() - start
-        result = finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, history, wall)
+    with stop_on_signals(trainer):  # until the last file is written
+        try:
+            trainer.fit(train_ds, val_ds, epochs=int(t.epochs), initial_epoch=0, max_steps=t.max_steps,
+                        callbacks=callbacks)  # epochs counted from step 0: a resumed run continues
+            status = "interrupted" if trainer.stop_requested and trainer.step < trainer.total_steps else "completed"
+        except BaseException as err:
+            error = f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            result = finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, record)
     return result
 
 
-def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, history, wall) -> Dict[str, Any]:
-    """Evaluates the test set, audits the frozen elements, writes report.json and the exports."""
+def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, record) -> Dict[str, Any]:
+    """Evaluates the test set, audits the frozen elements, writes report.json and the exports.
+
+    The report's ``history``, ``segments``, ``wall_seconds`` and
+    ``examples_per_second`` cover the whole run, earlier segments (before a
+    resume) included; ``config_changes`` lists every change accepted with
+    ``resume_allow_changes``.
+    """
     registry, model = trainer.registry, trainer.model
     test = trainer.evaluate(test_ds)
     tensorboard.write_test(trainer.step, test)
     tensorboard.close()
     rows = reports.audit(registry)
     exact = registry.exact()
-    train_seconds = trainer.timing.get("train_seconds", wall)
+    whole = record.snapshot(trainer, status)
+    history, segments = whole["history"], whole["segments"]
+    totals = reports.totals(segments)
     result = {
         "status": status,
         "test_accuracy": test.get("accuracy"),
         "test_loss": test["loss"],
         "steps": trainer.step,
         "epochs": trainer.step / trainer.steps_per_epoch if getattr(trainer, "steps_per_epoch", None) else 0,
-        "wall_seconds": wall,
-        "examples_per_second": int(trainer.examples.numpy()) / max(train_seconds, 1e-9),
+        "wall_seconds": totals["wall_seconds"],
+        "examples_per_second": totals["examples_per_second"],
         "steady_steps_per_second": trainer.timing.get("steady_steps_per_second"),
         "skipped_steps": trainer.skipped_steps,
         "frozen_exact": exact,
@@ -365,6 +478,8 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, histo
         "variables": rows,
         "history": history,
         "early_stopping": early_stopping_summary(history),
+        "segments": segments,
+        "config_changes": [c for s in segments for c in s["config_changes"]],
     }
     if error is not None:
         result["error"] = error
@@ -376,6 +491,6 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, histo
     if cfg.export.saved_model:
         reports.export_saved_model(model, os.path.join(run_dir, "saved_model"))
     log.info("test | loss %.4f | accuracy %.4f | %s | %.1f s", test["loss"], test.get("accuracy", float("nan")),
-             result["audit"], wall)
+             result["audit"], totals["wall_seconds"])
     print_summary(result)
     return result

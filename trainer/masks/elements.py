@@ -19,6 +19,7 @@ import numpy as np
 
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.slicing import parse_slice
+from trainer.npfiles import NpzReader, check_file, load_npy, path_is_npz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,9 @@ def _int_list(value: Any, key: str) -> list:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
             raise FreezeConfigError(f"elements.{key} must be a list of integers, got {value!r}")
+        if not -2**63 <= int(item) < 2**63:
+            raise FreezeConfigError(f"elements.{key} {int(item)} is out of range: an index must lie in "
+                                    "[0, size - 1] of its variable")
         out.append(int(item))
     return out
 
@@ -169,64 +173,39 @@ def selector_name(spec: Mapping[str, Any]) -> str:
 
 
 def load_array_file(path: str, what: str, key: Optional[str] = None) -> np.ndarray:
-    """Loads a ``.npy`` array safely (``allow_pickle=False``).
+    """Loads a ``.npy`` array safely (checked by :mod:`trainer.npfiles`, never unpickled).
 
     With ``key``, an ``.npz`` archive is accepted too and its array ``key``
     is returned (e.g. a run's ``masks.npz``, keyed by variable path).
 
     Raises:
-      FreezeConfigError: the path is missing, a directory, not a ``.npy``
-        file (or an ``.npz`` without ``key``), or holds pickled objects.
+      FreezeConfigError: the path is missing, a directory, not a regular file
+        (FIFO, device), over the size limit, not a ``.npy`` file (or an
+        ``.npz`` without ``key``), a header claiming more data than the file
+        holds, or an object dtype.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FreezeConfigError(
-            f"{what} {path!r} does not exist; pass the path of a .npy file saved with np.save(path, bool_array)"
-        )
-    if os.path.isdir(path):
-        raise FreezeConfigError(f"{what} {path!r} is a directory, expected a .npy file")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise FreezeConfigError(
-            f"{what} {path!r} could not be loaded without pickle ({err}); "
-            "save it with np.save(path, bool_array) from a numeric array"
-        ) from None
-    except OSError as err:
-        raise FreezeConfigError(f"{what} {path!r} is not a readable .npy file: {err}") from None
-    if not isinstance(array, np.ndarray):  # an .npz archive loads as a lazy NpzFile
-        if key is None:
-            array.close()
+    expected = ".npy file saved with np.save(path, bool_array)"
+    path = check_file(path, what, FreezeConfigError, expected=expected)
+    if key is None or not path_is_npz(path):
+        return load_npy(path, what, FreezeConfigError, expected=expected)
+    with NpzReader(path, what, FreezeConfigError, expected=expected) as archive:
+        if key not in archive.files:
             raise FreezeConfigError(
-                f"{what} {path!r} is an .npz archive; expected one array saved with np.save(path, bool_array) (.npy)"
+                f"{what} {path!r} is an .npz archive without an array for variable {key!r} (it holds "
+                f"{sorted(archive.files)[:10]}); pass a run's masks.npz, whose arrays are keyed by variable "
+                "path, or one array saved with np.save(path, bool_array) (.npy)"
             )
-        with array:
-            if key not in array.files:
-                raise FreezeConfigError(
-                    f"{what} {path!r} is an .npz archive without an array for variable {key!r} (it holds "
-                    f"{sorted(array.files)[:10]}); pass a run's masks.npz, whose arrays are keyed by variable "
-                    "path, or one array saved with np.save(path, bool_array) (.npy)"
-                )
-            array = np.asarray(array[key])
-    return array
+        return archive.array(key)
 
 
 def _load_weights(path: str, variable_path: str) -> np.ndarray:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FreezeConfigError(f"elements.weights_file {path!r} does not exist or is not a file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if variable_path not in data.files:
-                raise FreezeConfigError(
-                    f"elements.weights_file {path!r} has no array for variable {variable_path!r}; "
-                    f"it holds {sorted(data.files)}"
-                )
-            return np.asarray(data[variable_path])
-    except FreezeConfigError:
-        raise
-    except (ValueError, OSError) as err:
-        raise FreezeConfigError(f"elements.weights_file {path!r} is not a readable .npz: {err}") from None
+    with NpzReader(path, "elements.weights_file", FreezeConfigError) as data:
+        if variable_path not in data.files:
+            raise FreezeConfigError(
+                f"elements.weights_file {os.fspath(path)!r} has no array for variable {variable_path!r}; "
+                f"it holds {sorted(data.files)}"
+            )
+        return data.array(variable_path)
 
 
 def _path_seed(seed: int, path: str) -> int:

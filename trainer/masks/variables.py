@@ -3,18 +3,22 @@
 Variables are named by their Keras 3 ``variable.path`` (e.g.
 ``"lenet/fc1/kernel"``). A glob pattern matches a path when it matches the whole
 path or a trailing sub-path of it, so ``"fc1/kernel"`` and ``"*/kernel"`` both
-match ``"lenet/fc1/kernel"``. A pattern starting with ``re:`` is a Python
-regular expression searched with ``re.fullmatch`` against the same candidates.
+match ``"lenet/fc1/kernel"``. A pattern starting with ``re:`` is a regular
+expression in RE2 syntax (google-re2), matched in full against the same
+candidates. RE2 runs in time linear in the input whatever the pattern, so a
+pathological selector such as ``re:(.*)*(.*)*z`` cannot hang a run; it has no
+backreferences or lookaround (Python's ``re`` backtracks exponentially).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
+import functools
 from typing import Iterable, List, Sequence, Tuple
 
 import keras
+import re2
 
 from trainer.masks.errors import FreezeConfigError
 
@@ -75,12 +79,29 @@ def index_variables(model: keras.layers.Layer) -> List[VariableInfo]:
     return infos
 
 
+@functools.lru_cache(maxsize=256)
+def compile_regex(pattern: str):
+    """Compiles an RE2 regular expression (without RE2's own error logging).
+
+    Raises:
+      FreezeConfigError: not valid RE2 syntax (the message names the pattern and RE2's reason).
+    """
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options=options)
+    except re2.error as err:
+        reason = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else str(err)
+        raise FreezeConfigError(f"'re:{pattern}' is not a valid regular expression ({reason}); selectors use "
+                                "RE2 syntax, without backreferences or lookaround") from None
+
+
 def path_matches(pattern: str, path: str) -> bool:
     """True when ``pattern`` (glob or ``re:`` regex) matches ``path`` or a trailing sub-path."""
     parts = path.split("/")
     candidates = ["/".join(parts[i:]) for i in range(len(parts))]
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
+        regex = compile_regex(pattern[3:])
         return any(regex.fullmatch(c) for c in candidates)
     return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
 
@@ -91,9 +112,9 @@ def validate_pattern(pattern: object, key: str) -> str:
         raise FreezeConfigError(f"{key} must be a non-empty string glob or 're:<regex>', got {pattern!r}")
     if pattern.startswith("re:"):
         try:
-            re.compile(pattern[3:])
-        except re.error as err:
-            raise FreezeConfigError(f"{key} {pattern!r} is not a valid regular expression: {err}") from None
+            compile_regex(pattern[3:])
+        except FreezeConfigError as err:
+            raise FreezeConfigError(f"{key}: {err}") from None
     return pattern
 
 
