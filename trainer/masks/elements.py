@@ -28,14 +28,16 @@ class ElementContext:
     Attributes:
       path: the Keras variable path, e.g. ``"lenet/fc1/kernel"``.
       shape: the variable's shape.
-      value: the variable's current value, a NumPy array of ``shape``.
-      initial: the variable's value when the registry was created, same shape.
+      value: the variable's current value, a NumPy array of ``shape``, or
+        ``None`` for selectors that do not read values (all but ``magnitude``
+        and ``magnitude_threshold``): the registry keeps no host copy.
+      initial: the value ``value: initial`` pins to, or ``None``.
     """
 
     path: str
     shape: tuple
-    value: np.ndarray
-    initial: np.ndarray
+    value: Optional[np.ndarray]
+    initial: Optional[np.ndarray] = None
 
     @property
     def size(self) -> int:
