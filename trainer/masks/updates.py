@@ -158,8 +158,11 @@ class CompactUpdate:
         """Writes the compact values into the model variable's trainable elements, in place."""
         shape = self.shape
 
+        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+
         def scatter(v, indices, values):
-            coords = tf.transpose(tf.unravel_index(indices, tf.constant(shape, indices.dtype)))
+            # Flat index -> coordinates (tf.unravel_index has no XLA kernel).
+            coords = tf.stack([(indices // stride) % dim for stride, dim in zip(strides, shape)], axis=1)
             v.scatter_nd_update(coords, values)
 
         on_every_copy(self.variable, scatter, self.indices, self.compact.value)
