@@ -90,11 +90,12 @@ def test_compact_adamw_decays_trainable_elements_only():
 
 
 def test_embedding_gradients_compact_equal_dense():
+    """SGD: Keras applies an IndexedSlices gradient row by row (Adam's moments too, lazily), compact densifies it."""
     tokens = tf.constant([[1, 2, 3], [3, 4, 4], [0, 9, 1]], tf.int32)
     labels = tf.constant([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    dense, dense_registry, _ = train("dense", keras.optimizers.Adam(0.01), build=embedder, steps=20,
+    dense, dense_registry, _ = train("dense", keras.optimizers.SGD(0.1), build=embedder, steps=20,
                                      data=(tokens, labels), select="tok/embeddings")
-    compact, compact_registry, before = train("compact", keras.optimizers.Adam(0.01), build=embedder, steps=20,
+    compact, compact_registry, before = train("compact", keras.optimizers.SGD(0.1), build=embedder, steps=20,
                                               data=(tokens, labels), select="tok/embeddings")
     path = "emb/tok/embeddings"
     assert compact_registry.update_modes()[path] == "compact"
@@ -132,7 +133,7 @@ def test_auto_picks_compact_for_few_trainable_and_dense_for_many_or_changing_mas
     model = mlp()
     registry = MaskRegistry(model)
     registry.freeze("fc1/kernel", elements={"random": 0.99, "seed": 0}, name="few")
-    registry.freeze("fc2/kernel", elements={"random": 0.5, "seed": 0}, name="half")
+    registry.freeze("fc2/kernel", elements={"random": 0.3, "seed": 0}, name="most_train")
     registry.freeze("fc1/bias", elements={"magnitude": 0.5}, update_every_n_steps=10, name="pruned")
     assert registry.update_modes() == {"mlp/fc1/kernel": "compact", "mlp/fc2/kernel": "dense",
                                        "mlp/fc1/bias": "dense"}

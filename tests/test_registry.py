@@ -65,7 +65,7 @@ def test_frozen_gradients_are_exactly_zero(seeded):
 def test_frozen_elements_bit_exact_after_50_steps(seeded, opt_name, value):
     model = mlp()
     registry = MaskRegistry(model)
-    registry.freeze("*/kernel", elements={"random": 0.5, "seed": 3}, value=value, name="half")
+    registry.freeze("*/kernel", elements={"random": 0.5, "seed": 0}, value=value, name="half")  # seed 0: no unit is cut off
     registry.freeze("fc1/bias", elements={"indices": [1, 4]}, value=value, name="bias")
     optimizer = OPTIMIZERS[opt_name]()
     registry.attach_optimizer(optimizer)

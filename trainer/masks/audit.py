@@ -3,13 +3,13 @@
 Exactness is judged on bit patterns: ``-0.0`` is not ``+0.0`` and a NaN is
 never its pin. Pins the registry can rebuild (zero, constants, initial values)
 are compared element by element; ``current`` pins are the variable's own
-value, so the registry keeps a digest (BLAKE2b) of their bit patterns taken
-when they were pinned and compares that.
+value, so the registry keeps a digest (two CRC-32s: of which elements, and of
+their bit patterns) taken when they were pinned and compares that.
 """
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from typing import Any, Dict, List
 
 import numpy as np
@@ -18,11 +18,15 @@ from trainer.masks.plan import VariablePlan, bits
 
 
 def digest(value: np.ndarray, elements: np.ndarray) -> str:
-    """A BLAKE2b digest of the bit patterns of ``value[elements]`` (and of which elements they are)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(np.packbits(elements.reshape(-1)).tobytes())
-    h.update(np.ascontiguousarray(bits(value)[elements]).tobytes())
-    return h.hexdigest()
+    """A checksum of the bit patterns of ``value[elements]`` and of which elements they are.
+
+    CRC-32 (``zlib``) detects every change of up to 32 consecutive bits and
+    any other change with probability 1 - 2**-32; it is an audit, not a
+    defence against deliberate collisions.
+    """
+    where = zlib.crc32(memoryview(np.packbits(elements.reshape(-1))))
+    values = zlib.crc32(memoryview(np.ascontiguousarray(bits(value)[elements])))
+    return f"{where:08x}{values:08x}"
 
 
 def variable_drift(plan: VariablePlan, value: np.ndarray, current_digest: str) -> float:

@@ -93,6 +93,7 @@ class VariablePlan:
       rules: the names of the rules targeting the variable (active or not).
       static_full: every element is frozen by rules that never switch off.
       dynamic: some rule targeting it changes its mask during training.
+      live: the variable's value when the plan was made.
     """
 
     path: str
@@ -102,6 +103,7 @@ class VariablePlan:
     rules: List[str]
     static_full: bool
     dynamic: bool
+    live: np.ndarray
 
 
 class Planner:
@@ -177,9 +179,9 @@ class Planner:
         live = self.read(path)
         frozen = np.zeros(shape, bool)
         derivable = np.zeros(shape, bool)
-        target = live
-        owner: Dict[str, np.ndarray] = {}
         static = np.zeros(shape, bool)
+        target = live
+        earlier: List[tuple] = []  # (rule, its frozen elements), for naming a conflict
         names, dynamic = [], False
         for state in states:
             if path not in state.paths:
@@ -190,26 +192,36 @@ class Planner:
                 continue
             f = self.frozen_by(state, path)
             pin = self.pins(state.rule, path, live)
-            p = target if pin is None else np.broadcast_to(pin, shape)
-            differs = f & frozen & (bits(p) != bits(target))
-            if differs.any():
-                first = next(n for n, m in owner.items() if (m & differs).any())
-                index = np.unravel_index(int(np.flatnonzero(differs)[0]), shape)
-                other = next(s.rule for s in states if s.rule.name == first)
-                raise FreezeConfigError(
-                    f"rules {first!r} (value {other.value}) and {state.rule.name!r} (value {state.rule.value}) pin "
-                    f"{int(differs.sum())} element(s) of variable {path!r} to different values, e.g. element "
-                    f"{tuple(int(i) for i in index)}: {float(target[index])!r} and {float(p[index])!r}; give them "
-                    "the same value or make their element selections disjoint (e.g. with 'exclude' or 'invert')"
-                )
             if pin is not None:
+                p = np.broadcast_to(pin, shape)
+                if earlier:
+                    overlap = f & frozen
+                    if overlap.any():
+                        differs = overlap & (bits(p) != bits(target))
+                        if differs.any():
+                            self._conflict(earlier, state.rule, path, differs, target, p)
                 new = f & ~frozen
                 if new.any():
                     target = np.where(new, p, target)
                 derivable |= f
-            owner[state.rule.name] = f & ~frozen
+            elif earlier and (f & derivable).any():  # a `current` pin over elements another rule pinned
+                differs = f & derivable & (bits(live) != bits(target))
+                if differs.any():
+                    self._conflict(earlier, state.rule, path, differs, target, live)
+            earlier.append((state.rule, f))
             frozen |= f
             if not state.rule.dynamic:
                 static |= f
         static_full = bool(static.all())
-        return VariablePlan(path, frozen, target, derivable, names, static_full, dynamic)
+        return VariablePlan(path, frozen, target, derivable, names, static_full, dynamic, live)
+
+    @staticmethod
+    def _conflict(earlier, rule: FreezeRule, path: str, differs: np.ndarray, target: np.ndarray, p: np.ndarray):
+        other = next(r for r, f in earlier if (f & differs).any())
+        index = np.unravel_index(int(np.flatnonzero(differs)[0]), differs.shape)
+        raise FreezeConfigError(
+            f"rules {other.name!r} (value {other.value}) and {rule.name!r} (value {rule.value}) pin "
+            f"{int(differs.sum())} element(s) of variable {path!r} to different values, e.g. element "
+            f"{tuple(int(i) for i in index)}: {float(target[index])!r} and {float(p[index])!r}; give them "
+            "the same value or make their element selections disjoint (e.g. with 'exclude' or 'invert')"
+        )

@@ -41,7 +41,7 @@ from trainer.masks.variables import index_variables, select_variables
 
 # ``update="auto"`` uses a compact update where at most this fraction of a variable trains
 # (measured on the 100.7M MLP, see README "Scale").
-COMPACT_CROSSOVER = 0.25
+COMPACT_CROSSOVER = 0.5
 
 
 class _Covered:
@@ -259,17 +259,19 @@ class MaskRegistry(tf.Module):
             covered = self._refs.covered[path] = _Covered()
             self.structure_version += 1
         covered.rules = list(plan.rules)
-        live = np.asarray(info.variable.numpy())
-        frozen = plan.frozen
-        pins_move = frozen & (bits(plan.target) != bits(live))
-        if pins_move.any():
-            info.variable.assign(np.where(pins_move, plan.target, live))
-            live = plan.target
+        live, frozen = plan.live, plan.frozen
+        moved = False
+        if plan.derivable.any():
+            pins_move = plan.derivable & (bits(plan.target) != bits(live))
+            if pins_move.any():
+                info.variable.assign(plan.target)  # target is the live value with the pins written in
+                live, moved = plan.target, True
         trainable = ~frozen
         old = covered.update.trainable_mask() if covered.update is not None else None
-        changed = bool(pins_move.any()) or old is None or not np.array_equal(old, trainable)
-        covered.frozen_elements = int(frozen.sum())
-        covered.digest = audit.digest(live, frozen & ~plan.derivable) if (frozen & ~plan.derivable).any() else ""
+        changed = moved or old is None or not np.array_equal(old, trainable)
+        covered.frozen_elements = int(np.count_nonzero(frozen))
+        current = frozen & ~plan.derivable if plan.derivable.any() else frozen
+        covered.digest = audit.digest(live, current) if current.any() else ""
         if plan.static_full != covered.static_full:
             covered.static_full = plan.static_full
             self.structure_version += 1
@@ -277,7 +279,7 @@ class MaskRegistry(tf.Module):
             self._drop_update(path, covered)
             return changed
         size = max(int(trainable.size), 1)
-        mode = choose_mode(self.update_mode, trainable_fraction=float(trainable.sum()) / size,
+        mode = choose_mode(self.update_mode, trainable_fraction=1.0 - covered.frozen_elements / size,
                            dynamic=plan.dynamic, rank=len(trainable.shape), crossover=COMPACT_CROSSOVER)
         if not info.trainable:
             mode = "pinned"

@@ -139,8 +139,11 @@ class CompactUpdate:
         return tf.reshape(flat, self.shape)
 
     def mask_gradient(self, grad):
-        """``grad`` with frozen elements exactly 0, in the variable's shape (for summaries)."""
-        grad = _dense(grad)
+        """``grad`` with frozen elements exactly 0, in the variable's shape (IndexedSlices stay sparse)."""
+        if isinstance(grad, tf.IndexedSlices):
+            rows = tf.gather(self._dense_mask(), grad.indices)
+            return tf.IndexedSlices(tf.where(rows, grad.values, tf.zeros_like(grad.values)), grad.indices,
+                                    grad.dense_shape)
         return tf.where(self._dense_mask(), grad, tf.zeros_like(grad))
 
     def gradient(self, grad):
