@@ -982,6 +982,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the 100.7M-parameter MLP cases of scripts/bench_scale.py (each in a subprocess)")
     p.add_argument("--scale-rounds", type=int, default=2, help="interleaved rounds of the scale cases (default 2)")
     p.add_argument("--scale-width", type=int, default=4096, help="the scale MLP's width (default 4096: 100.7M)")
+    p.add_argument("--scale-transformer", action="store_true", help="with --scale: the 108.6M Transformer cases too")
     p.add_argument("--only", nargs="+", default=None, help="run only these cases (names as in the table)")
     p.add_argument("--no-tfmot", action="store_true", help="skip the tfmot case")
     p.add_argument("--no-wide", action="store_true", help="skip the wide MLP")
@@ -1041,7 +1042,8 @@ def main(argv=None) -> Dict[str, Any]:
             import bench_scale
 
             scale = bench_scale.run_all(bench_scale.parse_args(
-                ["--rounds", str(args.scale_rounds), "--width", str(args.scale_width)]))
+                ["--rounds", str(args.scale_rounds), "--width", str(args.scale_width)]
+                + (["--transformer"] if args.scale_transformer else [])))
             result["scale"] = scale
             result["ratios"].update(scale["ratios"])
             print(bench_scale.format_table(scale))

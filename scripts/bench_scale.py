@@ -6,6 +6,10 @@ The model is ``keras.Input((4096,))``, 6 x ``Dense(4096, relu)``, ``Dense(10)``
 input pipeline is not what is measured). The masked cases call
 ``registry.freeze("*/kernel", elements={"random": f, "seed": 0}, value="current")``
 with ``MaskRegistry(model, update=...)`` and train with :class:`trainer.Trainer`.
+With ``--transformer``, two more cases: the ``transformer`` of ``trainer.models``
+at BERT-base's encoder size with a 30,522-token embedding (108.6M parameters),
+on sequences of 16 tokens at batch 8 (longer ones take minutes per step on 2
+cores), Keras ``fit`` dense against the trainer at 99.5 % of every kernel frozen.
 
 Every case runs in its own subprocess, because peak RSS is a per-process
 maximum: ``peak_growth_mib`` is the peak RSS (``VmHWM``) at the end less the
@@ -38,8 +42,14 @@ from typing import Any, Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 32
 K = 20
-# name: (frozen fraction or None for Keras fit, update mode)
+# The Transformer cases: BERT-base's encoder (dim 768, 12 blocks, 12 heads, MLP 3072) with a 30,522-token
+# embedding, 108.6M parameters; short sequences and a small batch, or a step takes minutes on 2 cores.
+SEQUENCE = 16
+T_BATCH = 8
+# name: (frozen fraction or None for Keras fit, update mode); "transformer_*": the BERT-base-sized encoder
 CASES = {
+    "transformer_keras_fit": (None, None),
+    "transformer_995_auto": (0.995, "auto"),
     "keras_fit": (None, None),
     "trainer_99_auto": (0.99, "auto"),
     "trainer_99_dense": (0.99, "dense"),
@@ -73,13 +83,22 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
 
     frozen, update = CASES[name]
     keras.utils.set_random_seed(0)
-    layers = [keras.Input((width,))] + [keras.layers.Dense(width, activation="relu", name=f"fc{i}")
-                                        for i in range(depth)] + [keras.layers.Dense(10, name="out")]
-    model = keras.Sequential(layers, name="mlp")
-    params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(BATCH, width)).astype(np.float32)
-    y = rng.integers(0, 10, size=BATCH).astype(np.int32)
+    if name.startswith("transformer"):
+        from trainer.models import transformer
+
+        model = transformer((SEQUENCE,), 10, vocab_size=30522, dim=768, depth=12, heads=12, mlp_dim=3072)
+        x = rng.integers(0, 30522, size=(T_BATCH, SEQUENCE)).astype(np.int32)
+        y = rng.integers(0, 10, size=T_BATCH).astype(np.int32)
+        first_kernel = "block1_mlp1/kernel"
+    else:
+        layers = [keras.Input((width,))] + [keras.layers.Dense(width, activation="relu", name=f"fc{i}")
+                                            for i in range(depth)] + [keras.layers.Dense(10, name="out")]
+        model = keras.Sequential(layers, name="mlp")
+        x = rng.normal(size=(BATCH, width)).astype(np.float32)
+        y = rng.integers(0, 10, size=BATCH).astype(np.int32)
+        first_kernel = "mlp/fc0/kernel"
+    params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     ds = tf.data.Dataset.from_tensors((x, y))
     rss_built = _status_mib("VmRSS")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -102,7 +121,7 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
         out["setup_s"] = time.perf_counter() - start
         out["memory_bytes"] = int(sum(registry.memory_bytes().values()))
         out["update_modes"] = sorted(set(registry.update_modes().values()))
-        kernel = model.get_layer("fc1").kernel  # one kernel's first row, for a direct bit check
+        kernel = next(v for v in model.variables if v.path == first_kernel)  # its first row: a direct bit check
         row_frozen = ~registry.trainable_mask(kernel.path)[0]
         row_before = kernel.numpy()[0][row_frozen].copy()
 
@@ -149,7 +168,7 @@ def _ratio(rounds: Dict[str, List[Dict[str, Any]]], num: str, den: str, key: str
 
 def run_all(args) -> Dict[str, Any]:
     """Runs the cases interleaved for ``args.rounds`` rounds; returns the summary (cases, ratios, load)."""
-    names = args.cases or list(CASES)
+    names = args.cases or [n for n in CASES if args.transformer or not n.startswith("transformer")]
     rounds: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
     loads = {"start": list(os.getloadavg())}
     for r in range(args.rounds):
@@ -181,6 +200,10 @@ def run_all(args) -> Dict[str, Any]:
         "scale_99_dense_peak_rss_growth_vs_keras_fit": _ratio(rounds, "trainer_99_dense", "keras_fit",
                                                               "peak_growth_mib"),
     }
+    ratios["transformer_step_time_vs_keras_fit"] = _ratio(rounds, "transformer_995_auto", "transformer_keras_fit",
+                                                          "ms_per_step")
+    ratios["transformer_peak_rss_growth_vs_keras_fit"] = _ratio(rounds, "transformer_995_auto",
+                                                                "transformer_keras_fit", "peak_growth_mib")
     for f in ("90", "50"):
         for other in ("dense", "compact"):
             ratios[f"scale_{f}_auto_vs_{other}"] = _ratio(rounds, f"trainer_{f}_auto", f"trainer_{f}_{other}",
@@ -219,6 +242,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--cases", nargs="+", default=None, choices=list(CASES))
+    p.add_argument("--transformer", action="store_true", help="also the BERT-base-sized Transformer cases")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in this process (the worker)
     return p.parse_args(argv)
 
