@@ -634,7 +634,7 @@ class MaskRegistry(tf.Module):
                 "frozen_fraction": frozen / size if size else 0.0,
                 "value": ", ".join(values) if values else None,
                 "rules": rules,
-                "update": None if covered is None else self.update_modes()[info.path],
+                "update": None if covered is None else (covered.update.mode if covered.update else "frozen"),
             })
         return rows
 

@@ -33,16 +33,20 @@ UPDATE_MODES = ("auto", "dense", "compact")
 
 
 def on_every_copy(variable, fn, *args) -> None:
-    """Runs ``fn(tf_variable, *args)`` on every replica's copy of ``variable`` (once without a strategy)."""
+    """Runs ``fn(tf_variable, *args)`` on every replica's copy of ``variable`` (once when it is not distributed).
+
+    A distributed (e.g. mirrored) variable is updated through its strategy's
+    ``extended.update``, from a replica context through ``merge_call``.
+    """
     target = variable.value if isinstance(variable, keras.Variable) else variable
-    if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+    if isinstance(target, tf.distribute.DistributedValues):
         def update(strategy):
             strategy.extended.update(target, fn, args=args, group=False)
 
-        if tf.distribute.in_cross_replica_context():
-            update(tf.distribute.get_strategy())
-        else:
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
             tf.distribute.get_replica_context().merge_call(update)
+        else:  # cross-replica context, or outside the strategy's scope
+            update(target.distribute_strategy)
         return
     fn(target, *args)
 
