@@ -606,7 +606,11 @@ class MaskRegistry(tf.Module):
         return {i.path: self.trainable_mask(i.path) for i in self._infos if i.trainable}
 
     def update_modes(self) -> Dict[str, str]:
-        """``{variable path: "dense" | "compact" | "frozen"}`` for every covered variable."""
+        """``{variable path: "dense" | "compact" | "pinned" | "frozen"}`` for every covered variable.
+
+        ``pinned``: a non-trainable variable held at its pins (``non_trainable: pin``);
+        ``frozen``: frozen entirely by static rules, left out of the step.
+        """
         return {p: (c.update.mode if c.update is not None else "frozen") for p, c in self._refs.covered.items()}
 
     def plan(self) -> List[Dict[str, Any]]:
@@ -614,8 +618,8 @@ class MaskRegistry(tf.Module):
 
         Each row has ``path``, ``shape``, ``dtype``, ``frozen_elements``,
         ``frozen_fraction``, ``value`` (the value specs of the rules covering
-        it, e.g. ``"zero"``), ``rules`` (their names) and ``update``
-        (``"dense"``, ``"compact"``, ``"frozen"`` or ``None`` when uncovered).
+        it, e.g. ``"zero"``) and ``rules`` (their names); :meth:`update_modes`
+        tells how each is updated.
         """
         rows = []
         for info in self._infos:
@@ -634,7 +638,6 @@ class MaskRegistry(tf.Module):
                 "frozen_fraction": frozen / size if size else 0.0,
                 "value": ", ".join(values) if values else None,
                 "rules": rules,
-                "update": None if covered is None else (covered.update.mode if covered.update else "frozen"),
             })
         return rows
 
@@ -657,14 +660,15 @@ class MaskRegistry(tf.Module):
         return out
 
     def describe(self) -> str:
-        """A Markdown table of :meth:`plan`."""
+        """A Markdown table of :meth:`plan` with each variable's update (:meth:`update_modes`)."""
+        modes = self.update_modes()
         lines = ["| variable | shape | frozen | fraction | value | rules | update |",
                  "|---|---|---|---|---|---|---|"]
         for row in self.plan():
             lines.append(
                 f"| {row['path']} | {tuple(row['shape'])} | {row['frozen_elements']:,} | "
                 f"{row['frozen_fraction']:.4f} | {row['value'] or '-'} | {', '.join(row['rules']) or '-'} | "
-                f"{row['update'] or '-'} |"
+                f"{modes.get(row['path'], '-')} |"
             )
         return "\n".join(lines)
 
