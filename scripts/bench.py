@@ -25,8 +25,6 @@ the masked cases; ``K`` = ``--steps-per-execution``, XLA on unless stated):
 - ``matmuls_only``: the step's matmuls alone (linear layers, kernel gradients, SGD) under XLA:
   the MFU ceiling at the model's shapes.
 - ``trainer_{dense,masked}_k{1,10,100}_{xla,noxla}``: the trainer at other settings (the sweep).
-- ``ablate_*`` (``--ablation``): copies of the trainer's masked step with one part left out or
-  moved (see :func:`ablated_train_function`), to price the parts.
 - ``wide_*``: a 784-4096-4096-10 MLP, where the matmuls dominate.
 - ``matmul``: a 2048x2048 float32 ``tf.matmul``, the machine's rate for MFU.
 
@@ -66,7 +64,7 @@ median over rounds of the ratio within a round:
 Usage::
 
     python scripts/bench.py               # the full run (about 10 minutes on 2 cores), writes bench.json
-    python scripts/bench.py --ablation    # ... and the ablation rows
+    python scripts/bench.py --scale --only matmul   # only the 100.7M-parameter scale cases (scripts/bench_scale.py)
     python scripts/bench.py --quick --data digits --out /tmp/b.json   # a smoke run
 """
 
@@ -441,117 +439,6 @@ class TrainerCase(StepCase):
                          steps_per_epoch=10 ** 12, callbacks=[self.callback])
 
 
-ABLATIONS = {
-    # name: options of ablated_train_function; the trainer's own step is check="norm", norm, counters, grad_mask
-    "ablate_per_tensor_check": dict(check="full", norm=True, counters=True),
-    "ablate_loss_check_no_norm": dict(check="loss", norm=False, counters=True),
-    "ablate_no_check": dict(check="none", norm=True, counters=True),
-    "ablate_no_counters": dict(check="norm", norm=True, counters=False),
-    "ablate_split_cond": dict(check="norm", norm=True, counters=True, split=True),
-    "ablate_no_grad_mask": dict(check="norm", norm=True, counters=True, grad_mask=False),
-    "ablate_bare": dict(check="none", norm=False, counters=False),
-}
-WIDE_ABLATIONS = ("ablate_per_tensor_check", "ablate_no_check", "ablate_no_grad_mask", "ablate_bare")
-
-
-def ablated_train_function(trainer, *, check: str, norm: bool, counters: bool, split: bool = False,
-                            grad_mask: bool = True):
-    """A copy of the trainer's single-replica step with parts left out or moved, to price them (``--ablation``).
-
-    ``check="norm"`` is the trainer's own test: the loss and the global
-    gradient norm are finite (one reduction over the gradients, shared with
-    the recorded norm), then ``tf.cond``; ``"full"`` tests the loss and every
-    gradient tensor separately (``reduce_all(is_finite(g))`` each, the step
-    before commit 5fd6e4e) and also computes the norm when ``norm``;
-    ``"loss"`` tests the loss only (still a ``tf.cond``); ``"none"`` applies
-    every step without ``tf.cond``. ``norm`` records the global gradient
-    norm; ``counters`` counts batches and examples. ``split`` compiles the
-    gradient computation and the update as two XLA functions with the
-    ``tf.cond`` between them, outside XLA (the trainer's step has it inside).
-    ``grad_mask=False`` leaves the gradients unmasked and relies on
-    re-projection alone (frozen elements still end each step at their pinned
-    values, but their optimizer slots fill up). The forward pass and gradient
-    mask (``trainer._forward``), the optimizer, re-projection and the metrics
-    are the trainer's own calls.
-    """
-    import tensorflow as tf
-
-    variables = trainer.registry.trainable_variables()
-    optimizer, registry = trainer.optimizer, trainer.registry
-    jit = trainer.jit_compile
-    if not grad_mask:  # this case's own registry object only
-        registry.mask_gradients = lambda grads, variables: list(grads)
-
-    def gradients(x, y):
-        if counters:
-            trainer.batches.assign_add(1)
-        y_pred, total, grads = trainer._forward(x, y, variables)
-        present = [g for g in grads if g is not None]
-        gnorm = tf.linalg.global_norm(present) if (norm or check == "norm") else tf.constant(0.0)
-        finite = tf.math.is_finite(total)
-        if check == "full":
-            for g in present:
-                finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
-        elif check == "norm":
-            finite = tf.logical_and(finite, tf.math.is_finite(gnorm))
-        return y_pred, total, grads, gnorm, finite
-
-    def apply(x, y, y_pred, total, grads, gnorm):
-        if norm:
-            trainer.grad_norm.assign(gnorm)
-        optimizer.apply_gradients(zip(grads, variables))
-        registry.reproject()
-        trainer.train_loss.update_state(total, sample_weight=tf.shape(y)[0])
-        for metric in trainer.train_metrics:
-            metric.update_state(y, y_pred)
-        if counters:
-            trainer.examples.assign_add(tf.cast(tf.shape(y)[0], tf.int64))
-        return tf.constant(True)
-
-    def refuse():
-        trainer.skipped.assign_add(1)
-        trainer.nonfinite.assign(True)
-        return tf.constant(False)
-
-    def step(x, y):
-        y_pred, total, grads, gnorm, finite = gradients(x, y)
-        if check == "none":
-            return apply(x, y, y_pred, total, grads, gnorm)
-        return tf.cond(finite, lambda: apply(x, y, y_pred, total, grads, gnorm), refuse)
-
-    if split:
-        compiled_gradients = tf.function(gradients, jit_compile=jit, reduce_retracing=True)
-        compiled_apply = tf.function(apply, jit_compile=jit, reduce_retracing=True)
-
-        def compiled(x, y):
-            y_pred, total, grads, gnorm, finite = compiled_gradients(x, y)
-            return tf.cond(finite, lambda: compiled_apply(x, y, y_pred, total, grads, gnorm), refuse)
-    else:
-        compiled = tf.function(step, jit_compile=jit, reduce_retracing=True)
-
-    @tf.function
-    def train_k(iterator, k):
-        for _ in tf.range(k):
-            x, y = next(iterator)
-            if not compiled(x, y):
-                break
-
-    return train_k
-
-
-class AblationCase(TrainerCase):
-    """The masked trainer with its step replaced by :func:`ablated_train_function`."""
-
-    def __init__(self, *args, ablation: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ablation = ablation
-
-    def _build(self) -> None:
-        super()._build()
-        fn = ablated_train_function(self.trainer, **ABLATIONS[self.ablation])
-        self.trainer._train_function = lambda: fn
-
-
 class MatmulCase(Case):
     """The machine's float32 matmul rate: ``reps`` 2048x2048 ``tf.matmul`` per round."""
 
@@ -806,15 +693,12 @@ def _tfmot_round(state, steps, mem):
 
 # ------------------------------------------------------------------ registry memory
 def registry_memory(hidden, input_shape, classes) -> Dict[str, Any]:
-    """Registry bytes against the model's own, per kernel, for ``value="zero"`` and ``value="current"``.
+    """Registry bytes against the model's own, per kernel: dense ``zero`` / ``current`` pins and compact updates.
 
-    ``registry_bytes`` is :meth:`MaskRegistry.memory_bytes` (device variables:
-    the bool trainable-mask, and the pinned values where some are non-zero).
-    ``bound_bytes`` is the target: 1 byte per element of a partially frozen
-    variable plus 4 bytes per frozen element pinned to a non-zero value.
-    ``host_bytes`` adds the registry's NumPy copies (host frozen mask, host
-    pinned values, and the initial values of every model variable), which the
-    target does not count but which take RAM all the same.
+    ``registry_bytes`` is :meth:`MaskRegistry.memory_bytes` (per-element state on the host and the device:
+    the 1-byte trainable-mask of a dense update, or the int32 index and the value of each trainable element of
+    a compact one; no pinned copies). ``bound_bytes`` is the target: 1.2 bytes per element of a partly frozen
+    variable in dense mode, 8 bytes per trainable element in compact mode.
     """
     import keras
 
@@ -822,36 +706,27 @@ def registry_memory(hidden, input_shape, classes) -> Dict[str, Any]:
     from trainer.models import build_model
 
     out: Dict[str, Any] = {}
-    for value in ("zero", "current"):
+    for label, value, update in (("zero", "zero", "dense"), ("current", "current", "dense"),
+                                 ("compact", "current", "compact")):
         keras.utils.set_random_seed(0)
         model = build_model("mlp", input_shape, classes, hidden=list(hidden))
-        registry = MaskRegistry(model)
+        registry = MaskRegistry(model, update=update)
         registry.freeze("*/kernel", elements={"random": SPARSITY, "seed": 0}, value=value)
-        device = registry.memory_bytes()
         variables = {v.path: v for v in model.variables}
-        rows, totals = {}, {"model_bytes": 0, "registry_bytes": 0, "bound_bytes": 0, "host_bytes": 0}
-        for path, nbytes in device.items():
+        rows, totals = {}, {"model_bytes": 0, "registry_bytes": 0, "bound_bytes": 0}
+        for path, nbytes in registry.memory_bytes().items():
             var = variables[path]
             size = int(np.prod(var.shape))
-            frozen = ~registry.trainable_mask(path)
-            partial = bool(frozen.any() and not frozen.all())
-            value_now = np.asarray(var.numpy())
-            nonzero_pinned = int(np.count_nonzero(value_now[frozen]))
-            bound = (size if partial else 0) + 4 * nonzero_pinned
-            entry = getattr(registry, "_entries", {}).get(path)
-            host = 0
-            for attr in ("frozen", "pinned_host"):
-                arr = getattr(entry, attr, None)
-                host += int(arr.nbytes) if isinstance(arr, np.ndarray) else 0
-            initial = getattr(registry, "_initial", {}).get(path)
-            host += int(initial.nbytes) if isinstance(initial, np.ndarray) else 0
-            row = {"elements": size, "model_bytes": size * np.dtype(var.dtype).itemsize, "registry_bytes": int(nbytes),
-                   "bytes_per_element": nbytes / size, "nonzero_pinned": nonzero_pinned, "bound_bytes": bound,
-                   "within_bound": int(nbytes) <= bound, "host_bytes": host}
+            trainable = int(registry.trainable_mask(path).sum())
+            bound = 8 * trainable if update == "compact" else int(1.2 * size)
+            row = {"elements": size, "trainable": trainable, "model_bytes": size * np.dtype(var.dtype).itemsize,
+                   "registry_bytes": int(nbytes), "bytes_per_element": nbytes / size,
+                   "bytes_per_trainable": nbytes / max(trainable, 1), "bound_bytes": bound,
+                   "within_bound": int(nbytes) <= bound}
             rows[path] = row
             for key in totals:
                 totals[key] += row[key]
-        out[value] = {"variables": rows, **totals, "within_bound": all(r["within_bound"] for r in rows.values())}
+        out[label] = {"variables": rows, **totals, "within_bound": all(r["within_bound"] for r in rows.values())}
     return out
 
 
@@ -907,9 +782,6 @@ def build_cases(args, x, y, classes) -> List[Case]:
             elif kind == "trainer":
                 cases.append(TrainerCase(prefix + name, desc, input_shape=input_shape, classes=classes,
                                          ds=ds, **common))
-            elif kind == "ablation":
-                cases.append(AblationCase(prefix + name, desc, input_shape=input_shape, classes=classes,
-                                          ds=ds, ablation=name, **common))
             elif kind == "tfmot":
                 cases.append(TfmotCase(prefix + name, desc, data=args.data, limit=args.limit,
                                        input_mode=args.input, **common))
@@ -946,10 +818,6 @@ def build_cases(args, x, y, classes) -> List[Case]:
                     name = f"trainer_{'masked' if masked else 'dense'}_k{sweep_k}_{'xla' if jit else 'noxla'}"
                     desc = f"trainer, {'mask' if masked else 'no rules'}"
                     specs.append((name, "trainer", dict(desc=desc, masked=masked, k=sweep_k, jit=jit)))
-    if args.ablation:
-        for name, opts in ABLATIONS.items():
-            desc = "trainer mask, " + ", ".join(f"{key}={value}" for key, value in opts.items())
-            specs.append((name, "ablation", dict(desc=desc, masked=True, k=k, jit=True)))
     add("lenet", lenet, k, specs)
     if not args.no_wide:
         wk = args.wide_k
@@ -962,9 +830,6 @@ def build_cases(args, x, y, classes) -> List[Case]:
             ("trainer_dense_noxla", "trainer", dict(desc="trainer, no rules", masked=False, k=wk, jit=False)),
             ("matmuls_only", "matmuls", dict(desc="the step's matmuls alone (linear layers, SGD)", k=wk, jit=True)),
         ]
-        if args.ablation:
-            wide_specs += [(n, "ablation", dict(desc=f"trainer mask, {n}", masked=True, k=wk, jit=True))
-                           for n in WIDE_ABLATIONS]
         add("wide", wide, wk, wide_specs)
     del tf
     if args.only:
@@ -1025,10 +890,6 @@ def summarize(cases: List[Case], args, machine, loads) -> Dict[str, Any]:
         "wide_trainer_vs_keras_fit": _ratio(by_name, "wide_trainer_masked", "wide_keras_fit"),
         "wide_masked_vs_unmasked_noxla": _ratio(by_name, "wide_trainer_masked_noxla", "wide_trainer_dense_noxla"),
     }
-    for name in ABLATIONS:
-        for prefix in ("", "wide_"):
-            if prefix + name in by_name:
-                ratios[f"{prefix}{name}_vs_trainer_masked"] = _ratio(by_name, prefix + name, prefix + "trainer_masked")
     for name, case in by_name.items():  # the sweep: each setting against the headline masked trainer
         if name.startswith("trainer_masked_k"):
             ratios[f"{name}_vs_trainer_masked"] = _ratio(by_name, name, "trainer_masked")
@@ -1087,13 +948,13 @@ def format_table(result: Dict[str, Any]) -> str:
 
 def format_memory(memory: Dict[str, Any]) -> str:
     """A Markdown table of the registry's memory per kernel."""
-    lines = ["| value | variable | elements | model bytes | registry bytes | bytes/element | bound bytes | "
-             "within bound | host copies bytes |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| case | variable | elements | model bytes | registry bytes | bytes/element | bytes/trainable | "
+             "bound bytes | within bound |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for value, block in memory.items():
         for path, r in block["variables"].items():
             lines.append(f"| {value} | {path} | {r['elements']:,} | {r['model_bytes']:,} | {r['registry_bytes']:,} | "
-                         f"{r['bytes_per_element']:.2f} | {r['bound_bytes']:,} | {r['within_bound']} | "
-                         f"{r['host_bytes']:,} |")
+                         f"{r['bytes_per_element']:.2f} | {r['bytes_per_trainable']:.2f} | {r['bound_bytes']:,} | "
+                         f"{r['within_bound']} |")
     return "\n".join(lines)
 
 
@@ -1117,8 +978,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="K for the headline cases and every Keras fit (default 100; 10 with --quick)")
     p.add_argument("--sweep-k", type=int, nargs="*", default=None, help="the trainer sweep's K values (1 10 100)")
     p.add_argument("--no-sweep", action="store_true", help="skip the trainer K / XLA sweep")
-    p.add_argument("--ablation", action="store_true",
-                   help="add copies of the masked step without the finiteness check / gradient norm / counters")
+    p.add_argument("--scale", action="store_true",
+                   help="also run the 100.7M-parameter MLP cases of scripts/bench_scale.py (each in a subprocess)")
+    p.add_argument("--scale-rounds", type=int, default=2, help="interleaved rounds of the scale cases (default 2)")
+    p.add_argument("--scale-width", type=int, default=4096, help="the scale MLP's width (default 4096: 100.7M)")
+    p.add_argument("--scale-transformer", action="store_true", help="with --scale: the 108.6M Transformer cases too")
     p.add_argument("--only", nargs="+", default=None, help="run only these cases (names as in the table)")
     p.add_argument("--no-tfmot", action="store_true", help="skip the tfmot case")
     p.add_argument("--no-wide", action="store_true", help="skip the wide MLP")
@@ -1174,6 +1038,15 @@ def main(argv=None) -> Dict[str, Any]:
         }
         if not args.no_wide:
             result["registry_memory"]["wide"] = registry_memory([args.wide_width] * 2, tuple(x.shape[1:]), classes)
+        if args.scale:  # the 100.7M-parameter cases, each in its own subprocess (scripts/bench_scale.py)
+            import bench_scale
+
+            scale = bench_scale.run_all(bench_scale.parse_args(
+                ["--rounds", str(args.scale_rounds), "--width", str(args.scale_width)]
+                + (["--transformer"] if args.scale_transformer else [])))
+            result["scale"] = scale
+            result["ratios"].update(scale["ratios"])
+            print(bench_scale.format_table(scale))
     finally:
         for case in cases:
             case.close()

@@ -256,3 +256,51 @@ def test_layer_type_finds_layers_inside_nested_models(build, rule, covered, trai
     for path in trains:
         assert np.any(after[path] != before[path]), path
     assert registry.exact()
+
+
+@pytest.mark.parametrize("update", ["dense", "compact"])
+def test_transformer_patches_every_kernel_frozen_exactly_attention_included(update, tmp_path):
+    from trainer.models import transformer
+
+    keras.utils.set_random_seed(0)
+    model = transformer((8, 8), 4, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)
+    registry = MaskRegistry(model, update=update)
+    registry.freeze("*/kernel", elements={"random": 0.9, "seed": 0}, value="current")
+    attention = [f"block1_attn/{p}/kernel" for p in ("query", "key", "value", "attention_output")]
+    assert set(attention) <= set(registry.covered_paths())
+    assert set(registry.update_modes().values()) == {update}
+    masks = {p: registry.trainable_mask(p) for p in registry.covered_paths()}
+    before = values(model)
+    x, y = data(seed=1, n=32, shape=(8, 8))
+    train(model, registry, x, y, steps=6)
+    after = values(model)
+    for path, trainable in masks.items():
+        np.testing.assert_array_equal(after[path][~trainable].view(np.uint32), before[path][~trainable].view(np.uint32))
+        assert np.any(after[path][trainable] != before[path][trainable]), path
+    assert registry.exact()
+    model.save(tmp_path / "t.keras")  # a plain Keras model: loads without this package
+    reloaded = keras.models.load_model(tmp_path / "t.keras")
+    np.testing.assert_array_equal(reloaded(x[:2]), model(x[:2]))
+
+
+def test_transformer_tokens_embedding_rows_frozen():
+    from trainer.models import transformer
+
+    keras.utils.set_random_seed(0)
+    model = transformer((6,), 3, vocab_size=12, dim=8, depth=1, heads=2, mlp_dim=16)
+    registry = MaskRegistry(model)
+    registry.freeze("tokens/embeddings", elements={"rows": [0, 1, 2, 3]}, value="current")
+    before = values(model)["tokens/embeddings"]
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 12, size=(32, 6)).astype(np.int32), rng.integers(0, 3, size=32).astype(np.int32)
+    train(model, registry, x, y, steps=5)
+    after = values(model)["tokens/embeddings"]
+    np.testing.assert_array_equal(after[:4].view(np.uint32), before[:4].view(np.uint32))
+    assert np.all(after[4:] != before[4:])
+
+
+def test_transformer_refuses_patches_that_do_not_tile():
+    from trainer.models import transformer
+
+    with pytest.raises(ValueError, match=r"^image sides \(8, 8\) must be multiples of patch_size \(3\)$"):
+        transformer((8, 8), 4, patch_size=3)

@@ -143,7 +143,7 @@ def test_a_scheduled_rule_never_makes_a_variable_statically_frozen():
     registry.freeze("fc2/bias", value="current", name="static")
     # The scheduled rule keeps fc1 in the compiled step (its mask switches); the static rule drops fc2/bias.
     assert [v.path for v in registry.trainable_variables()] == ["mlp/fc1/kernel", "mlp/fc1/bias", "mlp/fc2/kernel"]
-    assert sorted(registry.masks) == ["mlp_fc1_bias", "mlp_fc1_kernel"]
+    assert sorted(registry.masks) == ["mlp/fc1/bias", "mlp/fc1/kernel"]  # keyed by variable path
     version = registry.structure_version
     assert registry.update(0, epoch=2) is False  # still active: nothing changes
     assert registry.update(18, epoch=3) is True

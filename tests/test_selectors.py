@@ -223,7 +223,7 @@ VALUES = [
 def test_pinned_value(form, case_id, value, expected):
     model = dense_net()
     kernel = model.get_layer("fc").kernel
-    registry = MaskRegistry(model)  # remembers W as the initial value
+    registry = MaskRegistry(model, initial_values={kernel.path: W})  # initial is read lazily: W given
     kernel.assign(MOVED)  # the kernel moves after the build, as training would move it
     rule = {"select": "fc/kernel", "elements": {"indices": [0, 4]}}
     if value is not None:

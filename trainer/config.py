@@ -50,6 +50,8 @@ class ExportConfig:
 @dataclasses.dataclass
 class FreezeConfig:
     rules: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # How partly frozen variables are updated: auto | dense | compact (see trainer/masks/updates.py).
+    update: str = "auto"
 
 
 @dataclasses.dataclass
@@ -112,6 +114,9 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {value}")
     if t.nan_policy not in ("stop", "skip_step"):
         raise ConfigError(f"trainer.nan_policy must be 'stop' or 'skip_step', got {t.nan_policy!r}")
+    update = cfg.freeze["update"]  # item access: DictConfig.update is a method
+    if update not in ("auto", "dense", "compact"):
+        raise ConfigError(f"freeze.update must be one of ['auto', 'dense', 'compact'], got {update!r}")
     if cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed}")
 

@@ -2,10 +2,13 @@
 
 The step is, in this order: forward pass under ``tf.GradientTape`` -> loss
 (plus ``model.losses``) -> gradients of the not-fully-frozen variables ->
-``registry.mask_gradients`` -> ``optimizer.apply_gradients`` ->
-``registry.reproject()``. ``steps_per_execution`` steps run inside one
-``tf.function`` (``for _ in tf.range(k)``, ``k`` a Tensor, as in Orbit and
-Keras); hooks (summaries, checkpoints, logs) run between executions.
+``registry.update_gradients`` (masked for a dense update, gathered ``[k]`` for
+a compact one) -> ``registry.apply_gradients`` (the optimizer, then frozen
+elements restored or the compact values scattered back). Which update a
+variable uses is the registry's plan, not the step's. ``steps_per_execution``
+steps run inside one ``tf.function`` (``for _ in tf.range(k)``, ``k`` a
+Tensor, as in Orbit and Keras); hooks (summaries, checkpoints, logs) run
+between executions.
 """
 
 from __future__ import annotations
@@ -140,7 +143,11 @@ class Trainer:
 
     # ---------------------------------------------------------- compiled step
     def _forward(self, x, y, variables, weight=None):
-        """Loss and masked gradients of one (replica's) batch; ``weight`` scales the objective."""
+        """Loss and update gradients of one (replica's) batch; ``weight`` scales the objective.
+
+        The gradients are those of ``registry.update_gradients``: masked for a
+        dense update, the trainable entries ``[k]`` for a compact one.
+        """
         model, optimizer = self.model, self.optimizer
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
@@ -157,7 +164,7 @@ class Trainer:
                 objective = loss * weight + (tf.add_n(model.losses) / self.replicas if model.losses else 0.0)
             scaled = optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, variables)
-        grads = self.registry.mask_gradients(grads, variables)
+        grads = self.registry.update_gradients(grads, variables)  # masked, or gathered for compact updates
         return y_pred, total, grads
 
     @staticmethod
@@ -182,13 +189,12 @@ class Trainer:
         return finite, norm
 
     def _apply_or_skip(self, finite, norm, grads, variables, loss, count, y, y_pred):
-        """Applies the masked gradients and re-projects (the last two lines of the step), or skips."""
+        """Applies the update gradients (frozen elements never change), or skips the step."""
         optimizer, registry = self.optimizer, self.registry
 
         def apply():
             self.grad_norm.assign(norm)
-            optimizer.apply_gradients(zip(grads, variables))
-            registry.reproject()  # must run last: after weight decay and momentum
+            registry.apply_gradients(optimizer, grads, variables)  # dense: mask + restore; compact: scatter
             self.train_loss.update_state(loss, sample_weight=count)
             for metric in self.train_metrics:
                 metric.update_state(y, y_pred)
@@ -233,16 +239,17 @@ class Trainer:
     def _make_distributed_train_function(self):
         """The step under a multi-replica strategy.
 
-        Each replica computes the loss and masked gradients of its slice of
-        the global batch; the gradients are summed across replicas
-        (``strategy.reduce``), masked again after that reduction, and applied
-        in cross-replica context, where Keras updates every replica's copy of
-        each variable (``strategy.extended.update``); re-projection then runs on
-        every copy too. A non-finite value on any replica skips (or stops) the
-        step on all of them.
+        Each replica computes the loss and update gradients of its slice of
+        the global batch (masked, or gathered ``[k]`` for compact updates, so
+        only those are reduced); the gradients are summed across replicas
+        (``strategy.reduce``) and applied in cross-replica context, where Keras
+        updates every replica's copy of each variable
+        (``strategy.extended.update``); the registry's write-back (restore or
+        scatter) runs on every copy too. A non-finite value on any replica
+        skips (or stops) the step on all of them.
         """
         variables = self.registry.trainable_variables()
-        registry, strategy = self.registry, self.strategy
+        strategy = self.strategy
         SUM = tf.distribute.ReduceOp.SUM
 
         def replica_forward(x, y, count):
@@ -260,7 +267,6 @@ class Trainer:
             count = strategy.reduce(SUM, strategy.run(lambda t: tf.shape(t)[0], args=(y,)), axis=None)
             grads, bad, y_pred, loss_sum = strategy.run(replica_forward, args=(x, y, count))
             grads = [None if g is None else strategy.reduce(SUM, g, axis=None) for g in grads]
-            grads = registry.mask_gradients(grads, variables)
             finite = tf.equal(strategy.reduce(SUM, bad, axis=None), 0)
             y_all, pred_all = strategy.gather(y, axis=0), strategy.gather(y_pred, axis=0)
             loss_mean = strategy.reduce(SUM, loss_sum, axis=None) / tf.cast(count, tf.float32)

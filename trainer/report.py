@@ -11,6 +11,7 @@ import numpy as np
 
 from trainer import rundir
 from trainer.callbacks import Callback
+from trainer.masks import audit as masks_audit
 
 
 def audit(registry) -> List[Dict[str, Any]]:
@@ -18,22 +19,10 @@ def audit(registry) -> List[Dict[str, Any]]:
 
     ``drift`` is the max |value - pinned| over frozen elements (0.0 expected)
     and ``exact`` whether every frozen element is bit-for-bit its pinned value.
+    The statistics are :func:`trainer.masks.audit.variable_rows`, shared with the summaries.
     """
-    drift = registry.drift()
-    values = {v.path: np.asarray(v.numpy()) for v in registry.model.variables}
-    rows = []
-    for row in registry.plan():
-        value = values[row["path"]]
-        rows.append({
-            "path": row["path"],
-            "shape": row["shape"],
-            "frozen_elements": row["frozen_elements"],
-            "frozen_fraction": row["frozen_fraction"],
-            "sparsity": float(np.count_nonzero(value == 0) / max(value.size, 1)),
-            "drift": float(drift.get(row["path"], 0.0)),
-            "rules": row["rules"],
-        })
-    return rows
+    keys = ("path", "shape", "frozen_elements", "frozen_fraction", "sparsity", "drift", "rules")
+    return [{k: row[k] for k in keys} for row in masks_audit.variable_rows(registry)]
 
 
 def audit_line(rows: List[Dict[str, Any]], exact: bool) -> str:
@@ -41,7 +30,7 @@ def audit_line(rows: List[Dict[str, Any]], exact: bool) -> str:
     frozen = sum(r["frozen_elements"] for r in rows)
     n = sum(1 for r in rows if r["frozen_elements"])
     state = "all bit-exact" if exact else "NOT exact: see drift in report.json"
-    return f"{frozen:,} frozen elements in {n} variables, {state}"
+    return f"{frozen:,} frozen element{'' if frozen == 1 else 's'} in {n} variable{'' if n == 1 else 's'}, {state}"
 
 
 def write_json(path: str, data: Dict[str, Any]) -> None:

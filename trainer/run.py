@@ -183,9 +183,9 @@ def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimi
         raise ValueError(f"optimizer {cfg.name!r} with options {options}: {err}") from None
 
 
-def build_registry(model: keras.Model, rules_cfg: Any) -> MaskRegistry:
-    """A registry of ``model`` with every rule of ``freeze.rules`` applied (in config order)."""
-    registry = MaskRegistry(model)
+def build_registry(model: keras.Model, rules_cfg: Any, update: str = "auto") -> MaskRegistry:
+    """A registry of ``model`` (``freeze.update``) with every rule of ``freeze.rules`` applied (in config order)."""
+    registry = MaskRegistry(model, update=update)
     rules = OmegaConf.to_container(rules_cfg, resolve=True) if isinstance(rules_cfg, DictConfig) else rules_cfg
     for rule in rules_from_config(rules):
         registry.add_rule(rule)
@@ -222,7 +222,7 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
         if cfg.trainer.max_steps is not None:
             total_steps = min(total_steps, int(cfg.trainer.max_steps))
         optimizer = wrap_optimizer(make_optimizer(cfg.optimizer, total_steps), precision)
-        registry = build_registry(model, cfg.freeze.rules)
+        registry = build_registry(model, cfg.freeze.rules, update=cfg.freeze["update"])
     return splits, model, optimizer, registry
 
 

@@ -34,13 +34,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.callbacks import Callback, Throughput, crossed
+from trainer.masks import audit
 
 log = logging.getLogger("trainer")
 
@@ -71,8 +72,12 @@ def mask_image(trainable: np.ndarray) -> np.ndarray:
     return m[None, :, :, None]
 
 
-def variable_stats(registry) -> Dict[str, Dict[str, float]]:
+def variable_stats(registry, rows: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Dict[str, float]]:
     """Mask statistics of every variable in the registry's plan (trainable or pinned).
+
+    Args:
+      registry: the :class:`~trainer.masks.MaskRegistry`.
+      rows: :func:`trainer.masks.audit.variable_rows` of it, if already computed.
 
     Returns:
       ``{variable path: {"sparsity", "frozen_fraction", "frozen_drift",
@@ -80,36 +85,18 @@ def variable_stats(registry) -> Dict[str, Dict[str, float]]:
       the fraction frozen, max |value - pinned| over frozen elements (0.0
       expected; ``inf`` for NaN) and the L2 norm of the trainable elements.
     """
-    drift = registry.drift()
-    values = {v.path: v for v in registry.model.variables}
-    out = {}
-    for row in registry.plan():
-        path = row["path"]
-        value = np.asarray(values[path].numpy())
-        trainable = registry.trainable_mask(path)
-        out[path] = {
-            "sparsity": float(np.count_nonzero(value == 0) / max(value.size, 1)),
-            "frozen_fraction": float(row["frozen_fraction"]),
-            "frozen_drift": float(drift.get(path, 0.0)),
-            "trainable_norm": float(np.linalg.norm(value[trainable].astype(np.float64))),
-        }
-    return out
+    rows = audit.variable_rows(registry) if rows is None else rows
+    return {r["path"]: {"sparsity": r["sparsity"], "frozen_fraction": r["frozen_fraction"],
+                        "frozen_drift": r["drift"], "trainable_norm": r["trainable_norm"]} for r in rows}
 
 
-def model_stats(registry) -> Dict[str, float]:
+def model_stats(registry, rows: Optional[List[Dict[str, Any]]] = None) -> Dict[str, float]:
     """Sparsity and frozen fraction over all the plan's variables, weighted by element count.
 
     Returns:
       ``{"sparsity": exact zeros / elements, "frozen_fraction": frozen / elements}``.
     """
-    values = {v.path: v for v in registry.model.variables}
-    size = zeros = frozen = 0
-    for row in registry.plan():
-        value = np.asarray(values[row["path"]].numpy())
-        size += value.size
-        zeros += int(np.count_nonzero(value == 0))
-        frozen += int(row["frozen_elements"])
-    return {"sparsity": zeros / max(size, 1), "frozen_fraction": frozen / max(size, 1)}
+    return audit.model_stats(audit.variable_rows(registry) if rows is None else rows)
 
 
 def current_learning_rate(optimizer) -> float:
@@ -198,10 +185,11 @@ class TensorBoard(Callback):
             if not math.isnan(rates["seconds_per_step"]):
                 tf.summary.scalar("examples_per_second", rates["examples_per_second"])
                 tf.summary.scalar("seconds_per_step", rates["seconds_per_step"])
-            for path, stats in variable_stats(trainer.registry).items():
+            rows = audit.variable_rows(trainer.registry)  # one audit serves both
+            for path, stats in variable_stats(trainer.registry, rows).items():
                 for stat, value in stats.items():
                     tf.summary.scalar(f"masks/{path}/{stat}", value)
-            for stat, value in model_stats(trainer.registry).items():
+            for stat, value in model_stats(trainer.registry, rows).items():
                 tf.summary.scalar(f"model/{stat}", value)
 
     def write_histograms(self, trainer, step: int) -> None:

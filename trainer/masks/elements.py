@@ -29,14 +29,16 @@ class ElementContext:
     Attributes:
       path: the Keras variable path, e.g. ``"lenet/fc1/kernel"``.
       shape: the variable's shape.
-      value: the variable's current value, a NumPy array of ``shape``.
-      initial: the variable's value when the registry was created, same shape.
+      value: the variable's current value, a NumPy array of ``shape``, or
+        ``None`` for selectors that do not read values (all but ``magnitude``
+        and ``magnitude_threshold``): the registry keeps no host copy.
+      initial: the value ``value: initial`` pins to, or ``None``.
     """
 
     path: str
     shape: tuple
-    value: np.ndarray
-    initial: np.ndarray
+    value: Optional[np.ndarray]
+    initial: Optional[np.ndarray] = None
 
     @property
     def size(self) -> int:
@@ -248,6 +250,24 @@ def _axis_selection(ctx: ElementContext, key: str, positions: list, axis: int) -
     return frozen
 
 
+def _random_subset(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """A flat bool array with exactly ``count`` of ``size`` entries True, uniformly at random.
+
+    Vectorised and O(size) at most: the smaller side (the ``count`` chosen or
+    the ``size - count`` left) is drawn, by ``Generator.choice`` without
+    replacement when it is small, else as the smallest of ``size`` uniform
+    float32 keys (``np.argpartition``).
+    """
+    small = min(count, size - count)
+    if small <= size // 20:
+        picked = rng.choice(size, small, replace=False) if small else np.empty(0, np.int64)
+    else:
+        picked = np.argpartition(rng.random(size, dtype=np.float32), small - 1)[:small]
+    chosen = np.zeros(size, dtype=bool)
+    chosen[picked] = True
+    return chosen if small == count else ~chosen
+
+
 def _select_indices(ctx: ElementContext, value: Any) -> np.ndarray:
     frozen = np.zeros(ctx.size, dtype=bool)
     if isinstance(value, Sequence) and value and isinstance(value[0], Sequence):
@@ -305,11 +325,8 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
             )
         return ~_check_shape(array, ctx, f"elements.mask_file {value!r}").astype(bool)
     if key == "random":
-        count = int(round(float(value) * ctx.size))
-        rng = np.random.default_rng(_path_seed(spec.get("seed", 0), ctx.path))
-        frozen = np.zeros(ctx.size, dtype=bool)
-        frozen[rng.permutation(ctx.size)[:count]] = True
-        return frozen.reshape(ctx.shape)
+        return _random_subset(ctx.size, int(round(float(value) * ctx.size)),
+                              np.random.default_rng(_path_seed(spec.get("seed", 0), ctx.path))).reshape(ctx.shape)
     if key in ("magnitude", "magnitude_threshold"):
         weights = ctx.value
         if "weights_file" in spec:

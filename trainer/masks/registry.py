@@ -1,118 +1,116 @@
-"""The mask registry: per variable, which elements train and what frozen ones are pinned to.
+"""The mask registry: a thin facade over the plan, the per-variable updates, slots and the audit.
 
 Usable in any ``tf.GradientTape`` loop::
 
     registry = MaskRegistry(model)
     registry.freeze("*/kernel", elements={"random": 0.9, "seed": 0}, value="zero")
-    registry.attach_optimizer(optimizer)        # builds it, zeroes stale slots later
+    registry.attach_optimizer(optimizer)        # builds it (on compact variables where compact)
     variables = registry.trainable_variables()  # fully frozen ones left out
     with tf.GradientTape() as tape:
         loss = loss_fn(y, model(x, training=True))
-    grads = registry.mask_gradients(tape.gradient(loss, variables), variables)
-    optimizer.apply_gradients(zip(grads, variables))
-    registry.reproject()                        # must run last, after the optimizer
+    grads = registry.update_gradients(tape.gradient(loss, variables), variables)
+    registry.apply_gradients(optimizer, grads, variables)  # frozen elements never change
 
 Polarity: a *trainable-mask* is ``True`` where an element may change; rules
-declare *frozen* elements. Re-projection uses ``tf.where(mask, value, pinned)``,
-which is bit-exact (a blend ``value * m + pinned * (1 - m)`` is not: NaN * 0 is
-NaN and -0.0 becomes +0.0). The design follows RigL's ``mask_gradients`` and
-Optax's ``masked``/``set_to_zero`` composition.
+declare *frozen* elements. Per covered variable the plan
+(:mod:`trainer.masks.plan`) decides a dense or a compact update
+(:mod:`trainer.masks.updates`); ``update="auto"`` picks compact when at most
+:data:`COMPACT_CROSSOVER` of a variable's elements train and its mask never
+changes. The design follows RigL's ``mask_gradients`` and Optax's
+``masked``/``set_to_zero`` composition; compact updates follow the sparse
+fine-tuning literature (e.g. Ansell et al., "Composable Sparse Fine-Tuning",
+ACL 2022), where only the chosen few elements and their optimizer state exist.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.masks.elements import ElementContext, select_elements, selector_name
+from trainer.masks import audit
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.plan import Planner, RuleState, VariablePlan, bits
 from trainer.masks.rules import FreezeRule
 from trainer.masks.slots import slots_by_path, zero_slot_elements
 from trainer.masks.state import RuleStateTrackable
-from trainer.masks.values import is_zero, resolve_value
-from trainer.masks.variables import VariableInfo, index_variables, select_variables
+from trainer.masks.updates import UPDATE_MODES, choose_mode, make_update
+from trainer.masks.variables import index_variables, select_variables
+
+# ``update="auto"`` uses a compact update where at most this fraction of a variable trains
+# (measured on the 100.7M MLP, see README "Scale").
+COMPACT_CROSSOVER = 0.5
 
 
-@dataclasses.dataclass
-class _RuleState:
-    """What an active rule froze: per variable path, a frozen mask and pinned values."""
+class _Covered:
+    """What the registry keeps for one covered variable (no per-element host arrays)."""
 
-    rule: FreezeRule
-    targets: List[VariableInfo]
-    active: bool = False
-    last_update_step: Optional[int] = None
-    frozen: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    pinned: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
-
-class _Entry:
-    """The registry's state for one covered variable."""
-
-    def __init__(self, info: VariableInfo):
-        self.info = info
-        self.mask: Optional[tf.Variable] = None  # trainable-mask, bool; None when statically all frozen
-        self.pinned: Optional[tf.Variable] = None  # None when every pinned value is 0
-        self.fully_frozen = False  # all elements frozen by rules that never switch off
-        self.frozen = np.zeros(tuple(info.variable.shape), dtype=bool)  # host copy of ~mask
-        self.pinned_host = np.zeros(tuple(info.variable.shape), dtype=info.variable.dtype)
+    def __init__(self):
         self.rules: List[str] = []
-
-    @property
-    def path(self) -> str:
-        return self.info.path
-
-
-def _key(path: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", path)
+        self.static_full = False
+        self.frozen_elements = 0
+        self.digest = ""  # of the `current`-pinned elements' bit patterns
+        self.update = None  # DenseUpdate | CompactUpdate | None (fully frozen)
 
 
 class _Refs:
-    """Plain holder, so that tf.Module does not track the model and optimizer as checkpoint dependencies."""
+    """Plain holder, so that tf.Module does not track the model, optimizer and updates as dependencies."""
 
     def __init__(self, model):
         self.model = model
         self.optimizer = None
+        self.covered: Dict[str, _Covered] = {}
+        self.initial: Dict[str, np.ndarray] = {}
 
 
 class MaskRegistry(tf.Module):
     """Element-level freezing for the variables of one Keras model.
 
-    Per covered variable the registry keeps a boolean trainable-mask and the
-    pinned values as non-trainable ``tf.Variable`` s (checkpointed with the
-    registry; they change without retracing a compiled step). A pinned value
-    of 0 needs no stored copy; a variable frozen entirely by rules that never
-    switch off needs no mask and is left out of :meth:`trainable_variables`.
+    Creating a registry copies nothing: it indexes the model's variables.
+    Per covered variable it keeps only what its update needs on the device (a
+    bool mask, 1 byte per element, or the int32 indices and values of the
+    trainable elements), plus, on the host, the initial values of variables a
+    ``value: initial`` rule pins (read when that rule is added) and the
+    selections of ``magnitude`` / ``mask_file`` rules as packed bits.
+    Everything is keyed by ``variable.path``.
 
     Args:
       model: a built ``keras.Model`` (or layer).
       initial_values: optional ``{variable path: array}`` used by
-        ``value="initial"`` instead of the values the model has now.
+        ``value="initial"`` instead of the values when the rule is added.
+      update: ``"auto"`` (default), ``"dense"`` or ``"compact"``: how
+        partly frozen variables are updated (see :mod:`trainer.masks.updates`).
       name: the ``tf.Module`` name.
 
     Raises:
-      FreezeConfigError: the model has no variables, or two share a path.
+      FreezeConfigError: the model has no variables, two share a path, or
+        ``update`` is unknown.
     """
 
     def __init__(self, model: keras.layers.Layer, *, initial_values: Optional[Mapping[str, Any]] = None,
-                 name: str = "mask_registry"):
+                 update: str = "auto", name: str = "mask_registry"):
         super().__init__(name=name)
+        if update not in UPDATE_MODES:
+            raise FreezeConfigError(f"update must be one of {list(UPDATE_MODES)}, got {update!r}")
+        self.update_mode = update
         self._refs = _Refs(model)
         self._infos = index_variables(model)
         self._by_path = {i.path: i for i in self._infos}
-        initial_values = dict(initial_values or {})
-        self._initial = {
-            i.path: np.array(initial_values.get(i.path, i.variable.numpy())) for i in self._infos
-        }
-        self._states: Dict[str, _RuleState] = {}
-        self._entries: Dict[str, _Entry] = {}
-        # Checkpointed variables, keyed by a sanitized variable path.
+        self._initial_values = initial_values  # a reference, read lazily
+        self._planner = Planner(
+            shapes={i.path: (tuple(int(d) for d in i.variable.shape), np.dtype(i.variable.dtype))
+                    for i in self._infos},
+            read=lambda path: np.asarray(self._by_path[path].variable.numpy()),
+            initial=lambda path: self._refs.initial[path],
+        )
+        self._states: Dict[str, RuleState] = {}
+        # Checkpointed variables, keyed by variable path.
         self.masks: Dict[str, tf.Variable] = {}
-        self.pinned: Dict[str, tf.Variable] = {}
+        self.pins: Dict[str, tf.Variable] = {}  # only non-trainable variables held by `non_trainable: pin`
+        self.indices: Dict[str, tf.Variable] = {}
+        self.compact: Dict[str, keras.Variable] = {}
         self._step = 0
         self._epoch = 0
         self.structure_version = 0
@@ -138,7 +136,8 @@ class MaskRegistry(tf.Module):
           elements: ``"all"`` or a selector mapping such as
             ``{"random": 0.9, "seed": 0}``, ``{"indices": [0, 2]}``,
             ``{"slice": "[:, :10]"}``, ``{"magnitude": 0.8}``, ``{"units": [3]}``.
-          value: ``"current"``, ``"initial"``, ``"zero"`` or a float.
+          value: ``"current"``, ``"initial"``, ``"zero"`` or a number (cast
+            to each variable's dtype bit-exactly; one that overflows it is refused).
           name: the rule's name (default ``"rule<N>"``).
           **options: ``layer_type``, ``exclude``, ``start_step``, ``end_step``,
             ``start_epoch``, ``end_epoch``, ``update_every_n_steps``,
@@ -149,8 +148,9 @@ class MaskRegistry(tf.Module):
 
         Raises:
           FreezeConfigError: the rule is malformed, matches nothing, does not
-            fit a variable, or pins an element another rule pins differently.
-            The registry is unchanged when this is raised.
+            fit a variable, pins a value its dtype cannot hold, or pins an
+            element another rule pins differently. The registry is unchanged
+            when this is raised.
         """
         name = name or f"rule{len(self._states)}"
         unknown = sorted(set(options) - set(FreezeRule.KEYS))
@@ -175,167 +175,204 @@ class MaskRegistry(tf.Module):
             targets = [t for t in targets if t.trainable]
             if not targets:
                 raise FreezeConfigError(f"rule {rule.name!r} selects only non-trainable variables {non_trainable}")
-        state = _RuleState(rule, targets)
-        # Resolve once against every target now so that bad specs fail before training.
-        if not rule.dynamic or rule.window.active(self._step, self._epoch):
-            self._activate(state, self._step)
-        else:
-            for info in targets:
-                self._resolve(state, info)
-        self._states[rule.name] = state
+        if rule.dynamic and self.update_mode == "compact":
+            raise FreezeConfigError(
+                f"rule {rule.name!r} changes its mask during training (start/end bounds or update_every_n_steps), "
+                "which update 'compact' does not support; use update 'auto' (dense where masks change) or 'dense'"
+            )
+        paths = [t.path for t in targets]
+        state = RuleState(rule, paths)
+        added_initial = []
         try:
-            self._apply(self._combine())
+            if rule.value != "initial":  # refuse a constant the dtype cannot hold, before anything changes
+                for path in paths:
+                    self._planner.pins(rule, path, None)
+            else:
+                added_initial = [p for p in paths if p not in self._refs.initial]
+                for path in added_initial:
+                    self._refs.initial[path] = self._initial_value(path)
+            # Resolve once against every target now so that bad specs fail before training.
+            if not rule.dynamic or rule.window.active(self._step, self._epoch):
+                self._planner.activate(state, self._step)
+            else:
+                for path in paths:
+                    self._planner.select(state, path, self._step)
+            self._states[rule.name] = state
+            self._apply(paths)
         except FreezeConfigError:
-            del self._states[rule.name]
+            self._states.pop(rule.name, None)
+            for path in added_initial:
+                del self._refs.initial[path]
             raise
         if rule.rescale_trainable and state.active:
-            self._rescale_trainable(state)
+            self._rescale_trainable(paths)
         return rule
 
-    def _rescale_trainable(self, state: _RuleState) -> None:
-        for info in state.targets:
+    def _initial_value(self, path: str) -> np.ndarray:
+        info = self._by_path[path]
+        given = (self._initial_values or {}).get(path)
+        value = np.asarray(info.variable.numpy() if given is None else given)
+        if value.shape != tuple(info.variable.shape):
+            raise FreezeConfigError(f"initial_values[{path!r}] has shape {value.shape}, the variable "
+                                    f"{tuple(info.variable.shape)}")
+        return value
+
+    def _rescale_trainable(self, paths: Sequence[str]) -> None:
+        for path in paths:
+            info = self._by_path[path]
             shape = tuple(info.variable.shape)
             if len(shape) < 2:
                 continue
-            trainable = ~self._entries[info.path].frozen
+            trainable = self.trainable_mask(path)
             kept = trainable.reshape(-1, shape[-1]).sum(axis=0)
             fan_in = float(np.prod(shape[:-1]))
-            scale = np.sqrt(fan_in / np.maximum(kept, 1)).astype(np.asarray(info.variable.numpy()).dtype)
             value = np.asarray(info.variable.numpy())
+            scale = np.sqrt(fan_in / np.maximum(kept, 1)).astype(value.dtype)
             info.variable.assign(np.where(trainable, value * scale, value))
-
-    # --------------------------------------------------------------- resolving
-    def _context(self, info: VariableInfo) -> ElementContext:
-        return ElementContext(info.path, tuple(info.variable.shape), np.asarray(info.variable.numpy()),
-                              self._initial[info.path])
-
-    def _resolve(self, state: _RuleState, info: VariableInfo, step: int = 0):
-        rule = state.rule
-        fraction = rule.schedule(step) if rule.schedule is not None else None
-        ctx = self._context(info)
-        try:
-            frozen = select_elements(rule.elements, ctx, fraction=fraction)
-        except FreezeConfigError as err:
-            raise FreezeConfigError(f"rule {rule.name!r}, variable {info.path!r}: {err}") from None
-        pinned = resolve_value(rule.value, ctx.value, ctx.initial)
-        return frozen, pinned
-
-    def _activate(self, state: _RuleState, step: int) -> None:
-        frozen, pinned = {}, {}
-        for info in state.targets:
-            frozen[info.path], pinned[info.path] = self._resolve(state, info, step)
-        state.frozen, state.pinned = frozen, pinned
-        state.active = True
-        state.last_update_step = step
-
-    def _combine(self) -> Dict[str, tuple]:
-        """Per covered path: (frozen, pinned, rule names, fully frozen by static rules)."""
-        combined: Dict[str, tuple] = {}
-        owner: Dict[str, np.ndarray] = {}
-        for state in self._states.values():
-            for info in state.targets:
-                shape = tuple(info.variable.shape)
-                if info.path not in combined:
-                    combined[info.path] = (np.zeros(shape, bool), np.zeros(shape, info.variable.dtype), [], False)
-                    owner[info.path] = np.full(shape, -1, dtype=np.int32)
-                frozen, pinned, names, static_full = combined[info.path]
-                if state.rule.name not in names:
-                    names.append(state.rule.name)
-                if not state.active:
-                    continue
-                f, p = state.frozen[info.path], state.pinned[info.path]
-                overlap = f & frozen
-                if overlap.any():
-                    same = (p == pinned) | (np.isnan(p) & np.isnan(pinned))
-                    differs = overlap & ~same
-                    if differs.any():
-                        other = list(self._states)[int(owner[info.path][differs][0])]
-                        idx = np.unravel_index(int(np.flatnonzero(differs)[0]), shape)
-                        first, second = self._states[other].rule.value, state.rule.value
-                        raise FreezeConfigError(
-                            f"rules {other!r} (value {first}) and {state.rule.name!r} (value {second}) pin "
-                            f"{int(differs.sum())} element(s) of variable {info.path!r} to different values, "
-                            f"e.g. element {tuple(int(i) for i in idx)}: {float(pinned[idx])!r} and "
-                            f"{float(p[idx])!r}; give them the same value or make their element selections "
-                            "disjoint (e.g. with 'exclude' or 'invert')"
-                        )
-                pinned = np.where(f, p, pinned)
-                owner[info.path] = np.where(f & ~frozen, list(self._states).index(state.rule.name), owner[info.path])
-                frozen = frozen | f
-                static_full = static_full or (not state.rule.dynamic and bool(f.all()))
-                combined[info.path] = (frozen, pinned, names, static_full)
-        return combined
+        self._sync_compact()
 
     # ----------------------------------------------------------------- applying
-    def _entry(self, info: VariableInfo) -> _Entry:
-        if info.path not in self._entries:
-            self._entries[info.path] = _Entry(info)
-            self.structure_version += 1
-        return self._entries[info.path]
+    def _states_for(self, path: str) -> List[RuleState]:
+        return [s for s in self._states.values() if path in s.paths]
 
-    def _apply(self, combined: Dict[str, tuple]) -> bool:
-        """Writes the combined plan into the registry's variables and pins weights."""
-        changed_any = False
-        slots = None
-        for path, (frozen, pinned, names, static_full) in combined.items():
-            info = self._by_path[path]
-            entry = self._entry(info)
-            entry.rules = list(names)
-            needs_pinned = any(
-                not is_zero(s.rule.value) for s in self._states.values() if any(t.path == path for t in s.targets)
+    def _combine(self, path: str) -> VariablePlan:
+        return self._planner.combine(self._states_for(path), path)
+
+    def _apply(self, paths: Sequence[str]) -> bool:
+        """Writes the combined plan of ``paths`` into the variables and their updates.
+
+        Variables targeted by several rules are checked for conflicting pins
+        first, so a refused rule changes nothing.
+        """
+        for path in paths:
+            if len(self._states_for(path)) > 1:
+                self._combine(path)  # raises on conflicting pins
+        changed = False
+        for path in paths:
+            changed |= self._apply_one(path, self._combine(path))
+        return changed
+
+    def _apply_one(self, path: str, plan: VariablePlan) -> bool:
+        info = self._by_path[path]
+        covered = self._refs.covered.get(path)
+        if covered is None:
+            covered = self._refs.covered[path] = _Covered()
+            self.structure_version += 1
+        covered.rules = list(plan.rules)
+        live, frozen = plan.live, plan.frozen
+        moved = False
+        if plan.derivable.any():
+            pins_move = plan.derivable & (bits(plan.target) != bits(live))
+            if pins_move.any():
+                info.variable.assign(plan.target)  # target is the live value with the pins written in
+                live, moved = plan.target, True
+        trainable = ~frozen
+        old = covered.update.trainable_mask() if covered.update is not None else None
+        changed = moved or old is None or not np.array_equal(old, trainable)
+        covered.frozen_elements = int(np.count_nonzero(frozen))
+        current = frozen & ~plan.derivable if plan.derivable.any() else frozen
+        covered.digest = audit.digest(live, current) if current.any() else ""
+        if plan.static_full != covered.static_full:
+            covered.static_full = plan.static_full
+            self.structure_version += 1
+        if plan.static_full and info.trainable:
+            self._drop_update(path, covered)
+            return changed
+        size = max(int(trainable.size), 1)
+        mode = choose_mode(self.update_mode, trainable_fraction=1.0 - covered.frozen_elements / size,
+                           dynamic=plan.dynamic, rank=len(trainable.shape), crossover=COMPACT_CROSSOVER)
+        if not info.trainable:
+            mode = "pinned"
+        update = covered.update
+        if self._refs.optimizer is not None and update is None and mode == "compact" and self.update_mode == "auto":
+            mode = "dense"  # the optimizer has slots for the model variable already
+        if update is not None and update.mode == mode and mode in ("dense", "pinned"):
+            if old is not None and not np.array_equal(old, trainable):
+                update.set_trainable(trainable)
+                self._zero_slots(path, old != trainable)
+            return changed
+        if update is not None and update.mode == mode and np.array_equal(old, trainable):
+            return changed
+        if self._refs.optimizer is not None and update is not None:
+            raise FreezeConfigError(
+                f"variable {path!r} would change its {update.mode} update to a {mode} one with another mask "
+                "after the optimizer was built; add every rule before attach_optimizer (or the Trainer)"
             )
-            key = _key(path)
-            if needs_pinned and entry.pinned is None:
-                entry.pinned = self.pinned[key] = tf.Variable(
-                    pinned, trainable=False, name=f"pinned_{key}", dtype=info.variable.dtype)
-                self.structure_version += 1
-            needs_mask = not static_full
-            if needs_mask and entry.mask is None:
-                entry.mask = self.masks[key] = tf.Variable(~frozen, trainable=False, name=f"mask_{key}")
-                self.structure_version += 1
-            if static_full != entry.fully_frozen:
-                entry.fully_frozen = static_full
-                self.structure_version += 1
-            newly = frozen != entry.frozen
-            if not newly.any() and np.array_equal(pinned, entry.pinned_host):
+        self._drop_update(path, covered)
+        covered.update = make_update(mode, variable=info.variable, trainable=trainable,
+                                     name=f"{mode}_{len(self.masks) + len(self.compact)}")
+        if mode in ("dense", "pinned"):
+            self.masks[path] = covered.update.mask
+            self._zero_slots(path, frozen)
+            if mode == "pinned":
+                self.pins[path] = covered.update.pins
+        else:
+            self.indices[path], self.compact[path] = covered.update.indices, covered.update.compact
+        self.structure_version += 1
+        return True
+
+    def _drop_update(self, path: str, covered: _Covered) -> None:
+        if covered.update is not None:
+            self.masks.pop(path, None)
+            self.pins.pop(path, None)
+            self.indices.pop(path, None)
+            self.compact.pop(path, None)
+            covered.update = None
+            self.structure_version += 1
+
+    def _zero_slots(self, path: str, changed: np.ndarray) -> None:
+        optimizer = self._refs.optimizer
+        if optimizer is None or not changed.any():
+            return
+        slots = slots_by_path(optimizer, [self._by_path[path].variable])
+        zero_slot_elements(slots.get(path, []), changed)
+
+    def _sync_compact(self) -> None:
+        for covered in self._refs.covered.values():
+            if covered.update is not None and covered.update.mode == "compact":
+                covered.update.sync()
+
+    def optimizer_variables(self) -> List[keras.Variable]:
+        """The variables the optimizer updates: compact variables in place of compactly updated ones.
+
+        Variables frozen entirely by static rules are left out (they never train).
+        """
+        out = []
+        for info in self._infos:
+            covered = self._refs.covered.get(info.path)
+            if not info.trainable or (covered is not None and covered.static_full):
                 continue
-            changed_any = True
-            entry.frozen, entry.pinned_host = frozen.copy(), pinned.copy()
-            if entry.mask is not None:
-                entry.mask.assign(~frozen)
-            if entry.pinned is not None:
-                entry.pinned.assign(pinned)
-            value = np.asarray(info.variable.numpy())
-            info.variable.assign(np.where(frozen, pinned, value))
-            if self._refs.optimizer is not None and newly.any():
-                if slots is None:
-                    slots = slots_by_path(self._refs.optimizer, [i.variable for i in self._infos if i.trainable])
-                zero_slot_elements(slots.get(path, []), newly)
-        return changed_any
+            out.append(covered.update.optimizer_variable if covered is not None and covered.update else info.variable)
+        return out
 
     def attach_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
-        """Builds ``optimizer`` with every trainable variable of the model and remembers it.
+        """Builds ``optimizer`` with :meth:`optimizer_variables` and remembers it.
 
-        From now on, when a mask changes, the optimizer's slot entries
+        From now on, when a (dense) mask changes, the optimizer's slot entries
         (momentum, velocity, ...) of the elements that changed are set to 0, so
         nothing stale moves newly frozen elements and unfrozen ones start fresh.
-        Building with every variable lets a later unfreeze pass any subset to
-        ``apply_gradients``.
+
+        Raises:
+          ValueError: the optimizer was built already on other variables while
+            some variable has a compact update.
         """
         if not optimizer.built:
-            optimizer.build([i.variable for i in self._infos if i.trainable])
+            optimizer.build(self.optimizer_variables())
+        elif self.compact:
+            raise ValueError("the optimizer is built already, but compact updates need it built on their compact "
+                             "variables: pass an unbuilt optimizer (the registry builds it)")
         self._refs.optimizer = optimizer
-        frozen = {p: e.frozen for p, e in self._entries.items() if e.frozen.any()}
-        if frozen:
-            slots = slots_by_path(optimizer, [i.variable for i in self._infos if i.trainable])
-            for path, f in frozen.items():
-                zero_slot_elements(slots.get(path, []), f)
+        for path, covered in self._refs.covered.items():
+            if covered.update is not None and covered.update.mode == "dense":
+                self._zero_slots(path, ~covered.update.trainable_mask())
 
     def update(self, step: int, epoch: int = 0) -> bool:
         """Switches scheduled rules on or off and re-selects gradual-pruning masks.
 
         Call between compiled executions with the optimizer step (from 0) and
         the epoch (from 0). Newly active rules capture ``"current"`` values now.
+        Compact variables are refreshed from the model first, so a write to a
+        model variable between executions (e.g. ``set_weights``) is kept.
 
         Returns:
           True when any mask or pinned value changed.
@@ -344,43 +381,48 @@ class MaskRegistry(tf.Module):
           FreezeConfigError: two active rules pin an element differently.
         """
         self._step, self._epoch = int(step), int(epoch)
-        touched = False
+        self._sync_compact()
+        touched: List[str] = []
         for state in self._states.values():
             rule = state.rule
             if not rule.dynamic:
                 continue
             active = rule.window.active(self._step, self._epoch)
             if active and not state.active:
-                self._activate(state, self._step)
-                touched = True
+                self._planner.activate(state, self._step)
             elif not active and state.active:
-                state.active, state.frozen, state.pinned = False, {}, {}
-                touched = True
+                state.active, state.captured = False, {}
             elif active and rule.update_every_n_steps is not None:
                 end = rule.schedule.end_step if rule.schedule is not None else None
                 due = self._step - state.last_update_step >= rule.update_every_n_steps
-                if due and (end is None or state.last_update_step < end):
-                    self._activate(state, min(self._step, end) if end is not None else self._step)
-                    state.last_update_step = self._step
-                    touched = True
-        return self._apply(self._combine()) if touched else False
+                if not (due and (end is None or state.last_update_step < end)):
+                    continue
+                self._planner.activate(state, min(self._step, end) if end is not None else self._step)
+                state.last_update_step = self._step
+            else:
+                continue
+            touched += [p for p in state.paths if p not in touched]
+        return self._apply(touched) if touched else False
 
     def after_restore(self) -> None:
-        """Re-synchronizes host copies after a checkpoint restored the registry.
+        """Checks the restored registry after a checkpoint restored it.
 
-        The restored mask and pinned variables are the truth; this recomputes
-        the plan from the restored rule states and checks that both agree.
+        The restored masks and indices must be those the restored rule state
+        gives; the digests of ``current`` pins come from the checkpoint.
 
         Raises:
           ValueError: the restored variables disagree with the restored rule
             state (a checkpoint of another configuration).
         """
-        for path, (frozen, pinned, names, static_full) in self._combine().items():
-            entry = self._entries[path]
-            if entry.mask is not None and not np.array_equal(~entry.mask.numpy(), frozen):
+        for path, covered in self._refs.covered.items():
+            plan = self._combine(path)
+            covered.rules = list(plan.rules)
+            covered.frozen_elements = int(plan.frozen.sum())
+            if covered.update is not None and not np.array_equal(covered.update.trainable_mask(), ~plan.frozen):
                 raise ValueError(f"the checkpoint's mask of {path!r} disagrees with its rule state; "
                                  "was it written by another freeze configuration?")
-            entry.frozen, entry.pinned_host, entry.rules = frozen.copy(), pinned.copy(), list(names)
+            if path in self.rule_state.digests:
+                covered.digest = self.rule_state.digests[path]
 
     def next_update_step(self, step: int) -> Optional[int]:
         """The first step after ``step`` at which :meth:`update` can change a mask because of a step.
@@ -407,21 +449,29 @@ class MaskRegistry(tf.Module):
     # --------------------------------------------------------- compiled-step API
     def trainable_variables(self) -> List[keras.Variable]:
         """The model's trainable variables minus those frozen entirely by static rules."""
-        return [
-            i.variable for i in self._infos
-            if i.trainable and not (i.path in self._entries and self._entries[i.path].fully_frozen)
-        ]
+        covered = self._refs.covered
+        return [i.variable for i in self._infos
+                if i.trainable and not (i.path in covered and covered[i.path].static_full)]
 
-    def _entry_for(self, variable) -> Optional[_Entry]:
-        return self._entries.get(variable.path)
+    def _update_of(self, variable):
+        covered = self._refs.covered.get(variable.path)
+        if covered is None:
+            return None, False
+        return covered.update, covered.static_full
+
+    @staticmethod
+    def _zeros(grad, variable):
+        if isinstance(grad, tf.IndexedSlices):
+            return tf.IndexedSlices(tf.zeros_like(grad.values), grad.indices, grad.dense_shape)
+        return tf.zeros_like(variable.value)
 
     def mask_gradients(self, grads: Sequence[Any], variables: Sequence[keras.Variable]) -> List[Any]:
-        """Returns the gradients with every frozen element set to exactly 0.
+        """Returns the gradients with every frozen element set to exactly 0, in the variables' shapes.
 
         Args:
           grads: one gradient per variable: a dense ``tf.Tensor`` of the
             variable's shape, a ``tf.IndexedSlices`` (e.g. an ``Embedding``
-            gradient: frozen rows are gathered from the mask), or ``None``.
+            gradient), or ``None``.
           variables: the variables, in the same order.
 
         Returns:
@@ -430,73 +480,109 @@ class MaskRegistry(tf.Module):
         """
         out = []
         for grad, variable in zip(grads, variables):
-            entry = self._entry_for(variable)
-            if grad is None or entry is None:
+            update, full = self._update_of(variable)
+            if grad is None or (update is None and not full):
                 out.append(grad)
-            elif entry.mask is None:
-                out.append(tf.zeros_like(variable.value) if not isinstance(grad, tf.IndexedSlices)
-                           else tf.IndexedSlices(tf.zeros_like(grad.values), grad.indices, grad.dense_shape))
-            elif isinstance(grad, tf.IndexedSlices):
-                rows = tf.gather(entry.mask, grad.indices)
-                out.append(tf.IndexedSlices(tf.where(rows, grad.values, tf.zeros_like(grad.values)),
-                                            grad.indices, grad.dense_shape))
             else:
-                out.append(tf.where(entry.mask, grad, tf.zeros_like(grad)))
+                out.append(self._zeros(grad, variable) if full else update.mask_gradient(grad))
         return out
 
-    def reproject(self) -> None:
-        """Assigns the pinned values to every frozen element (run after the optimizer).
+    def update_gradients(self, grads: Sequence[Any], variables: Sequence[keras.Variable]) -> List[Any]:
+        """The gradients :meth:`apply_gradients` takes: masked (dense updates) or gathered ``[k]`` (compact).
 
-        Decoupled weight decay and momentum move an element whatever its
-        gradient (Keras applies them in ``apply``), so this must run last.
-        Under a ``tf.distribute`` strategy, called in a replica context, the
-        projection runs on every replica's copy of each variable (through
-        ``strategy.extended.update``, as Keras applies optimizer updates).
+        Args:
+          grads: one gradient per variable (tensor, ``IndexedSlices`` or ``None``).
+          variables: the model variables, in the same order.
+
+        Returns:
+          A list of the same length; the global norm of the result equals
+          that of :meth:`mask_gradients`.
         """
-        if tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1:
-            if tf.distribute.in_cross_replica_context():
-                self._reproject_replicas(tf.distribute.get_strategy())
+        out = []
+        for grad, variable in zip(grads, variables):
+            update, full = self._update_of(variable)
+            if grad is None or (update is None and not full):
+                out.append(grad)
             else:
-                tf.distribute.get_replica_context().merge_call(self._reproject_replicas)
-            return
-        for entry in self._entries.values():
-            variable = entry.info.variable
-            variable.assign(self._projected(entry, variable.value))
+                out.append(self._zeros(grad, variable) if full else update.gradient(grad))
+        return out
 
-    @staticmethod
-    def _projected(entry: "_Entry", value):
-        pinned = entry.pinned if entry.pinned is not None else tf.zeros(value.shape, value.dtype)
-        return tf.identity(pinned) if entry.mask is None else tf.where(entry.mask, value, pinned)
+    def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: Sequence[Any],
+                        variables: Sequence[keras.Variable]) -> None:
+        """One optimizer update from :meth:`update_gradients`; frozen elements are never changed.
 
-    def _reproject_replicas(self, strategy) -> None:
-        for entry in self._entries.values():
-            strategy.extended.update(
-                entry.info.variable.value, lambda v, e=entry: v.assign(self._projected(e, v)), group=False)
+        Dense updates restore every frozen element after the optimizer (after
+        weight decay and momentum, which move elements whatever their
+        gradient); compact updates scatter the compact values into the model
+        variable. Works in a replica or cross-replica context of a strategy.
+
+        Args:
+          optimizer: the optimizer given to :meth:`attach_optimizer`.
+          grads: the output of :meth:`update_gradients`.
+          variables: the model variables, in the same order.
+        """
+        pairs, held = [], []
+        for grad, variable in zip(grads, variables):
+            update, full = self._update_of(variable)
+            target = update.optimizer_variable if update is not None else variable
+            pairs.append((grad, target))
+            held.append((update, update.hold()) if update is not None and grad is not None else None)
+        optimizer.apply_gradients(pairs)
+        for item in held:
+            if item is not None:
+                item[0].release(item[1])
+        for covered in self._refs.covered.values():
+            if covered.update is not None and covered.update.mode == "pinned":
+                covered.update.restore()  # the forward pass moved it (e.g. BatchNorm statistics)
+
+    def reproject(self) -> None:
+        """Writes every rebuildable pin (zero, constant, initial) back into its frozen elements, eagerly.
+
+        The step never changes a frozen element (:meth:`apply_gradients`), so
+        this only repairs writes made outside it. A ``current`` pin is the
+        variable's own value and cannot be rebuilt: if one was changed,
+        :meth:`exact` reports it.
+
+        Raises:
+          RuntimeError: called inside a ``tf.function`` (it reads values on the host).
+        """
+        if not tf.executing_eagerly():
+            raise RuntimeError("MaskRegistry.reproject() runs eagerly, between steps; in a compiled step use "
+                               "registry.update_gradients and registry.apply_gradients, which never change a "
+                               "frozen element")
+        for path, covered in self._refs.covered.items():
+            plan = self._combine(path)
+            variable = self._by_path[path].variable
+            live = np.asarray(variable.numpy())
+            move = plan.frozen & plan.derivable & (bits(plan.target) != bits(live))
+            if move.any():
+                variable.assign(np.where(move, plan.target, live))
+        self._sync_compact()
 
     # ------------------------------------------------------------------ audits
     def drift(self) -> Dict[str, float]:
         """Per covered variable path, the max ``|value - pinned|`` over its frozen elements.
 
-        0.0 is expected everywhere; a variable without frozen elements gives 0.0.
-        NaN in a frozen element gives ``inf``.
+        0.0 is expected everywhere; a variable without frozen elements gives
+        0.0. NaN in a frozen element, or a changed ``current`` pin (whose size
+        is unknown: no copy is kept), gives ``inf``.
         """
         result = {}
-        for path, entry in self._entries.items():
-            if not entry.frozen.any():
+        for path, covered in self._refs.covered.items():
+            if not covered.frozen_elements:
                 result[path] = 0.0
                 continue
-            value = np.asarray(entry.info.variable.numpy())[entry.frozen].astype(np.float64)
-            pinned = entry.pinned_host[entry.frozen].astype(np.float64)
-            diff = np.abs(value - pinned)
-            result[path] = float(np.inf) if not np.isfinite(diff).all() else float(diff.max())
+            value = np.asarray(self._by_path[path].variable.numpy())
+            result[path] = audit.variable_drift(self._combine(path), value, covered.digest)
         return result
 
     def exact(self) -> bool:
-        """True when every frozen element is bit-for-bit equal to its pinned value."""
-        for entry in self._entries.values():
-            value = np.asarray(entry.info.variable.numpy())
-            if not np.array_equal(value[entry.frozen].view(np.uint8), entry.pinned_host[entry.frozen].view(np.uint8)):
-                return False
+        """True when every frozen element has its pin's exact bit pattern."""
+        for path, covered in self._refs.covered.items():
+            if covered.frozen_elements:
+                value = np.asarray(self._by_path[path].variable.numpy())
+                if not audit.variable_exact(self._combine(path), value, covered.digest):
+                    return False
         return True
 
     def trainable_mask(self, path: str) -> np.ndarray:
@@ -507,29 +593,42 @@ class MaskRegistry(tf.Module):
         """
         if path not in self._by_path:
             raise KeyError(f"no variable {path!r}; the variable paths are: {', '.join(self._by_path)}")
-        entry = self._entries.get(path)
         shape = tuple(self._by_path[path].variable.shape)
-        return ~entry.frozen if entry is not None else np.ones(shape, dtype=bool)
+        covered = self._refs.covered.get(path)
+        if covered is None:
+            return np.ones(shape, dtype=bool)
+        if covered.update is None:
+            return np.zeros(shape, dtype=bool) if covered.static_full else np.ones(shape, dtype=bool)
+        return covered.update.trainable_mask()
 
     def trainable_masks(self) -> Dict[str, np.ndarray]:
         """``{variable path: bool trainable-mask}`` for every trainable variable."""
         return {i.path: self.trainable_mask(i.path) for i in self._infos if i.trainable}
+
+    def update_modes(self) -> Dict[str, str]:
+        """``{variable path: "dense" | "compact" | "pinned" | "frozen"}`` for every covered variable.
+
+        ``pinned``: a non-trainable variable held at its pins (``non_trainable: pin``);
+        ``frozen``: frozen entirely by static rules, left out of the step.
+        """
+        return {p: (c.update.mode if c.update is not None else "frozen") for p, c in self._refs.covered.items()}
 
     def plan(self) -> List[Dict[str, Any]]:
         """The resolved freeze plan: one row per trainable (or pinned) variable.
 
         Each row has ``path``, ``shape``, ``dtype``, ``frozen_elements``,
         ``frozen_fraction``, ``value`` (the value specs of the rules covering
-        it, e.g. ``"zero"``) and ``rules`` (their names).
+        it, e.g. ``"zero"``) and ``rules`` (their names); :meth:`update_modes`
+        tells how each is updated.
         """
         rows = []
         for info in self._infos:
-            entry = self._entries.get(info.path)
-            if not info.trainable and entry is None:
+            covered = self._refs.covered.get(info.path)
+            if not info.trainable and covered is None:
                 continue
             size = int(np.prod(info.variable.shape, dtype=np.int64))
-            frozen = int(entry.frozen.sum()) if entry is not None else 0
-            rules = list(entry.rules) if entry is not None else []
+            frozen = covered.frozen_elements if covered is not None else 0
+            rules = list(covered.rules) if covered is not None else []
             values = sorted({str(self._states[r].rule.value) for r in rules})
             rows.append({
                 "path": info.path,
@@ -543,28 +642,39 @@ class MaskRegistry(tf.Module):
         return rows
 
     def memory_bytes(self) -> Dict[str, int]:
-        """Bytes held by the registry's device variables, per covered variable path."""
+        """Bytes of per-element state the registry keeps (host and device), per covered variable path.
+
+        That is the dense mask (1 byte per element) or the compact indices and
+        values (8 bytes per trainable element in float32), the initial values
+        kept for ``value: initial`` rules and captured selections (1 bit per
+        element). The optimizer's slots and O(1) bookkeeping per variable (a
+        16-byte digest, Python objects) are not included.
+        """
         out = {}
-        for path, entry in self._entries.items():
-            total = 0
-            for v in (entry.mask, entry.pinned):
-                if v is not None:
-                    total += int(np.prod(v.shape, dtype=np.int64)) * v.dtype.size
+        for path, covered in self._refs.covered.items():
+            total = covered.update.memory_bytes() if covered.update is not None else 0
+            if path in self._refs.initial:
+                total += int(self._refs.initial[path].nbytes)
+            total += sum(int(s.captured[path].nbytes) for s in self._states.values() if path in s.captured)
             out[path] = total
         return out
 
     def describe(self) -> str:
-        """A Markdown table of :meth:`plan`."""
-        lines = ["| variable | shape | frozen | fraction | value | rules |", "|---|---|---|---|---|---|"]
+        """A Markdown table of :meth:`plan` with each variable's update (:meth:`update_modes`)."""
+        modes = self.update_modes()
+        lines = ["| variable | shape | frozen | fraction | value | rules | update |",
+                 "|---|---|---|---|---|---|---|"]
         for row in self.plan():
             lines.append(
                 f"| {row['path']} | {tuple(row['shape'])} | {row['frozen_elements']:,} | "
-                f"{row['frozen_fraction']:.4f} | {row['value'] or '-'} | {', '.join(row['rules']) or '-'} |"
+                f"{row['frozen_fraction']:.4f} | {row['value'] or '-'} | {', '.join(row['rules']) or '-'} | "
+                f"{modes.get(row['path'], '-')} |"
             )
         return "\n".join(lines)
 
     def covered_paths(self) -> List[str]:
-        return list(self._entries)
+        """The paths of the variables some rule targets, in the order they were first covered."""
+        return list(self._refs.covered)
 
     def is_dynamic(self) -> bool:
         """True when some rule switches on or off, or re-selects, during training."""

@@ -1,0 +1,227 @@
+"""The freeze plan: rules + variables + step -> per variable path, which elements are frozen and their pins.
+
+Pure NumPy: nothing here touches TensorFlow. A :class:`RuleState` remembers
+what a rule captured when it was applied: whether it is active, when it last
+re-selected, and, only for selectors whose result depends on values at that
+moment (``magnitude``, ``magnitude_threshold``, ``mask_file``), the frozen
+elements as packed bits. Every other selector (``all``, ``random`` with its
+seed, ``indices``, ``slice``, ``units``...) is a pure function of the rule and
+the variable's shape, so it is recomputed when needed instead of stored: the
+registry keeps no dense host copy of masks or values.
+
+Pins are bit patterns: ``zero`` is +0.0, a constant is the value cast to the
+variable's dtype (``-0.0`` stays ``-0.0``), ``initial`` the value read when the
+rule was added (or given in ``initial_values``) and ``current`` whatever the
+variable holds when the rule is applied. Since the update never writes a
+frozen element (see :mod:`trainer.masks.updates`), a ``current`` pin is the
+variable's own value and needs no copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from trainer.masks.elements import ElementContext, select_elements, selector_name
+from trainer.masks.errors import FreezeConfigError
+from trainer.masks.rules import FreezeRule
+
+# Selectors whose choice depends on values or files at the moment the rule is applied: captured.
+CAPTURED_SELECTORS = ("magnitude", "magnitude_threshold", "mask_file")
+# Selectors that read the variable's value.
+VALUE_SELECTORS = ("magnitude", "magnitude_threshold")
+
+
+def bits(array: np.ndarray) -> np.ndarray:
+    """The raw bit patterns of a float (or int) array as unsigned integers of the same width."""
+    array = np.asarray(array)
+    return array.view(np.dtype(f"u{array.dtype.itemsize}"))
+
+
+def constant_pin(value: float, dtype: np.dtype, where: str) -> np.ndarray:
+    """A constant pin as a 0-d array of ``dtype``, bit-exact (``-0.0`` stays ``-0.0``).
+
+    Raises:
+      FreezeConfigError: the value overflows ``dtype`` (e.g. ``1e39`` for float32).
+    """
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pin = np.asarray(value, dtype=np.float64).astype(dtype)
+    if np.issubdtype(dtype, np.floating) and not np.isfinite(pin):
+        raise FreezeConfigError(f"{where}: value {value!r} is not representable in {dtype.name} "
+                                f"(it would become {float(pin)}); use a value within {dtype.name}'s range")
+    return pin
+
+
+@dataclasses.dataclass
+class RuleState:
+    """What one rule froze and when.
+
+    Attributes:
+      rule: the rule.
+      paths: the variable paths it targets, in model order.
+      active: whether it is applied now.
+      last_update_step: the step of its last (re-)selection.
+      captured: per path, the frozen elements as ``np.packbits`` of the flat
+        mask, only for :data:`CAPTURED_SELECTORS`.
+    """
+
+    rule: FreezeRule
+    paths: List[str]
+    active: bool = False
+    last_update_step: Optional[int] = None
+    captured: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def captures(self) -> bool:
+        return selector_name(self.rule.elements) in CAPTURED_SELECTORS
+
+
+@dataclasses.dataclass
+class VariablePlan:
+    """The combined plan of one variable (transient: built, used and dropped).
+
+    Attributes:
+      path: the variable path.
+      frozen: bool array of the variable's shape, ``True`` = frozen.
+      target: what the variable must hold: its value with every derivable pin
+        (zero, constant, initial) written in.
+      derivable: bool array, frozen elements whose pin is known without the
+        variable (not only ``current``).
+      rules: the names of the rules targeting the variable (active or not).
+      static_full: every element is frozen by rules that never switch off.
+      dynamic: some rule targeting it changes its mask during training.
+      live: the variable's value when the plan was made.
+    """
+
+    path: str
+    frozen: np.ndarray
+    target: np.ndarray
+    derivable: np.ndarray
+    rules: List[str]
+    static_full: bool
+    dynamic: bool
+    live: np.ndarray
+
+
+class Planner:
+    """Resolves rules against variables (NumPy only).
+
+    Args:
+      shapes: ``{path: (shape, numpy dtype)}`` of every variable.
+      read: ``path -> np.ndarray``, the variable's value now (called lazily).
+      initial: ``path -> np.ndarray``, the value ``value: initial`` pins to.
+    """
+
+    def __init__(self, *, shapes: Dict[str, tuple], read: Callable[[str], np.ndarray],
+                 initial: Callable[[str], np.ndarray]):
+        self.shapes = shapes
+        self.read = read
+        self.initial = initial
+
+    def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None) -> np.ndarray:
+        """The elements ``state``'s rule freezes in ``path`` (bool, the variable's shape), resolved now.
+
+        Raises:
+          FreezeConfigError: the selector does not fit the variable (named in the message).
+        """
+        rule = state.rule
+        shape, _ = self.shapes[path]
+        fraction = rule.schedule(step) if rule.schedule is not None else None
+        if selector_name(rule.elements) in VALUE_SELECTORS and value is None:
+            value = self.read(path)
+        ctx = ElementContext(path, tuple(shape), value, None)
+        try:
+            return select_elements(rule.elements, ctx, fraction=fraction)
+        except FreezeConfigError as err:
+            raise FreezeConfigError(f"rule {rule.name!r}, variable {path!r}: {err}") from None
+
+    def frozen_by(self, state: RuleState, path: str) -> np.ndarray:
+        """The elements an active rule froze (recomputed, or unpacked when captured)."""
+        shape, _ = self.shapes[path]
+        if path in state.captured:
+            size = int(np.prod(shape, dtype=np.int64))
+            return np.unpackbits(state.captured[path], count=size).astype(bool).reshape(shape)
+        return self.select(state, path, state.last_update_step or 0)
+
+    def activate(self, state: RuleState, step: int) -> None:
+        """Applies the rule at ``step``: checks every target and captures value-dependent selections."""
+        captured = {}
+        for path in state.paths:
+            frozen = self.select(state, path, step)
+            if state.captures:
+                captured[path] = np.packbits(frozen.reshape(-1))
+        state.captured, state.active, state.last_update_step = captured, True, step
+
+    def pins(self, rule: FreezeRule, path: str, live: np.ndarray) -> Optional[np.ndarray]:
+        """The pins of ``rule`` for ``path`` (array or 0-d), or ``None`` for ``current`` (the live value)."""
+        _, dtype = self.shapes[path]
+        if rule.value == "current":
+            return None
+        if rule.value == "zero":
+            return np.zeros((), dtype)
+        if rule.value == "initial":
+            return np.asarray(self.initial(path), dtype=dtype)
+        return constant_pin(rule.value, dtype, f"rule {rule.name!r}, variable {path!r}")
+
+    def combine(self, states: Sequence[RuleState], path: str) -> VariablePlan:
+        """Combines every rule targeting ``path`` into one :class:`VariablePlan`.
+
+        Rules are taken in the order they were added; two active rules that
+        pin one element to different bit patterns are refused.
+
+        Raises:
+          FreezeConfigError: conflicting pins (names both rules, the element and both values).
+        """
+        shape, dtype = self.shapes[path]
+        live = self.read(path)
+        frozen = np.zeros(shape, bool)
+        derivable = np.zeros(shape, bool)
+        static = np.zeros(shape, bool)
+        target = live
+        earlier: List[tuple] = []  # (rule, its frozen elements), for naming a conflict
+        names, dynamic = [], False
+        for state in states:
+            if path not in state.paths:
+                continue
+            names.append(state.rule.name)
+            dynamic = dynamic or state.rule.dynamic
+            if not state.active:
+                continue
+            f = self.frozen_by(state, path)
+            pin = self.pins(state.rule, path, live)
+            if pin is not None:
+                p = np.broadcast_to(pin, shape)
+                if earlier:
+                    overlap = f & frozen
+                    if overlap.any():
+                        differs = overlap & (bits(p) != bits(target))
+                        if differs.any():
+                            self._conflict(earlier, state.rule, path, differs, target, p)
+                new = f & ~frozen
+                if new.any():
+                    target = np.where(new, p, target)
+                derivable |= f
+            elif earlier and (f & derivable).any():  # a `current` pin over elements another rule pinned
+                differs = f & derivable & (bits(live) != bits(target))
+                if differs.any():
+                    self._conflict(earlier, state.rule, path, differs, target, live)
+            earlier.append((state.rule, f))
+            frozen |= f
+            if not state.rule.dynamic:
+                static |= f
+        static_full = bool(static.all())
+        return VariablePlan(path, frozen, target, derivable, names, static_full, dynamic, live)
+
+    @staticmethod
+    def _conflict(earlier, rule: FreezeRule, path: str, differs: np.ndarray, target: np.ndarray, p: np.ndarray):
+        other = next(r for r, f in earlier if (f & differs).any())
+        index = np.unravel_index(int(np.flatnonzero(differs)[0]), differs.shape)
+        raise FreezeConfigError(
+            f"rules {other.name!r} (value {other.value}) and {rule.name!r} (value {rule.value}) pin "
+            f"{int(differs.sum())} element(s) of variable {path!r} to different values, e.g. element "
+            f"{tuple(int(i) for i in index)}: {float(target[index])!r} and {float(p[index])!r}; give them "
+            "the same value or make their element selections disjoint (e.g. with 'exclude' or 'invert')"
+        )

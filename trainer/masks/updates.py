@@ -1,0 +1,231 @@
+"""Two ways to update one partly frozen variable: dense and compact, behind one small interface.
+
+The step calls, per covered variable: :meth:`gradient` (the gradient the
+optimizer sees), :meth:`hold` before ``optimizer.apply_gradients``, and
+:meth:`release` after it; the optimizer updates :attr:`optimizer_variable`.
+Which class a variable uses is decided by the registry's plan, never by the step.
+
+- :class:`DenseUpdate` keeps a boolean trainable-mask (1 byte per element).
+  The optimizer updates the whole variable with masked gradients; then every
+  frozen element is set back to the value it held before the update with
+  ``tf.where(mask, updated, before)``, bit-exact whatever the optimizer did
+  (decoupled weight decay and momentum move elements whose gradient is 0).
+- :class:`CompactUpdate` keeps the flat indices of the ``k`` trainable elements
+  (int32; int64 past 2**31 elements) and a compact variable ``[k]`` holding
+  their values; the optimizer is built on the compact variable (its slots are
+  ``[k]``). The dense gradient is gathered, applied to the compact variable and
+  scattered into the model variable in place
+  (``ResourceVariable.scatter_nd_update``). Frozen elements are never written.
+
+Under a ``tf.distribute`` strategy the write-back runs on every replica's copy
+(``strategy.extended.update``, as Keras applies optimizer updates).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+UPDATE_MODES = ("auto", "dense", "compact")
+
+
+def on_every_copy(variable, fn, *args) -> None:
+    """Runs ``fn(tf_variable, *args)`` on every replica's copy of ``variable`` (once when it is not distributed).
+
+    A distributed (e.g. mirrored) variable is updated through its strategy's
+    ``extended.update``, from a replica context through ``merge_call``.
+    """
+    target = variable.value if isinstance(variable, keras.Variable) else variable
+    if isinstance(target, tf.distribute.DistributedValues):
+        def update(strategy):
+            strategy.extended.update(target, fn, args=args, group=False)
+
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            tf.distribute.get_replica_context().merge_call(update)
+        else:  # cross-replica context, or outside the strategy's scope
+            update(target.distribute_strategy)
+        return
+    fn(target, *args)
+
+
+def _dense(grad):
+    return tf.convert_to_tensor(grad) if isinstance(grad, tf.IndexedSlices) else grad
+
+
+class DenseUpdate:
+    """Masked gradients, the optimizer on the whole variable, frozen elements restored.
+
+    Args:
+      variable: the model's ``keras.Variable``.
+      trainable: bool array of its shape, ``True`` = may change.
+      name: a name for the mask variable.
+    """
+
+    mode = "dense"
+
+    def __init__(self, *, variable: keras.Variable, trainable: np.ndarray, name: str):
+        self.variable = variable
+        self.mask = tf.Variable(trainable, trainable=False, name=name, dtype=tf.bool)
+
+    @property
+    def optimizer_variable(self) -> keras.Variable:
+        return self.variable
+
+    def set_trainable(self, trainable: np.ndarray) -> None:
+        """Replaces the trainable-mask (same shape)."""
+        self.mask.assign(trainable)
+
+    def trainable_mask(self) -> np.ndarray:
+        return np.asarray(self.mask.numpy())
+
+    def mask_gradient(self, grad):
+        """``grad`` with frozen elements exactly 0 (IndexedSlices: rows gathered from the mask)."""
+        if isinstance(grad, tf.IndexedSlices):
+            rows = tf.gather(self.mask, grad.indices)
+            return tf.IndexedSlices(tf.where(rows, grad.values, tf.zeros_like(grad.values)), grad.indices,
+                                    grad.dense_shape)
+        return tf.where(self.mask, grad, tf.zeros_like(grad))
+
+    gradient = mask_gradient
+
+    def hold(self):
+        """The variable's value before the optimizer runs."""
+        return tf.identity(self.variable.value)
+
+    def release(self, held) -> None:
+        """Sets every frozen element back to its value in ``held``."""
+        on_every_copy(self.variable, lambda v, m, h: v.assign(tf.where(m, v, h)), self.mask, held)
+
+    def memory_bytes(self) -> int:
+        return int(np.prod(self.mask.shape, dtype=np.int64))
+
+
+class CompactUpdate:
+    """Gather the trainable gradients, update a compact ``[k]`` variable, scatter it back.
+
+    Args:
+      variable: the model's ``keras.Variable`` (at least one axis).
+      trainable: bool array of its shape, ``True`` = may change.
+      name: a name for the compact variable (unique in the registry).
+    """
+
+    mode = "compact"
+
+    def __init__(self, *, variable: keras.Variable, trainable: np.ndarray, name: str):
+        self.variable = variable
+        self.shape = tuple(int(d) for d in variable.shape)
+        size = int(np.prod(self.shape, dtype=np.int64))
+        dtype = np.int64 if size >= 2**31 else np.int32
+        flat = np.flatnonzero(np.asarray(trainable).reshape(-1)).astype(dtype)
+        self.indices = tf.Variable(flat, trainable=False, name=name + "_indices")
+        values = tf.gather(tf.reshape(tf.convert_to_tensor(variable.value), [-1]), flat)
+        self.compact = keras.Variable(initializer=values.numpy(), dtype=variable.dtype, trainable=True, name=name)
+
+    @property
+    def optimizer_variable(self) -> keras.Variable:
+        return self.compact
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def trainable_mask(self) -> np.ndarray:
+        mask = np.zeros(self.size, bool)
+        mask[self.indices.numpy()] = True
+        return mask.reshape(self.shape)
+
+    def _dense_mask(self):
+        k = tf.shape(self.indices)[0]
+        flat = tf.scatter_nd(tf.expand_dims(self.indices, 1), tf.ones([k], tf.bool), [self.size])
+        return tf.reshape(flat, self.shape)
+
+    def mask_gradient(self, grad):
+        """``grad`` with frozen elements exactly 0, in the variable's shape (IndexedSlices stay sparse)."""
+        if isinstance(grad, tf.IndexedSlices):
+            rows = tf.gather(self._dense_mask(), grad.indices)
+            return tf.IndexedSlices(tf.where(rows, grad.values, tf.zeros_like(grad.values)), grad.indices,
+                                    grad.dense_shape)
+        return tf.where(self._dense_mask(), grad, tf.zeros_like(grad))
+
+    def gradient(self, grad):
+        """The gradients of the trainable elements, ``[k]`` (an Embedding's IndexedSlices is made dense first)."""
+        return tf.gather(tf.reshape(_dense(grad), [-1]), self.indices)
+
+    def sync(self) -> None:
+        """Reads the trainable elements of the model variable into the compact variable."""
+        self.compact.assign(tf.gather(tf.reshape(tf.convert_to_tensor(self.variable.value), [-1]), self.indices))
+
+    def hold(self) -> None:
+        return None
+
+    def release(self, held: Any = None) -> None:
+        """Writes the compact values into the model variable's trainable elements, in place."""
+        shape = self.shape
+
+        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+
+        def scatter(v, indices, values):
+            # Flat index -> coordinates (tf.unravel_index has no XLA kernel).
+            coords = tf.stack([(indices // stride) % dim for stride, dim in zip(strides, shape)], axis=1)
+            v.scatter_nd_update(coords, values)
+
+        on_every_copy(self.variable, scatter, self.indices, self.compact.value)
+
+    def memory_bytes(self) -> int:
+        k = int(self.indices.shape[0])
+        return k * (self.indices.dtype.size + np.dtype(self.compact.dtype).itemsize)
+
+
+class PinUpdate(DenseUpdate):
+    """A non-trainable variable held at its pins (``non_trainable: pin``, e.g. BatchNorm moving statistics).
+
+    The forward pass, not the optimizer, writes such a variable, so its pins
+    are kept (it is small) and written back after every step.
+
+    Args:
+      variable: the model's non-trainable ``keras.Variable``.
+      trainable: bool array of its shape, ``True`` = may change.
+      name: a name for the mask and pins variables.
+    """
+
+    mode = "pinned"
+
+    def __init__(self, *, variable: keras.Variable, trainable: np.ndarray, name: str):
+        super().__init__(variable=variable, trainable=trainable, name=name)
+        self.pins = tf.Variable(variable.value, trainable=False, name=name + "_pins")
+
+    def set_trainable(self, trainable: np.ndarray) -> None:
+        super().set_trainable(trainable)
+        self.pins.assign(self.variable.value)
+
+    def restore(self) -> None:
+        """Writes the pins into every frozen element."""
+        on_every_copy(self.variable, lambda v, m, p: v.assign(tf.where(m, v, p)), self.mask, self.pins)
+
+    def memory_bytes(self) -> int:
+        return super().memory_bytes() * (1 + self.pins.dtype.size)
+
+
+def make_update(mode: str, *, variable: keras.Variable, trainable: np.ndarray, name: str):
+    """A :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` (``mode="pinned"``)."""
+    cls = {"compact": CompactUpdate, "dense": DenseUpdate, "pinned": PinUpdate}[mode]
+    return cls(variable=variable, trainable=trainable, name=name)
+
+
+def choose_mode(requested: str, *, trainable_fraction: float, dynamic: bool, rank: int,
+                crossover: float) -> str:
+    """The update of one variable: ``requested`` unless ``"auto"``.
+
+    ``auto`` picks compact when at most ``crossover`` of the elements train and
+    the mask never changes (dense where masks change), dense otherwise; a
+    scalar is always dense.
+    """
+    if rank == 0:
+        return "dense"
+    if requested != "auto":
+        return requested
+    return "compact" if trainable_fraction <= crossover and not dynamic else "dense"
+
