@@ -55,6 +55,15 @@ class FreezeConfig:
 
 
 @dataclasses.dataclass
+class EarlyStoppingConfig:
+    monitor: Optional[str] = None  # None: off; else an epoch metric such as val_loss or val_accuracy
+    patience: int = 3
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+    save_best: bool = True
+
+
+@dataclasses.dataclass
 class DistributeConfig:
     strategy: str = "none"
     logical_cpu_devices: Optional[int] = None
@@ -77,12 +86,16 @@ class Config:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
 
 def register() -> None:
     """Registers the schema as ``schema`` (the first entry of ``config.yaml``'s defaults)."""
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
 class ConfigError(ValueError):
@@ -119,6 +132,12 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"freeze.update must be one of ['auto', 'dense', 'compact'], got {update!r}")
     if cfg.seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed}")
+    stopping = cfg.get("early_stopping") or {}
+    if stopping.get("monitor") is not None and stopping["monitor"] not in EARLY_STOPPING_MONITORS:
+        raise ConfigError(f"early_stopping.monitor must be null (off) or one of {list(EARLY_STOPPING_MONITORS)}, "
+                          f"got {stopping['monitor']!r}")
+    if stopping.get("patience", 0) < 0:
+        raise ConfigError(f"early_stopping.patience must be a non-negative integer, got {stopping['patience']}")
 
 
 def known_keys(section: str) -> List[str]:

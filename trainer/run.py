@@ -29,9 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import report as reports
 from trainer import rundir
 from trainer.banner import log_banner
-from trainer.callbacks import Callback
+from trainer.callbacks import BestWeights, Callback, EarlyStopping
 from trainer.checkpoint import CheckpointError, Checkpointing, latest_good
-from trainer.config import check_config
+from trainer.config import ConfigError, check_config
 from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
@@ -347,6 +347,30 @@ def check_run_dir(cfg: DictConfig, run_dir: str) -> List[Dict[str, Any]]:
     return rundir.check_changes(run_dir, record["fingerprint"], run_fingerprint(cfg), allowed)
 
 
+def early_stopping_callbacks(cfg: DictConfig, run_dir: str, *, has_validation: bool) -> List[Callback]:
+    """``early_stopping.*`` as callbacks: :class:`EarlyStopping` and, with ``save_best``, :class:`BestWeights`.
+
+    Returns:
+      An empty list when ``early_stopping.monitor`` is null.
+
+    Raises:
+      ConfigError: a ``val_*`` metric is monitored but the data has no validation split.
+    """
+    stopping = cfg.get("early_stopping") or {}
+    monitor = stopping.get("monitor")
+    if monitor is None:
+        return []
+    if monitor.startswith("val_") and not has_validation:
+        raise ConfigError(f"early_stopping.monitor={monitor} needs a validation split, but data.validation_size is 0; "
+                          "set data.validation_size > 0 or monitor loss / accuracy")
+    out: List[Callback] = [EarlyStopping(monitor, patience=int(stopping.get("patience", 3)),
+                                         min_delta=float(stopping.get("min_delta", 0.0)),
+                                         restore_best_weights=bool(stopping.get("restore_best_weights", True)))]
+    if stopping.get("save_best", True):
+        out.append(BestWeights(os.path.join(run_dir, "best_weights.npz"), monitor))
+    return out
+
+
 def run_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
     """:func:`trainer.rundir.fingerprint` of a composed config."""
     return rundir.fingerprint(OmegaConf.to_container(cfg, resolve=True))
@@ -431,6 +455,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
         callbacks.append(Profile(os.path.join(run_dir, "tb", "train"), list(cfg.log.profile_steps)))
     if cfg.log.test_every_epoch:
         callbacks.insert(0, TestEachEpoch(test_ds))
+    callbacks += early_stopping_callbacks(cfg, run_dir, has_validation=val_ds is not None)
 
     status, error = "failed", None
     with stop_on_signals(trainer):  # until the last file is written
