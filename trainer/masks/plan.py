@@ -120,6 +120,7 @@ class Planner:
         self.shapes = shapes
         self.read = read
         self.initial = initial
+        self.fresh: Dict[tuple, np.ndarray] = {}  # (rule, path) -> packed selection, until applied
 
     def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None) -> np.ndarray:
         """The elements ``state``'s rule freezes in ``path`` (bool, the variable's shape), resolved now.
@@ -139,20 +140,25 @@ class Planner:
             raise FreezeConfigError(f"rule {rule.name!r}, variable {path!r}: {err}") from None
 
     def frozen_by(self, state: RuleState, path: str) -> np.ndarray:
-        """The elements an active rule froze (recomputed, or unpacked when captured)."""
+        """The elements an active rule froze (unpacked when captured or just selected, else recomputed)."""
         shape, _ = self.shapes[path]
-        if path in state.captured:
+        packed = state.captured.get(path)
+        if packed is None:
+            packed = self.fresh.get((state.rule.name, path))
+        if packed is not None:
             size = int(np.prod(shape, dtype=np.int64))
-            return np.unpackbits(state.captured[path], count=size).astype(bool).reshape(shape)
+            return np.unpackbits(packed, count=size).astype(bool).reshape(shape)
         return self.select(state, path, state.last_update_step or 0)
 
     def activate(self, state: RuleState, step: int) -> None:
         """Applies the rule at ``step``: checks every target and captures value-dependent selections."""
         captured = {}
         for path in state.paths:
-            frozen = self.select(state, path, step)
+            packed = np.packbits(self.select(state, path, step).reshape(-1))
             if state.captures:
-                captured[path] = np.packbits(frozen.reshape(-1))
+                captured[path] = packed
+            else:  # kept (1 bit per element) until the registry has applied it: no second selection
+                self.fresh[(state.rule.name, path)] = packed
         state.captured, state.active, state.last_update_step = captured, True, step
 
     def pins(self, rule: FreezeRule, path: str, live: np.ndarray) -> Optional[np.ndarray]:

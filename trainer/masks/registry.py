@@ -200,6 +200,7 @@ class MaskRegistry(tf.Module):
             self._states[rule.name] = state
             self._apply(paths)
         except FreezeConfigError:
+            self._planner.fresh.clear()
             self._states.pop(rule.name, None)
             for path in added_initial:
                 del self._refs.initial[path]
@@ -244,13 +245,16 @@ class MaskRegistry(tf.Module):
         Variables targeted by several rules are checked for conflicting pins
         first, so a refused rule changes nothing.
         """
-        for path in paths:
-            if len(self._states_for(path)) > 1:
-                self._combine(path)  # raises on conflicting pins
-        changed = False
-        for path in paths:
-            changed |= self._apply_one(path, self._combine(path))
-        return changed
+        try:
+            for path in paths:
+                if len(self._states_for(path)) > 1:
+                    self._combine(path)  # raises on conflicting pins
+            changed = False
+            for path in paths:
+                changed |= self._apply_one(path, self._combine(path))
+            return changed
+        finally:
+            self._planner.fresh.clear()
 
     def _apply_one(self, path: str, plan: VariablePlan) -> bool:
         info = self._by_path[path]
