@@ -225,3 +225,18 @@ def test_lora_trains_adapters_only_and_exports_a_plain_keras_model(tmp_path):
 def test_transformer_experiments_compose(experiment):
     cfg = compose_cfg([f"+experiment={experiment}"])
     assert cfg.model.name == "transformer" and cfg.name == experiment
+
+
+def test_study_stored_size_counts_values_and_indices_of_kept_elements(tmp_path):
+    import sft_study
+
+    kernel, lora = np.ones((4, 3), np.float32), np.ones((4, 2), np.float32)
+    np.savez(tmp_path / "weights.npz", **{"fc/kernel": kernel, "fc/lora_kernel_a": lora, "out/kernel": kernel})
+    mask = np.zeros((4, 3), bool)
+    mask[0, :2] = True
+    np.savez(tmp_path / "masks.npz", **{"fc/kernel": mask, "fc/lora_kernel_a": np.ones((4, 2), bool),
+                                        "out/kernel": np.ones((4, 3), bool)})
+    head = 12 * 4
+    assert sft_study.stored_bytes(str(tmp_path), "fish") == 2 * (4 + 4) + 8 * (4 + 4) + head
+    assert sft_study.stored_bytes(str(tmp_path), "lora") == 8 * 4 + head
+    assert sft_study.stored_bytes(str(tmp_path), "full") == 12 * 4 + 8 * 4 + head
