@@ -129,7 +129,7 @@ def study(out: str, seeds: Sequence[int], budgets: Sequence[float], task_a_steps
                 wall = report["wall_seconds"]
             masks = np.load(os.path.join(final_dir, "masks.npz"))
             head = sum(int(masks[p].size) for p in masks.files if p.startswith("out/"))
-            row = {"seed": seed, "method": method, "budget": budget, "dir": final_dir,
+            row = {"seed": seed, "method": method, "budget": budget, "dir": os.path.relpath(final_dir),
                    "trainable": report["trainable_elements"] - head,
                    "trainable_percent": 100 * (report["trainable_elements"] - head) / sizes["backbone"],
                    "task_b_accuracy": report["test_accuracy"],
