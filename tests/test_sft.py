@@ -240,3 +240,12 @@ def test_study_stored_size_counts_values_and_indices_of_kept_elements(tmp_path):
     assert sft_study.stored_bytes(str(tmp_path), "fish") == 2 * (4 + 4) + 8 * (4 + 4) + head
     assert sft_study.stored_bytes(str(tmp_path), "lora") == 8 * 4 + head
     assert sft_study.stored_bytes(str(tmp_path), "full") == 12 * 4 + 8 * 4 + head
+
+
+def test_sft_and_lora_keys_are_part_of_the_resume_fingerprint():
+    from trainer.run import run_fingerprint
+
+    fingerprint = run_fingerprint(compose_cfg([*TINY_TRANSFORMER, "sft.method=fish", "sft.k=0.01",
+                                               "model.lora_rank=2"]))
+    assert fingerprint["sft.method"] == "fish" and fingerprint["sft.k"] == 0.01
+    assert fingerprint["model.lora_rank"] == 2
