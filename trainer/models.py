@@ -10,7 +10,6 @@ import fnmatch
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
-import numpy as np
 
 
 def mlp(input_shape: Tuple[int, ...], num_classes: int, *, hidden: Sequence[int] = (300, 100),
@@ -204,7 +203,3 @@ def enable_lora(model: keras.Model, *, rank: int, layers: Optional[Sequence[str]
         layer.enable_lora(rank, lora_alpha=alpha)
     return [layer.path for layer in chosen]
 
-
-def trainable_count(model: keras.Model) -> int:
-    """Elements of the model's trainable variables (LoRA factors included, frozen kernels not)."""
-    return int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
