@@ -64,6 +64,21 @@ class EarlyStoppingConfig:
 
 
 @dataclasses.dataclass
+class SFTConfig:
+    """Sparse fine-tuning (trainer/sft.py): which elements train, chosen before training."""
+
+    method: Optional[str] = None      # null | fish | snip | random | magnitude | delta
+    k: Any = 0.005                    # a fraction in (0, 1) of the selected elements, or an integer count
+    batches: int = 8                  # fish / snip: batches of the training set
+    batch_size: Optional[int] = None  # fish / snip: default trainer.batch_size
+    select: List[str] = dataclasses.field(default_factory=lambda: ["*"])  # globs over variable paths
+    exclude: List[str] = dataclasses.field(default_factory=list)
+    ranking: str = "global"           # global | layerwise
+    seed: int = 0                     # random
+    dense_weights: Optional[str] = None  # delta (LT-SFT): the dense phase's weights.npz
+
+
+@dataclasses.dataclass
 class DistributeConfig:
     strategy: str = "none"
     logical_cpu_devices: Optional[int] = None
@@ -83,6 +98,7 @@ class Config:
     model: Any = MISSING
     optimizer: Any = MISSING
     freeze: FreezeConfig = dataclasses.field(default_factory=FreezeConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
@@ -138,6 +154,15 @@ def check_config(cfg: DictConfig) -> None:
                           f"got {stopping['monitor']!r}")
     if stopping.get("patience", 0) < 0:
         raise ConfigError(f"early_stopping.patience must be a non-negative integer, got {stopping['patience']}")
+    lora_rank = cfg.model.get("lora_rank") if isinstance(cfg.get("model"), DictConfig) else None
+    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+        raise ConfigError(f"model.lora_rank must be a positive integer or null, got {lora_rank!r}")
+    from trainer.sft import SFTConfigError, sft_options
+
+    try:
+        sft_options(cfg.get("sft"))
+    except SFTConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def known_keys(section: str) -> List[str]:

@@ -6,7 +6,8 @@ Knows nothing of masks. Every layer has a stable name so that variable paths
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import fnmatch
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 
@@ -136,3 +137,69 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int, **kwa
         return BUILDERS[name](tuple(input_shape), int(num_classes), **kwargs)
     except TypeError as err:
         raise ValueError(f"model {name!r}: {err}") from None
+
+
+LORA_LAYER_TYPES = ("Dense", "EinsumDense", "Embedding")
+TRANSFORMER_LORA_LAYERS = ("block*_attn/query", "block*_attn/key", "block*_attn/value",
+                           "block*_attn/attention_output", "block*_mlp1", "block*_mlp2")
+
+
+def lora_layers(model: keras.Model, patterns: Sequence[str]) -> List[keras.layers.Layer]:
+    """The ``Dense`` / ``EinsumDense`` / ``Embedding`` layers whose path matches a glob, in model order.
+
+    Args:
+      model: a built Keras model.
+      patterns: ``fnmatch`` globs over layer paths (``block1_attn/query``,
+        ``block2_mlp1``; the model's own name is not part of a layer path).
+
+    Returns:
+      The matching layers, each once.
+
+    Raises:
+      ValueError: a pattern that matches no such layer (the candidates are listed).
+    """
+    candidates = [layer for layer in model._flatten_layers(include_self=False)
+                  if type(layer).__name__ in LORA_LAYER_TYPES]
+    chosen: List[keras.layers.Layer] = []
+    for pattern in patterns:
+        hits = [layer for layer in candidates if fnmatch.fnmatchcase(layer.path, str(pattern))]
+        if not hits:
+            raise ValueError(f"model.lora_layers: {pattern!r} matches no Dense/EinsumDense/Embedding layer; "
+                             f"layers: {[layer.path for layer in candidates]}")
+        chosen += [layer for layer in hits if all(layer is not c for c in chosen)]
+    return chosen
+
+
+def enable_lora(model: keras.Model, *, rank: int, layers: Optional[Sequence[str]] = None,
+                alpha: Optional[float] = None) -> List[str]:
+    """Enables Keras's own LoRA (``layer.enable_lora``; Hu et al. 2022) on the chosen layers.
+
+    Each chosen layer's kernel (embeddings) becomes non-trainable and gains
+    two trainable factors ``lora_kernel_a`` (``in x rank``) and
+    ``lora_kernel_b`` (``rank x out``, zeros, so the model's output does not
+    change); Keras saves ``lora_rank`` in the layer config, so a
+    ``model.keras`` with LoRA loads with plain Keras. Biases and other
+    layers are untouched (freeze them with freeze rules).
+
+    Args:
+      model: a built Keras model (load pretrained weights first).
+      rank: the LoRA rank, a positive integer.
+      layers: globs over layer paths (:func:`lora_layers`); default
+        :data:`TRANSFORMER_LORA_LAYERS` (attention projections and MLP of
+        every Transformer block).
+      alpha: LoRA's scaling numerator (output scaled by ``alpha / rank``);
+        default ``rank`` (scale 1), Keras's default.
+
+    Returns:
+      The paths of the layers given LoRA.
+
+    Raises:
+      ValueError: ``rank`` not a positive integer, or a pattern that matches nothing.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"model.lora_rank must be a positive integer, got {rank!r}")
+    chosen = lora_layers(model, list(layers) if layers is not None else list(TRANSFORMER_LORA_LAYERS))
+    for layer in chosen:
+        layer.enable_lora(rank, lora_alpha=alpha)
+    return [layer.path for layer in chosen]
+

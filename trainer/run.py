@@ -36,7 +36,8 @@ from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_c
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
-from trainer.models import build_model
+from trainer.models import build_model, enable_lora
+from trainer.sft import apply_sft, trainable_elements
 from trainer.progress import print_summary, progress_callback
 from trainer.resume import ResumeError
 from trainer.rundir import RunDirError, RunLock
@@ -104,7 +105,8 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
     return splits
 
 
-MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial")
+MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial", "lora_rank", "lora_layers",
+                  "lora_alpha")
 
 
 def load_initial_weights(model: keras.Model, path: str, exclude, partial: bool = False) -> list:
@@ -217,12 +219,20 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
             loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [],
                                           partial=bool(model_cfg.get("init_from_partial")))
             log.info("initialized %d variables from %s", len(loaded), model_cfg["init_from"])
+        if model_cfg.get("lora_rank"):
+            enabled = enable_lora(model, rank=model_cfg["lora_rank"], layers=model_cfg.get("lora_layers"),
+                                  alpha=model_cfg.get("lora_alpha"))
+            log.info("LoRA rank %d on %d layers", model_cfg["lora_rank"], len(enabled))
         steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
         total_steps = int(cfg.trainer.epochs) * steps_per_epoch
         if cfg.trainer.max_steps is not None:
             total_steps = min(total_steps, int(cfg.trainer.max_steps))
         optimizer = wrap_optimizer(make_optimizer(cfg.optimizer, total_steps), precision)
         registry = build_registry(model, cfg.freeze.rules, update=cfg.freeze["update"])
+        kept = apply_sft(cfg.get("sft"), model=model, registry=registry, x=splits.x_train, y=splits.y_train,
+                         batch_size=int(cfg.trainer.batch_size), seed=int(cfg.seed))
+        if kept:
+            log.info("sparse fine-tuning (%s): %d elements kept trainable", cfg.sft.method, kept)
     return splits, model, optimizer, registry
 
 
@@ -493,6 +503,7 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
         "test_accuracy": test.get("accuracy"),
         "test_loss": test["loss"],
         "steps": trainer.step,
+        "trainable_elements": trainable_elements(registry),
         "epochs": trainer.step / trainer.steps_per_epoch if getattr(trainer, "steps_per_epoch", None) else 0,
         "wall_seconds": totals["wall_seconds"],
         "examples_per_second": totals["examples_per_second"],

@@ -33,7 +33,7 @@ OUTPUT_NAMES = ("checkpoints", "tb", "report.json", "weights.npz", "masks.npz", 
                 "freeze_plan.json", "best_weights.npz", FINGERPRINT_NAME, ".hydra")
 CKPT_INDEX = re.compile(r"ckpt-(\d+)\.index")
 # Config keys that decide the trajectory. The run length may grow on resume (see :func:`config_changes`).
-TRAJECTORY_KEYS = ("seed", "data", "model", "optimizer", "freeze", "trainer.batch_size",
+TRAJECTORY_KEYS = ("seed", "data", "model", "optimizer", "freeze", "sft", "trainer.batch_size",
                    "trainer.steps_per_execution", "trainer.jit_compile", "trainer.deterministic",
                    "trainer.nan_policy", "trainer.mixed_precision", "distribute")
 LENGTH_KEYS = ("trainer.epochs", "trainer.max_steps")
