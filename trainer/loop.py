@@ -128,6 +128,9 @@ class Trainer:
         self._structure = None
         self._eval_fn = None
         self.timing: Dict[str, float] = {}
+        # How the last fit() ended: "completed", "interrupted" (stop_requested
+        # before the last step) or "failed" (it raised); None before any fit().
+        self.status: Optional[str] = None
         # fit() across calls: the dataset behind train_iterator, epochs done, early stop.
         self._train_source, self._epochs_done, self._predict_fn, self.stop_training = None, 0, None, False
 
@@ -260,7 +263,7 @@ class Trainer:
             finite, _ = self._check(total, grads)
             return grads, tf.cast(tf.logical_not(finite), tf.int32), y_pred, total * tf.cast(local, total.dtype)
 
-        replica_forward = tf.function(replica_forward, jit_compile=self.jit_compile, reduce_retracing=True)
+        replica_forward = per_replica_function(replica_forward, jit_compile=self.jit_compile)
 
         def global_step(x, y):
             self.batches.assign_add(1)
@@ -268,7 +271,7 @@ class Trainer:
             grads, bad, y_pred, loss_sum = strategy.run(replica_forward, args=(x, y, count))
             grads = [None if g is None else strategy.reduce(SUM, g, axis=None) for g in grads]
             finite = tf.equal(strategy.reduce(SUM, bad, axis=None), 0)
-            y_all, pred_all = strategy.gather(y, axis=0), strategy.gather(y_pred, axis=0)
+            y_all, pred_all = concat_replicas(strategy, y), concat_replicas(strategy, y_pred)
             loss_mean = strategy.reduce(SUM, loss_sum, axis=None) / tf.cast(count, tf.float32)
             return self._apply_or_skip(finite, self._norm(grads), grads, variables, loss_mean, count, y_all, pred_all)
 
@@ -532,7 +535,7 @@ class Trainer:
         iterator = self._iterator_for(train_ds)
         history: List[Dict[str, float]] = []
         logs: Dict[str, float] = {}
-        status = "failed"
+        status = self.status = "failed"
         start = time.perf_counter()
         first_done: Optional[float] = None
         steps_at_first = step
@@ -586,6 +589,7 @@ class Trainer:
                         f"every step for a whole epoch of batches after step {step} was non-finite and skipped"
                     )
             status = "interrupted" if self.stop_requested and step < total else "completed"
+            self.status = status
         finally:
             end = time.perf_counter()
             self.timing["train_seconds"] = end - start
@@ -594,6 +598,48 @@ class Trainer:
             for cb in callbacks:
                 cb.on_train_end(self, step, logs, status)
         return history
+
+
+def per_replica_function(fn: Callable, *, jit_compile: bool) -> Callable:
+    """``fn`` as a ``tf.function`` traced once per replica, for ``strategy.run``.
+
+    One trace shared by every replica (what ``tf.function`` does by itself)
+    makes XLA run replica 1's step on replica 0's device, which cannot reach
+    replica 1's copy of a variable ("Trying to access resource ... located in
+    device CPU:1 from device CPU:0"; TensorFlow's XLA known issue "tf.Variable
+    on a different device"). A trace per replica keeps each step on its
+    replica's device.
+
+    Args:
+      fn: the replica function.
+      jit_compile: compile each trace with XLA.
+
+    Returns:
+      A callable for a replica context (outside one it uses replica 0's trace).
+    """
+    traces: Dict[int, Callable] = {}
+
+    def call(*args):
+        context = tf.distribute.get_replica_context()
+        replica = 0 if context is None else int(tf.get_static_value(context.replica_id_in_sync_group) or 0)
+        if replica not in traces:
+            traces[replica] = tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+        return traces[replica](*args)
+
+    return call
+
+
+def concat_replicas(strategy: tf.distribute.Strategy, value: Any) -> tf.Tensor:
+    """A per-replica batch as one global batch ``(sum of replica batches, ...)``, in cross-replica context.
+
+    On one machine the replicas' tensors are concatenated directly; no
+    collective runs, so replicas may hold batches of different sizes in any
+    step of an execution (a partial last batch). Several workers use
+    ``strategy.gather``.
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return strategy.gather(value, axis=0)
+    return tf.concat(strategy.experimental_local_results(value), axis=0)
 
 
 def default_display(verbose: Any) -> Optional[Callback]:
