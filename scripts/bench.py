@@ -149,21 +149,11 @@ def _delta(after: Optional[float], before: Optional[float]) -> Optional[float]:
 
 
 # ------------------------------------------------------------------- data
-def _data_module():
-    """``trainer/data.py`` loaded by path, so the tf-keras worker does not import Keras 3 through ``trainer``."""
-    name = "_bench_trainer_data"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "trainer", "data.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def load_arrays(data: str, limit: Optional[int] = None):
     """Training images and labels of ``data`` (``"mnist"`` or ``"digits"``), the first ``limit`` of them."""
-    mod = _data_module()
-    splits = mod.load_mnist() if data == "mnist" else mod.load_digits()
+    from trainer.data import load_digits, load_mnist  # the worker's TF_USE_LEGACY_KERAS is set at its spawn
+
+    splits = load_mnist() if data == "mnist" else load_digits()
     x, y = splits.x_train, splits.y_train
     if limit:
         x, y = x[:limit], y[:limit]
@@ -180,7 +170,9 @@ def make_train_dataset(x, y, batch: int, input_mode: str = "shuffled"):
     batching, so that a step draws a ready batch from memory: the cost of
     the input pipeline is then (almost) taken out of every case.
     """
-    ds = _data_module().make_dataset(x, y, batch, shuffle=True, seed=0, drop_remainder=True)
+    from trainer.data import make_dataset
+
+    ds = make_dataset(x, y, batch, shuffle=True, seed=0, drop_remainder=True)
     return ds.take(CACHED_BATCHES).cache() if input_mode == "cached" else ds
 
 

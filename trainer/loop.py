@@ -145,30 +145,49 @@ class Trainer:
         return int(self.skipped.numpy())
 
     # ---------------------------------------------------------- compiled step
-    def _forward(self, x, y, variables, weight=None):
-        """Loss and update gradients of one (replica's) batch; ``weight`` scales the objective.
+    def _outputs(self, x, y, *, training: bool):
+        """``(y_pred, loss, regularization)``: the forward pass, cast to float32, the loss and ``model.losses``.
 
-        The gradients are those of ``registry.update_gradients``: masked for a
-        dense update, the trainable entries ``[k]`` for a compact one.
+        The one place where the model meets the loss (train step, gradient
+        summaries, evaluation). ``regularization`` is ``None`` when the model
+        adds no loss; under mixed precision the outputs are cast so that the
+        loss is computed in float32.
         """
-        model, optimizer = self.model, self.optimizer
+        y_pred = self.model(x, training=training)
+        if y_pred.dtype != tf.float32:
+            y_pred = tf.cast(y_pred, tf.float32)
+        loss = self.loss(y, y_pred)
+        regularization = tf.add_n(self.model.losses) if self.model.losses else None
+        return y_pred, loss, regularization
+
+    def _replica_step(self, x, y, count, variables):
+        """One replica's half of the step: forward -> loss -> gradients -> ``registry.update_gradients``.
+
+        ``count`` is the global batch size: this replica's mean loss is weighted
+        by its share of the batch, so that the replicas' gradients *sum* to the
+        gradient of the global mean (one replica: weight 1). Returns the update
+        gradients (masked for a dense update, the trainable entries ``[k]`` for
+        a compact one), the outputs, and the loss (with ``model.losses``)
+        times the local batch size.
+        """
+        local = tf.shape(y)[0]
+        weight = tf.cast(local, tf.float32) / tf.cast(count, tf.float32)
         with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            if y_pred.dtype != tf.float32:  # mixed precision: the loss in float32
-                y_pred = tf.cast(y_pred, tf.float32)
-            loss = self.loss(y, y_pred)
-            if weight is not None and isinstance(self.loss, keras.losses.Loss):
+            y_pred, loss, regularization = self._outputs(x, y, training=True)
+            if self.replicas > 1 and isinstance(self.loss, keras.losses.Loss):
                 # In a replica context Keras divides a mean loss by the number of
                 # replicas; undo it so `loss` is this replica's own mean.
                 loss = loss * tf.cast(self.replicas, loss.dtype)
-            total = loss + tf.add_n(model.losses) if model.losses else loss
-            objective = total
-            if weight is not None:
-                objective = loss * weight + (tf.add_n(model.losses) / self.replicas if model.losses else 0.0)
-            scaled = optimizer.scale_loss(objective)
+            objective = loss * weight
+            if regularization is not None:
+                objective = objective + regularization / self.replicas
+            scaled = self.optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, variables)
         grads = self.registry.update_gradients(grads, variables)  # masked, or gathered for compact updates
-        return y_pred, total, grads
+        if self.replicas > 1:  # all-reduced below: dense tensors
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        total = loss if regularization is None else loss + regularization
+        return grads, y_pred, total * tf.cast(local, total.dtype)
 
     @staticmethod
     def _norm(grads):
@@ -227,55 +246,44 @@ class Trainer:
         return train_k
 
     def _make_train_function(self):
-        if self.replicas > 1:
-            return self._make_distributed_train_function()
+        """The train step, one function for one replica or several (as Keras' ``train_step`` under ``strategy.run``).
+
+        forward -> loss -> gradients -> ``registry.update_gradients`` (in each
+        replica, :meth:`_replica_step`) -> sum across replicas -> non-finite
+        guard -> ``registry.apply_gradients`` (the optimizer, then frozen
+        elements restored or compact values scattered back; in cross-replica
+        context Keras updates every replica's copy and the registry's
+        write-back runs on every copy too). A non-finite loss or gradient on
+        any replica skips (or stops) the step on all of them. One replica:
+        the whole step is one XLA program (``jit_compile``); several: each
+        replica's half is, traced per replica (:func:`per_replica_function`).
+        """
         variables = self.registry.trainable_variables()
+        strategy, several = self.strategy, self.replicas > 1
+        SUM = tf.distribute.ReduceOp.SUM
+
+        def sum_replicas(value):
+            return strategy.reduce(SUM, value, axis=None) if several else value
+
+        def replica_step(x, y, count):
+            return self._replica_step(x, y, count, variables)
+
+        if several:
+            replica_step = per_replica_function(replica_step, jit_compile=self.jit_compile)
 
         def step(x, y):
             self.batches.assign_add(1)
-            y_pred, total, grads = self._forward(x, y, variables)  # forward, loss, gradients, mask
-            finite, norm = self._check(total, grads)
-            return self._apply_or_skip(finite, norm, grads, variables, total, tf.shape(y)[0], y, y_pred)
+            count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
+            grads, y_pred, loss_sum = strategy.run(replica_step, args=(x, y, count))
+            grads = [None if g is None else sum_replicas(g) for g in grads]
+            loss = sum_replicas(loss_sum) / tf.cast(count, tf.float32)
+            finite, norm = self._check(loss, grads)
+            return self._apply_or_skip(finite, norm, grads, variables, loss, count,
+                                       concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
 
-        return self._execution(tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True))
-
-    def _make_distributed_train_function(self):
-        """The step under a multi-replica strategy.
-
-        Each replica computes the loss and update gradients of its slice of
-        the global batch (masked, or gathered ``[k]`` for compact updates, so
-        only those are reduced); the gradients are summed across replicas
-        (``strategy.reduce``) and applied in cross-replica context, where Keras
-        updates every replica's copy of each variable
-        (``strategy.extended.update``); the registry's write-back (restore or
-        scatter) runs on every copy too. A non-finite value on any replica
-        skips (or stops) the step on all of them.
-        """
-        variables = self.registry.trainable_variables()
-        strategy = self.strategy
-        SUM = tf.distribute.ReduceOp.SUM
-
-        def replica_forward(x, y, count):
-            local = tf.shape(y)[0]
-            weight = tf.cast(local, tf.float32) / tf.cast(count, tf.float32)
-            y_pred, total, grads = self._forward(x, y, variables, weight=weight)
-            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-            finite, _ = self._check(total, grads)
-            return grads, tf.cast(tf.logical_not(finite), tf.int32), y_pred, total * tf.cast(local, total.dtype)
-
-        replica_forward = per_replica_function(replica_forward, jit_compile=self.jit_compile)
-
-        def global_step(x, y):
-            self.batches.assign_add(1)
-            count = strategy.reduce(SUM, strategy.run(lambda t: tf.shape(t)[0], args=(y,)), axis=None)
-            grads, bad, y_pred, loss_sum = strategy.run(replica_forward, args=(x, y, count))
-            grads = [None if g is None else strategy.reduce(SUM, g, axis=None) for g in grads]
-            finite = tf.equal(strategy.reduce(SUM, bad, axis=None), 0)
-            y_all, pred_all = concat_replicas(strategy, y), concat_replicas(strategy, y_pred)
-            loss_mean = strategy.reduce(SUM, loss_sum, axis=None) / tf.cast(count, tf.float32)
-            return self._apply_or_skip(finite, self._norm(grads), grads, variables, loss_mean, count, y_all, pred_all)
-
-        return self._execution(global_step)
+        if not several:
+            step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+        return self._execution(step)
 
     def _train_function(self):
         if self._train_fn is None or self._structure != self.registry.structure_version:
@@ -303,20 +311,14 @@ class Trainer:
         """
         variables = self.registry.trainable_variables()
         with tf.GradientTape() as tape:
-            y_pred = self.model(x, training=False)
-            loss = self.loss(y, y_pred)
-            total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
+            _, loss, regularization = self._outputs(x, y, training=False)
+            total = loss if regularization is None else loss + regularization
         grads = self.registry.mask_gradients(tape.gradient(total, variables), variables)
         return [(v, None if g is None else tf.convert_to_tensor(g)) for v, g in zip(variables, grads)]
 
     def _make_eval_function(self):
-        model = self.model
-
         def step(x, y):
-            y_pred = model(x, training=False)
-            if y_pred.dtype != tf.float32:
-                y_pred = tf.cast(y_pred, tf.float32)
-            loss = self.loss(y, y_pred)
+            y_pred, loss, _ = self._outputs(x, y, training=False)
             self.eval_loss.update_state(loss, sample_weight=tf.shape(y)[0])
             for metric in self.eval_metrics:
                 metric.update_state(y, y_pred)
