@@ -210,25 +210,41 @@ class Trainer:
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
         return finite, norm
 
+    def _written_state(self) -> List[Any]:
+        """Every variable an update writes: model and compact variables, and the optimizer's (slots, step)."""
+        seen, out = set(), []
+        for v in (*self.registry.trainable_variables(), *self.registry.optimizer_variables(),
+                  *self.optimizer.variables):
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+        return out
+
     def _apply_or_skip(self, finite, norm, grads, variables, loss, count, y, y_pred):
-        """Applies the update gradients (frozen elements never change), or skips the step."""
-        optimizer, registry = self.optimizer, self.registry
+        """Applies the update gradients (frozen elements never change), or leaves the state as it was.
 
-        def apply():
-            self.grad_norm.assign(norm)
-            registry.apply_gradients(optimizer, grads, variables)  # dense: mask + restore; compact: scatter
-            self.train_loss.update_state(loss, sample_weight=count)
-            for metric in self.train_metrics:
-                metric.update_state(y, y_pred)
-            self.examples.assign_add(tf.cast(count, tf.int64))
-            return tf.constant(True)
-
-        def refuse():
-            self.skipped.assign_add(1)
-            self.nonfinite.assign(True)
-            return tf.constant(False)
-
-        return tf.cond(finite, apply, refuse)
+        No ``tf.cond`` on the step's path: the update always runs, then every
+        variable it wrote is set to ``tf.where(finite, new, old)``, so a
+        non-finite step changes no weight, slot or optimizer step (bit-exact);
+        under XLA the select fuses into the update's own loops. The metrics
+        and counters are weighted by ``finite``. Returns ``finite``.
+        """
+        state = self._written_state()
+        before = [tf.convert_to_tensor(v) for v in state]  # read before the update (program order)
+        self.registry.apply_gradients(self.optimizer, grads, variables)  # dense: mask + restore; compact: scatter
+        for v, old in zip(state, before):
+            v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
+        ok = tf.cast(finite, tf.float32)
+        self.grad_norm.assign(tf.where(finite, norm, self.grad_norm))
+        self.train_loss.update_state(tf.where(finite, loss, 0.0), sample_weight=tf.cast(count, tf.float32) * ok)
+        y_pred = tf.where(finite, y_pred, tf.zeros_like(y_pred))
+        weights = tf.fill(tf.shape(y)[:1], ok)
+        for metric in self.train_metrics:
+            metric.update_state(y, y_pred, sample_weight=weights)
+        self.examples.assign_add(tf.cast(count, tf.int64) * tf.cast(finite, tf.int64))
+        self.skipped.assign_add(1 - tf.cast(finite, tf.int64))
+        self.nonfinite.assign(tf.logical_or(self.nonfinite, tf.logical_not(finite)))
+        return finite
 
     def _execution(self, step):
         """``k`` steps in one ``tf.function``: ``for _ in tf.range(k): step(next(iterator))`` (Orbit's shape)."""
