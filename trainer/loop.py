@@ -4,8 +4,11 @@ The step is, in this order: forward pass under ``tf.GradientTape`` -> loss
 (plus ``model.losses``) -> gradients of the not-fully-frozen variables ->
 ``registry.update_gradients`` (masked for a dense update, gathered ``[k]`` for
 a compact one) -> ``registry.apply_gradients`` (the optimizer, then frozen
-elements restored or the compact values scattered back). Which update a
-variable uses is the registry's plan, not the step's. ``steps_per_execution``
+elements restored or the compact values scattered back); a non-finite loss
+or gradient selects every written variable back (``tf.where``, no
+``tf.cond``). One step function serves one replica or several
+(``strategy.run``). Which update a variable uses is the registry's plan,
+not the step's. ``steps_per_execution``
 steps run inside one ``tf.function`` (``for _ in tf.range(k)``, ``k`` a
 Tensor, as in Orbit and Keras); hooks (summaries, checkpoints, logs) run
 between executions.
