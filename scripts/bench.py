@@ -149,21 +149,11 @@ def _delta(after: Optional[float], before: Optional[float]) -> Optional[float]:
 
 
 # ------------------------------------------------------------------- data
-def _data_module():
-    """``trainer/data.py`` loaded by path, so the tf-keras worker does not import Keras 3 through ``trainer``."""
-    name = "_bench_trainer_data"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "trainer", "data.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def load_arrays(data: str, limit: Optional[int] = None):
     """Training images and labels of ``data`` (``"mnist"`` or ``"digits"``), the first ``limit`` of them."""
-    mod = _data_module()
-    splits = mod.load_mnist() if data == "mnist" else mod.load_digits()
+    from trainer.data import load_digits, load_mnist  # the worker's TF_USE_LEGACY_KERAS is set at its spawn
+
+    splits = load_mnist() if data == "mnist" else load_digits()
     x, y = splits.x_train, splits.y_train
     if limit:
         x, y = x[:limit], y[:limit]
@@ -180,7 +170,9 @@ def make_train_dataset(x, y, batch: int, input_mode: str = "shuffled"):
     batching, so that a step draws a ready batch from memory: the cost of
     the input pipeline is then (almost) taken out of every case.
     """
-    ds = _data_module().make_dataset(x, y, batch, shuffle=True, seed=0, drop_remainder=True)
+    from trainer.data import make_dataset
+
+    ds = make_dataset(x, y, batch, shuffle=True, seed=0, drop_remainder=True)
     return ds.take(CACHED_BATCHES).cache() if input_mode == "cached" else ds
 
 
@@ -402,9 +394,10 @@ class KerasFitCase(StepCase):
 class TrainerCase(StepCase):
     """:class:`trainer.Trainer` with (``masked``) or without freeze rules."""
 
-    def __init__(self, *args, masked: bool, hidden, input_shape, classes, ds, **kwargs):
+    def __init__(self, *args, masked: bool, hidden, input_shape, classes, ds, defaults: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.masked, self.hidden, self.input_shape, self.classes, self.ds = masked, hidden, input_shape, classes, ds
+        self.defaults = defaults  # Trainer(...) without steps_per_execution / jit_compile: what a user gets
 
     def _build(self) -> None:
         import keras
@@ -429,8 +422,12 @@ class TrainerCase(StepCase):
 
         self.callback = TrainerClock()
         self.registry = registry
+        speed = {} if self.defaults else dict(steps_per_execution=self.k, jit_compile=bool(self.jit))
         self.trainer = Trainer(model, keras.optimizers.Adam(LR), _loss(), metrics=["accuracy"],
-                               registry=registry, steps_per_execution=self.k, jit_compile=bool(self.jit))
+                               registry=registry, **speed)
+        if (self.trainer.steps_per_execution, self.trainer.jit_compile) != (self.k, bool(self.jit)):
+            raise RuntimeError(f"{self.name}: the trainer runs K={self.trainer.steps_per_execution}, "
+                               f"jit_compile={self.trainer.jit_compile}, not the case's {self.settings()}")
 
     def _fit(self, steps: int) -> None:
         # One endless "epoch" (the trainer repeats the dataset itself), as Keras fit gets
@@ -802,8 +799,11 @@ def build_cases(args, x, y, classes) -> List[Case]:
                                              k=k, jit=True)),
         ("matmuls_only", "matmuls", dict(desc="the step's matmuls alone (linear layers, SGD)", k=k, jit=True)),
     ]
+    defaults = trainer_defaults()
+    specs.append(("trainer_defaults", "trainer", dict(desc="trainer, mask, Trainer(...) at its defaults",
+                                                      masked=True, defaults=True, **defaults)))
     if args.quick:  # the smoke run keeps the cases that the ratios need
-        specs = [spec for spec in specs if spec[0] != "keras_fit_default"]
+        specs = [spec for spec in specs if spec[0] not in ("keras_fit_default", "trainer_defaults")]
     reason = tfmot_available() if not args.no_tfmot else "--no-tfmot"
     if reason is None:
         specs.append(("tfmot", "tfmot", dict(desc="tfmot prune_low_magnitude, ConstantSparsity(0.9)", k=k,
@@ -838,6 +838,16 @@ def build_cases(args, x, y, classes) -> List[Case]:
             raise SystemExit(f"--only: unknown case(s) {unknown}; cases: {[c.name for c in cases]}")
         cases = [c for c in cases if c.kind == "matmul" or c.name in args.only]
     return cases
+
+
+def trainer_defaults() -> Dict[str, Any]:
+    """``{"k": ..., "jit": ...}``: the ``steps_per_execution`` and ``jit_compile`` that ``Trainer(...)`` defaults to."""
+    import inspect
+
+    from trainer import Trainer
+
+    params = inspect.signature(Trainer).parameters
+    return {"k": params["steps_per_execution"].default, "jit": bool(params["jit_compile"].default)}
 
 
 def _steps_for(case: Case, args) -> int:
@@ -883,6 +893,7 @@ def summarize(cases: List[Case], args, machine, loads) -> Dict[str, Any]:
         "trainer_vs_tfmot": _ratio(by_name, "trainer_masked", "tfmot"),
         "trainer_dense_vs_keras_fit": _ratio(by_name, "trainer_dense", "keras_fit"),
         "trainer_vs_keras_fit_default": _ratio(by_name, "trainer_masked", "keras_fit_default"),
+        "trainer_defaults_vs_keras_fit_defaults": _ratio(by_name, "trainer_defaults", "keras_fit_default"),
         "trainer_vs_masked_layer": _ratio(by_name, "trainer_masked", "keras_masked_layer"),
         "trainer_dense_k1_noxla_vs_keras_fit_default": _ratio(by_name, "trainer_dense_k1_noxla",
                                                               "keras_fit_default"),
@@ -896,8 +907,8 @@ def summarize(cases: List[Case], args, machine, loads) -> Dict[str, Any]:
             dense = name.replace("masked", "dense")
             if dense in by_name:
                 ratios[f"{name}_vs_{dense}"] = _ratio(by_name, name, dense)
-    targets = {"masked_vs_unmasked": 0.97, "trainer_vs_keras_fit": 1.8, "trainer_vs_constraint": 1.8,
-               "trainer_vs_tfmot": 2.0}
+    targets = {"masked_vs_unmasked": 0.98, "trainer_vs_keras_fit": 1.0, "trainer_vs_constraint": 1.0,
+               "trainer_vs_tfmot": 1.0, "trainer_defaults_vs_keras_fit_defaults": 1.5}
     verdicts = {k: {"value": ratios[k], "target": t, "met": None if ratios[k] is None else ratios[k] >= t}
                 for k, t in targets.items()}
     masked_mfu = mfu.get("trainer_masked")

@@ -57,3 +57,44 @@ def test_mixed_precision_keeps_float32_variables_and_exact_frozen_elements(tmp_p
     assert report["steps"] == 20 and report["test_accuracy"] > 0.2  # one epoch of SGD: well above chance (0.1)
     weights = np.load(tmp_path / "weights.npz")
     assert {str(weights[k].dtype) for k in weights.files if "kernel" in k or "bias" in k} == {"float32"}
+
+
+def run_cli_status(run_dir, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *COMMON, *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_mirrored_with_xla_and_a_partial_batch_inside_an_execution_matches_one_device(tmp_path):
+    # 1,257 digits at batch 60: 20 full batches and one of 57 (29 + 28 examples on the two replicas), all
+    # inside executions of 8 steps; XLA compiles each replica's step on its own device.
+    settings = ["trainer.epochs=1", "trainer.batch_size=60", "trainer.steps_per_execution=8",
+                "trainer.jit_compile=true"]
+    single = run_cli(tmp_path / "single", *settings)
+    mirrored = run_cli(tmp_path / "mirrored", *settings, "distribute.strategy=mirrored",
+                       "distribute.logical_cpu_devices=2")
+    assert mirrored["status"] == single["status"] == "completed"
+    assert mirrored["steps"] == single["steps"] == 21
+    assert mirrored["frozen_exact"] is True
+    np.testing.assert_allclose(mirrored["history"][0]["loss"], single["history"][0]["loss"], rtol=1e-4)
+    np.testing.assert_allclose(mirrored["history"][0]["accuracy"], single["history"][0]["accuracy"], atol=1e-6)
+    a, b = np.load(tmp_path / "single" / "weights.npz"), np.load(tmp_path / "mirrored" / "weights.npz")
+    masks = np.load(tmp_path / "mirrored" / "masks.npz")
+    for key in a.files:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-5)
+        if key in masks.files:
+            assert np.all(b[key][~masks[key]].view(np.uint32) == 0)  # +0.0 exactly on the replicas' copy
+
+
+@pytest.mark.slow
+def test_a_failed_run_writes_no_model_and_prints_no_test_accuracy(tmp_path):
+    proc = run_cli_status(tmp_path, "trainer.epochs=1", "optimizer.learning_rate=1e30", "export.keras=true")
+    assert proc.returncode != 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["error"].startswith("NonFiniteLossError: non-finite loss or gradient at step ")
+    assert report["test_accuracy"] is None and report["test_loss"] is None
+    assert not (tmp_path / "model.keras").exists() and not (tmp_path / "weights.npz").exists()
+    assert "accuracy" not in proc.stdout + proc.stderr.replace("no test evaluation", "")
+    assert "run failed at step" in proc.stdout + proc.stderr

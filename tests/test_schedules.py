@@ -62,7 +62,8 @@ class Recorder(Callback):
 
 def fit(model, registry, steps, optimizer=None, epochs=10):
     trainer = Trainer(model, optimizer or keras.optimizers.Adam(0.01),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry)
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry,
+                      steps_per_execution=1)  # a record after every step
     recorder = Recorder()
     trainer.fit(dataset(), epochs=epochs, max_steps=steps, callbacks=[recorder])
     return trainer, recorder.records

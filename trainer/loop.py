@@ -4,8 +4,11 @@ The step is, in this order: forward pass under ``tf.GradientTape`` -> loss
 (plus ``model.losses``) -> gradients of the not-fully-frozen variables ->
 ``registry.update_gradients`` (masked for a dense update, gathered ``[k]`` for
 a compact one) -> ``registry.apply_gradients`` (the optimizer, then frozen
-elements restored or the compact values scattered back). Which update a
-variable uses is the registry's plan, not the step's. ``steps_per_execution``
+elements restored or the compact values scattered back); a non-finite loss
+or gradient selects every written variable back (``tf.where``, no
+``tf.cond``). One step function serves one replica or several
+(``strategy.run``). Which update a variable uses is the registry's plan,
+not the step's. ``steps_per_execution``
 steps run inside one ``tf.function`` (``for _ in tf.range(k)``, ``k`` a
 Tensor, as in Orbit and Keras); hooks (summaries, checkpoints, logs) run
 between executions.
@@ -61,8 +64,11 @@ class Trainer:
         ``SparseCategoricalAccuracy``: integer labels, logits or probabilities).
       registry: a :class:`~trainer.masks.MaskRegistry` of ``model``; ``None``
         trains without freezing.
-      steps_per_execution: steps run inside one ``tf.function`` call.
-      jit_compile: compile the step with XLA.
+      steps_per_execution: steps run inside one ``tf.function`` call
+        (default 100: the fastest setting measured, README "Speed"; an
+        execution always ends at an epoch's end and at ``max_steps``).
+      jit_compile: compile the step with XLA (default on, as measured in
+        README "Speed"; pass ``False`` for a model with ops XLA cannot compile).
       nan_policy: ``"stop"`` raises :class:`NonFiniteLossError` naming the
         step; ``"skip_step"`` drops that update (no weight, slot or step change)
         and counts it in :attr:`skipped_steps`.
@@ -83,8 +89,8 @@ class Trainer:
         *,
         metrics: Sequence[Any] = (),
         registry: Optional[MaskRegistry] = None,
-        steps_per_execution: int = 1,
-        jit_compile: bool = False,
+        steps_per_execution: int = 100,
+        jit_compile: bool = True,
         nan_policy: str = "stop",
         strategy: Optional[tf.distribute.Strategy] = None,
     ):
@@ -128,6 +134,9 @@ class Trainer:
         self._structure = None
         self._eval_fn = None
         self.timing: Dict[str, float] = {}
+        # How the last fit() ended: "completed", "interrupted" (stop_requested
+        # before the last step) or "failed" (it raised); None before any fit().
+        self.status: Optional[str] = None
         # fit() across calls: the dataset behind train_iterator, epochs done, early stop.
         self._train_source, self._epochs_done, self._predict_fn, self.stop_training = None, 0, None, False
 
@@ -142,30 +151,49 @@ class Trainer:
         return int(self.skipped.numpy())
 
     # ---------------------------------------------------------- compiled step
-    def _forward(self, x, y, variables, weight=None):
-        """Loss and update gradients of one (replica's) batch; ``weight`` scales the objective.
+    def _outputs(self, x, y, *, training: bool):
+        """``(y_pred, loss, regularization)``: the forward pass, cast to float32, the loss and ``model.losses``.
 
-        The gradients are those of ``registry.update_gradients``: masked for a
-        dense update, the trainable entries ``[k]`` for a compact one.
+        The one place where the model meets the loss (train step, gradient
+        summaries, evaluation). ``regularization`` is ``None`` when the model
+        adds no loss; under mixed precision the outputs are cast so that the
+        loss is computed in float32.
         """
-        model, optimizer = self.model, self.optimizer
+        y_pred = self.model(x, training=training)
+        if y_pred.dtype != tf.float32:
+            y_pred = tf.cast(y_pred, tf.float32)
+        loss = self.loss(y, y_pred)
+        regularization = tf.add_n(self.model.losses) if self.model.losses else None
+        return y_pred, loss, regularization
+
+    def _replica_step(self, x, y, count, variables):
+        """One replica's half of the step: forward -> loss -> gradients -> ``registry.update_gradients``.
+
+        ``count`` is the global batch size: this replica's mean loss is weighted
+        by its share of the batch, so that the replicas' gradients *sum* to the
+        gradient of the global mean (one replica: weight 1). Returns the update
+        gradients (masked for a dense update, the trainable entries ``[k]`` for
+        a compact one), the outputs, and the loss (with ``model.losses``)
+        times the local batch size.
+        """
+        local = tf.shape(y)[0]
+        weight = tf.cast(local, tf.float32) / tf.cast(count, tf.float32)
         with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            if y_pred.dtype != tf.float32:  # mixed precision: the loss in float32
-                y_pred = tf.cast(y_pred, tf.float32)
-            loss = self.loss(y, y_pred)
-            if weight is not None and isinstance(self.loss, keras.losses.Loss):
+            y_pred, loss, regularization = self._outputs(x, y, training=True)
+            if self.replicas > 1 and isinstance(self.loss, keras.losses.Loss):
                 # In a replica context Keras divides a mean loss by the number of
                 # replicas; undo it so `loss` is this replica's own mean.
                 loss = loss * tf.cast(self.replicas, loss.dtype)
-            total = loss + tf.add_n(model.losses) if model.losses else loss
-            objective = total
-            if weight is not None:
-                objective = loss * weight + (tf.add_n(model.losses) / self.replicas if model.losses else 0.0)
-            scaled = optimizer.scale_loss(objective)
+            objective = loss * weight
+            if regularization is not None:
+                objective = objective + regularization / self.replicas
+            scaled = self.optimizer.scale_loss(objective)
         grads = tape.gradient(scaled, variables)
         grads = self.registry.update_gradients(grads, variables)  # masked, or gathered for compact updates
-        return y_pred, total, grads
+        if self.replicas > 1:  # all-reduced below: dense tensors
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        total = loss if regularization is None else loss + regularization
+        return grads, y_pred, total * tf.cast(local, total.dtype)
 
     @staticmethod
     def _norm(grads):
@@ -188,25 +216,41 @@ class Trainer:
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
         return finite, norm
 
+    def _written_state(self) -> List[Any]:
+        """Every variable an update writes: model and compact variables, and the optimizer's (slots, step)."""
+        seen, out = set(), []
+        for v in (*self.registry.trainable_variables(), *self.registry.optimizer_variables(),
+                  *self.optimizer.variables):
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+        return out
+
     def _apply_or_skip(self, finite, norm, grads, variables, loss, count, y, y_pred):
-        """Applies the update gradients (frozen elements never change), or skips the step."""
-        optimizer, registry = self.optimizer, self.registry
+        """Applies the update gradients (frozen elements never change), or leaves the state as it was.
 
-        def apply():
-            self.grad_norm.assign(norm)
-            registry.apply_gradients(optimizer, grads, variables)  # dense: mask + restore; compact: scatter
-            self.train_loss.update_state(loss, sample_weight=count)
-            for metric in self.train_metrics:
-                metric.update_state(y, y_pred)
-            self.examples.assign_add(tf.cast(count, tf.int64))
-            return tf.constant(True)
-
-        def refuse():
-            self.skipped.assign_add(1)
-            self.nonfinite.assign(True)
-            return tf.constant(False)
-
-        return tf.cond(finite, apply, refuse)
+        No ``tf.cond`` on the step's path: the update always runs, then every
+        variable it wrote is set to ``tf.where(finite, new, old)``, so a
+        non-finite step changes no weight, slot or optimizer step (bit-exact);
+        under XLA the select fuses into the update's own loops. The metrics
+        and counters are weighted by ``finite``. Returns ``finite``.
+        """
+        state = self._written_state()
+        before = [tf.convert_to_tensor(v) for v in state]  # read before the update (program order)
+        self.registry.apply_gradients(self.optimizer, grads, variables)  # dense: mask + restore; compact: scatter
+        for v, old in zip(state, before):
+            v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
+        ok = tf.cast(finite, tf.float32)
+        self.grad_norm.assign(tf.where(finite, norm, self.grad_norm))
+        self.train_loss.update_state(tf.where(finite, loss, 0.0), sample_weight=tf.cast(count, tf.float32) * ok)
+        y_pred = tf.where(finite, y_pred, tf.zeros_like(y_pred))
+        weights = tf.fill(tf.shape(y)[:1], ok)
+        for metric in self.train_metrics:
+            metric.update_state(y, y_pred, sample_weight=weights)
+        self.examples.assign_add(tf.cast(count, tf.int64) * tf.cast(finite, tf.int64))
+        self.skipped.assign_add(1 - tf.cast(finite, tf.int64))
+        self.nonfinite.assign(tf.logical_or(self.nonfinite, tf.logical_not(finite)))
+        return finite
 
     def _execution(self, step):
         """``k`` steps in one ``tf.function``: ``for _ in tf.range(k): step(next(iterator))`` (Orbit's shape)."""
@@ -224,55 +268,44 @@ class Trainer:
         return train_k
 
     def _make_train_function(self):
-        if self.replicas > 1:
-            return self._make_distributed_train_function()
+        """The train step, one function for one replica or several (as Keras' ``train_step`` under ``strategy.run``).
+
+        forward -> loss -> gradients -> ``registry.update_gradients`` (in each
+        replica, :meth:`_replica_step`) -> sum across replicas -> non-finite
+        guard -> ``registry.apply_gradients`` (the optimizer, then frozen
+        elements restored or compact values scattered back; in cross-replica
+        context Keras updates every replica's copy and the registry's
+        write-back runs on every copy too). A non-finite loss or gradient on
+        any replica skips (or stops) the step on all of them. One replica:
+        the whole step is one XLA program (``jit_compile``); several: each
+        replica's half is, traced per replica (:func:`per_replica_function`).
+        """
         variables = self.registry.trainable_variables()
+        strategy, several = self.strategy, self.replicas > 1
+        SUM = tf.distribute.ReduceOp.SUM
+
+        def sum_replicas(value):
+            return strategy.reduce(SUM, value, axis=None) if several else value
+
+        def replica_step(x, y, count):
+            return self._replica_step(x, y, count, variables)
+
+        if several:
+            replica_step = per_replica_function(replica_step, jit_compile=self.jit_compile)
 
         def step(x, y):
             self.batches.assign_add(1)
-            y_pred, total, grads = self._forward(x, y, variables)  # forward, loss, gradients, mask
-            finite, norm = self._check(total, grads)
-            return self._apply_or_skip(finite, norm, grads, variables, total, tf.shape(y)[0], y, y_pred)
+            count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
+            grads, y_pred, loss_sum = strategy.run(replica_step, args=(x, y, count))
+            grads = [None if g is None else sum_replicas(g) for g in grads]
+            loss = sum_replicas(loss_sum) / tf.cast(count, tf.float32)
+            finite, norm = self._check(loss, grads)
+            return self._apply_or_skip(finite, norm, grads, variables, loss, count,
+                                       concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
 
-        return self._execution(tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True))
-
-    def _make_distributed_train_function(self):
-        """The step under a multi-replica strategy.
-
-        Each replica computes the loss and update gradients of its slice of
-        the global batch (masked, or gathered ``[k]`` for compact updates, so
-        only those are reduced); the gradients are summed across replicas
-        (``strategy.reduce``) and applied in cross-replica context, where Keras
-        updates every replica's copy of each variable
-        (``strategy.extended.update``); the registry's write-back (restore or
-        scatter) runs on every copy too. A non-finite value on any replica
-        skips (or stops) the step on all of them.
-        """
-        variables = self.registry.trainable_variables()
-        strategy = self.strategy
-        SUM = tf.distribute.ReduceOp.SUM
-
-        def replica_forward(x, y, count):
-            local = tf.shape(y)[0]
-            weight = tf.cast(local, tf.float32) / tf.cast(count, tf.float32)
-            y_pred, total, grads = self._forward(x, y, variables, weight=weight)
-            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-            finite, _ = self._check(total, grads)
-            return grads, tf.cast(tf.logical_not(finite), tf.int32), y_pred, total * tf.cast(local, total.dtype)
-
-        replica_forward = tf.function(replica_forward, jit_compile=self.jit_compile, reduce_retracing=True)
-
-        def global_step(x, y):
-            self.batches.assign_add(1)
-            count = strategy.reduce(SUM, strategy.run(lambda t: tf.shape(t)[0], args=(y,)), axis=None)
-            grads, bad, y_pred, loss_sum = strategy.run(replica_forward, args=(x, y, count))
-            grads = [None if g is None else strategy.reduce(SUM, g, axis=None) for g in grads]
-            finite = tf.equal(strategy.reduce(SUM, bad, axis=None), 0)
-            y_all, pred_all = strategy.gather(y, axis=0), strategy.gather(y_pred, axis=0)
-            loss_mean = strategy.reduce(SUM, loss_sum, axis=None) / tf.cast(count, tf.float32)
-            return self._apply_or_skip(finite, self._norm(grads), grads, variables, loss_mean, count, y_all, pred_all)
-
-        return self._execution(global_step)
+        if not several:
+            step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+        return self._execution(step)
 
     def _train_function(self):
         if self._train_fn is None or self._structure != self.registry.structure_version:
@@ -300,20 +333,14 @@ class Trainer:
         """
         variables = self.registry.trainable_variables()
         with tf.GradientTape() as tape:
-            y_pred = self.model(x, training=False)
-            loss = self.loss(y, y_pred)
-            total = loss + tf.add_n(self.model.losses) if self.model.losses else loss
+            _, loss, regularization = self._outputs(x, y, training=False)
+            total = loss if regularization is None else loss + regularization
         grads = self.registry.mask_gradients(tape.gradient(total, variables), variables)
         return [(v, None if g is None else tf.convert_to_tensor(g)) for v, g in zip(variables, grads)]
 
     def _make_eval_function(self):
-        model = self.model
-
         def step(x, y):
-            y_pred = model(x, training=False)
-            if y_pred.dtype != tf.float32:
-                y_pred = tf.cast(y_pred, tf.float32)
-            loss = self.loss(y, y_pred)
+            y_pred, loss, _ = self._outputs(x, y, training=False)
             self.eval_loss.update_state(loss, sample_weight=tf.shape(y)[0])
             for metric in self.eval_metrics:
                 metric.update_state(y, y_pred)
@@ -532,7 +559,7 @@ class Trainer:
         iterator = self._iterator_for(train_ds)
         history: List[Dict[str, float]] = []
         logs: Dict[str, float] = {}
-        status = "failed"
+        status = self.status = "failed"
         start = time.perf_counter()
         first_done: Optional[float] = None
         steps_at_first = step
@@ -586,6 +613,7 @@ class Trainer:
                         f"every step for a whole epoch of batches after step {step} was non-finite and skipped"
                     )
             status = "interrupted" if self.stop_requested and step < total else "completed"
+            self.status = status
         finally:
             end = time.perf_counter()
             self.timing["train_seconds"] = end - start
@@ -594,6 +622,48 @@ class Trainer:
             for cb in callbacks:
                 cb.on_train_end(self, step, logs, status)
         return history
+
+
+def per_replica_function(fn: Callable, *, jit_compile: bool) -> Callable:
+    """``fn`` as a ``tf.function`` traced once per replica, for ``strategy.run``.
+
+    One trace shared by every replica (what ``tf.function`` does by itself)
+    makes XLA run replica 1's step on replica 0's device, which cannot reach
+    replica 1's copy of a variable ("Trying to access resource ... located in
+    device CPU:1 from device CPU:0"; TensorFlow's XLA known issue "tf.Variable
+    on a different device"). A trace per replica keeps each step on its
+    replica's device.
+
+    Args:
+      fn: the replica function.
+      jit_compile: compile each trace with XLA.
+
+    Returns:
+      A callable for a replica context (outside one it uses replica 0's trace).
+    """
+    traces: Dict[int, Callable] = {}
+
+    def call(*args):
+        context = tf.distribute.get_replica_context()
+        replica = 0 if context is None else int(tf.get_static_value(context.replica_id_in_sync_group) or 0)
+        if replica not in traces:
+            traces[replica] = tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+        return traces[replica](*args)
+
+    return call
+
+
+def concat_replicas(strategy: tf.distribute.Strategy, value: Any) -> tf.Tensor:
+    """A per-replica batch as one global batch ``(sum of replica batches, ...)``, in cross-replica context.
+
+    On one machine the replicas' tensors are concatenated directly; no
+    collective runs, so replicas may hold batches of different sizes in any
+    step of an execution (a partial last batch). Several workers use
+    ``strategy.gather``.
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return strategy.gather(value, axis=0)
+    return tf.concat(strategy.experimental_local_results(value), axis=0)
 
 
 def default_display(verbose: Any) -> Optional[Callback]:

@@ -472,7 +472,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
         try:
             trainer.fit(train_ds, val_ds, epochs=int(t.epochs), initial_epoch=0, max_steps=t.max_steps,
                         callbacks=callbacks)  # epochs counted from step 0: a resumed run continues
-            status = "interrupted" if trainer.stop_requested and trainer.step < trainer.total_steps else "completed"
+            status = trainer.status  # decided by fit: completed or interrupted
         except BaseException as err:
             error = f"{type(err).__name__}: {err}"
             raise
@@ -487,11 +487,16 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
     The report's ``history``, ``segments``, ``wall_seconds`` and
     ``examples_per_second`` cover the whole run, earlier segments (before a
     resume) included; ``config_changes`` lists every change accepted with
-    ``resume_allow_changes``.
+    ``resume_allow_changes``. A failed run (``status="failed"``) is neither
+    tested nor exported: its report gives ``status``, ``error`` and the step
+    it reached, with no test metrics; no ``model.keras``, SavedModel or
+    ``weights.npz`` is written.
     """
     registry, model = trainer.registry, trainer.model
-    test = trainer.evaluate(test_ds)
-    tensorboard.write_test(trainer.step, test)
+    failed = status == "failed"
+    test = {"loss": None} if failed else trainer.evaluate(test_ds)
+    if not failed:
+        tensorboard.write_test(trainer.step, test)
     tensorboard.close()
     rows = reports.audit(registry)
     exact = registry.exact()
@@ -521,6 +526,9 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
         result["error"] = error
     reports.write_json(os.path.join(run_dir, "report.json"), result)
     reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
+    if failed:
+        log.error("run failed at step %d: %s (no test evaluation, no model written)", trainer.step, error)
+        return result
     reports.export_weights(model, os.path.join(run_dir, "weights.npz"))
     if cfg.export.keras:
         reports.export_model(model, os.path.join(run_dir, "model.keras"))
