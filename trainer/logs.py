@@ -190,7 +190,8 @@ def run_job(run: Callable, cfg) -> Optional[dict]:
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job_dir = hydra_cfg.runtime.output_dir
-            on_error = lambda err: write_error(job_dir, one_line(err))  # noqa: E731
+            overrides = list(hydra_cfg.overrides.task)
+            on_error = lambda err: write_error(job_dir, one_line(err), overrides)  # noqa: E731
     except ValueError:  # outside Hydra
         pass
     return run_reporting_errors(run, cfg, verbose=verbose, on_error=on_error)

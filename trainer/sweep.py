@@ -69,11 +69,20 @@ def optimized_value(cfg: DictConfig, result: Optional[Mapping[str, Any]]) -> Opt
     return value
 
 
-def write_error(run_dir: str, message: str) -> None:
-    """Leaves a failed job's one-line error in its folder (for the sweep table)."""
+def write_error(run_dir: str, message: str, overrides: Optional[List[str]] = None) -> None:
+    """Leaves a failed job's one-line error in its folder (for the sweep table).
+
+    A job refused before its records were written (``hydra.output_subdir`` is
+    null, see run.py) also gets ``.hydra/overrides.yaml`` from ``overrides``,
+    so that :func:`job_rows` lists it; an existing one is left as it is.
+    """
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, ERROR_FILE), "w") as f:
         f.write(message + "\n")
+    overrides_file = os.path.join(run_dir, ".hydra", "overrides.yaml")
+    if overrides is not None and not os.path.exists(overrides_file):
+        os.makedirs(os.path.dirname(overrides_file), exist_ok=True)
+        OmegaConf.save(OmegaConf.create([str(o) for o in overrides]), overrides_file)
 
 
 def job_rows(sweep_dir: str) -> List[Dict[str, Any]]:
