@@ -216,16 +216,6 @@ class Trainer:
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
         return finite, norm
 
-    def _written_state(self) -> List[Any]:
-        """Every variable an update writes: model and compact variables, and the optimizer's (slots, step)."""
-        seen, out = set(), []
-        for v in (*self.registry.trainable_variables(), *self.registry.optimizer_variables(),
-                  *self.optimizer.variables):
-            if id(v) not in seen:
-                seen.add(id(v))
-                out.append(v)
-        return out
-
     def _apply_or_skip(self, finite, norm, grads, variables, loss, count, y, y_pred):
         """Applies the update gradients (frozen elements never change), or leaves the state as it was.
 
@@ -235,11 +225,8 @@ class Trainer:
         under XLA the select fuses into the update's own loops. The metrics
         and counters are weighted by ``finite``. Returns ``finite``.
         """
-        state = self._written_state()
-        before = [tf.convert_to_tensor(v) for v in state]  # read before the update (program order)
-        self.registry.apply_gradients(self.optimizer, grads, variables)  # dense: mask + restore; compact: scatter
-        for v, old in zip(state, before):
-            v.assign(tf.where(finite, tf.convert_to_tensor(v), old))
+        # dense: restore frozen elements; compact: scatter the [k] values; keep_if selects the old state back
+        self.registry.apply_gradients(self.optimizer, grads, variables, keep_if=finite)
         ok = tf.cast(finite, tf.float32)
         self.grad_norm.assign(tf.where(finite, norm, self.grad_norm))
         self.train_loss.update_state(tf.where(finite, loss, 0.0), sample_weight=tf.cast(count, tf.float32) * ok)

@@ -512,7 +512,7 @@ class MaskRegistry(tf.Module):
         return out
 
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: Sequence[Any],
-                        variables: Sequence[keras.Variable]) -> None:
+                        variables: Sequence[keras.Variable], *, keep_if: Any = None) -> None:
         """One optimizer update from :meth:`update_gradients`; frozen elements are never changed.
 
         Dense updates restore every frozen element after the optimizer (after
@@ -524,6 +524,13 @@ class MaskRegistry(tf.Module):
           optimizer: the optimizer given to :meth:`attach_optimizer`.
           grads: the output of :meth:`update_gradients`.
           variables: the model variables, in the same order.
+          keep_if: optional scalar bool tensor; where it is ``False`` every
+            variable the optimizer wrote (the variables it updates, compact
+            ones included, and its slots and step) is selected back to its
+            value before the update (``tf.where``, bit-exact) before compact
+            values are written back, so the step changes nothing and needs no
+            ``tf.cond``. Only ``[k]`` compact variables, not their model
+            variables, are copied for this.
         """
         pairs, held = [], []
         for grad, variable in zip(grads, variables):
@@ -531,7 +538,16 @@ class MaskRegistry(tf.Module):
             target = update.optimizer_variable if update is not None else variable
             pairs.append((grad, target))
             held.append((update, update.hold()) if update is not None and grad is not None else None)
+        written = []
+        if keep_if is not None:
+            seen = set()
+            for v in (*(target for grad, target in pairs if grad is not None), *optimizer.variables):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    written.append((v, tf.convert_to_tensor(v)))  # read before the update (program order)
         optimizer.apply_gradients(pairs)
+        for v, old in written:
+            v.assign(tf.where(keep_if, tf.convert_to_tensor(v), old))
         for item in held:
             if item is not None:
                 item[0].release(item[1])
