@@ -539,8 +539,9 @@ class MaskRegistry(tf.Module):
             pairs.append((grad, target))
             held.append((update, update.hold()) if update is not None and grad is not None else None)
         written = []
-        if keep_if is not None:
-            seen = set()
+        if keep_if is not None:  # a dense update's held copy serves as its "before" (one copy, one select)
+            released = {id(item[0].optimizer_variable) for item in held if item is not None and item[1] is not None}
+            seen = set(released)
             for v in (*(target for grad, target in pairs if grad is not None), *optimizer.variables):
                 if id(v) not in seen:
                     seen.add(id(v))
@@ -550,7 +551,7 @@ class MaskRegistry(tf.Module):
             v.assign(tf.where(keep_if, tf.convert_to_tensor(v), old))
         for item in held:
             if item is not None:
-                item[0].release(item[1])
+                item[0].release(item[1], keep_if)
         for covered in self._refs.covered.values():
             if covered.update is not None and covered.update.mode == "pinned":
                 covered.update.restore()  # the forward pass moved it (e.g. BatchNorm statistics)
