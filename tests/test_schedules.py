@@ -49,7 +49,7 @@ class Recorder(Callback):
     @staticmethod
     def _snapshot(trainer):
         registry = trainer.registry
-        fn = trainer._train_fn
+        fn = trainer.train_functions.get(False)
         return {
             "weights": {v.path: v.numpy().copy() for v in trainer.model.variables},
             "frozen": {p: ~m for p, m in registry.trainable_masks().items()},

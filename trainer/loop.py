@@ -130,10 +130,12 @@ class Trainer:
         self.train_iterator = None
         self.epoch = 0
         self.stop_requested = False
-        self._train_fn = None
+        self._train_fn: Dict[bool, Callable] = {}
         self._structure = None
         self._eval_fn = None
         self.timing: Dict[str, float] = {}
+        # The prune-and-regrow updates after the last execution (MaskRegistry.regrow), for hooks.
+        self.regrow_events: List[Dict[str, Any]] = []
         # How the last fit() ended: "completed", "interrupted" (stop_requested
         # before the last step) or "failed" (it raised); None before any fit().
         self.status: Optional[str] = None
@@ -166,15 +168,16 @@ class Trainer:
         regularization = tf.add_n(self.model.losses) if self.model.losses else None
         return y_pred, loss, regularization
 
-    def _replica_step(self, x, y, count, variables):
+    def _replica_step(self, x, y, count, variables, capture=False):
         """One replica's half of the step: forward -> loss -> gradients -> ``registry.update_gradients``.
 
         ``count`` is the global batch size: this replica's mean loss is weighted
         by its share of the batch, so that the replicas' gradients *sum* to the
         gradient of the global mean (one replica: weight 1). Returns the update
         gradients (masked for a dense update, the trainable entries ``[k]`` for
-        a compact one), the outputs, and the loss (with ``model.losses``)
-        times the local batch size.
+        a compact one), the outputs, the loss (with ``model.losses``)
+        times the local batch size, and with ``capture`` the raw gradients
+        (for RigL's growth; else ``None``).
         """
         local = tf.shape(y)[0]
         weight = tf.cast(local, tf.float32) / tf.cast(count, tf.float32)
@@ -188,12 +191,13 @@ class Trainer:
             if regularization is not None:
                 objective = objective + regularization / self.replicas
             scaled = self.optimizer.scale_loss(objective)
-        grads = tape.gradient(scaled, variables)
-        grads = self.registry.update_gradients(grads, variables)  # masked, or gathered for compact updates
+        raw = tape.gradient(scaled, variables)
+        grads = self.registry.update_gradients(raw, variables)  # masked, or gathered for compact updates
         if self.replicas > 1:  # all-reduced below: dense tensors
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         total = loss if regularization is None else loss + regularization
-        return grads, y_pred, total * tf.cast(local, total.dtype)
+        raw = [None if g is None else tf.convert_to_tensor(g) for g in raw] if capture else None
+        return grads, y_pred, total * tf.cast(local, total.dtype), raw
 
     @staticmethod
     def _norm(grads):
@@ -239,22 +243,29 @@ class Trainer:
         self.nonfinite.assign(tf.logical_or(self.nonfinite, tf.logical_not(finite)))
         return finite
 
-    def _execution(self, step):
-        """``k`` steps in one ``tf.function``: ``for _ in tf.range(k): step(next(iterator))`` (Orbit's shape)."""
+    def _execution(self, step, last=None):
+        """``k`` steps in one ``tf.function``: ``for _ in tf.range(k): step(next(iterator))`` (Orbit's shape).
+
+        With ``last``, the final step of the ``k`` is ``last`` instead (the
+        step that keeps RigL's dense gradients).
+        """
         stop_on_nonfinite = self.nan_policy == "stop"
 
         @tf.function
         def train_k(iterator, k):
-            for _ in tf.range(k):
+            for _ in tf.range(k if last is None else k - 1):
                 x, y = next(iterator)
                 ok = step(x, y)
                 if stop_on_nonfinite:
                     if not ok:  # the outer loop raises NonFiniteLossError
                         break
+            if last is not None and not (stop_on_nonfinite and self.nonfinite):
+                x, y = next(iterator)
+                last(x, y)
 
         return train_k
 
-    def _make_train_function(self):
+    def _make_train_function(self, capture: bool = False):
         """The train step, one function for one replica or several (as Keras' ``train_step`` under ``strategy.run``).
 
         forward -> loss -> gradients -> ``registry.update_gradients`` (in each
@@ -266,6 +277,9 @@ class Trainer:
         any replica skips (or stops) the step on all of them. One replica:
         the whole step is one XLA program (``jit_compile``); several: each
         replica's half is, traced per replica (:func:`per_replica_function`).
+        With ``capture``, the last step of each execution also stores the
+        summed raw gradients for the registry's RigL updates
+        (``registry.capture_gradients``).
         """
         variables = self.registry.trainable_variables()
         strategy, several = self.strategy, self.replicas > 1
@@ -274,31 +288,48 @@ class Trainer:
         def sum_replicas(value):
             return strategy.reduce(SUM, value, axis=None) if several else value
 
-        def replica_step(x, y, count):
-            return self._replica_step(x, y, count, variables)
+        def make_step(keep_raw):
+            def replica_step(x, y, count):
+                return self._replica_step(x, y, count, variables, capture=keep_raw)
 
-        if several:
-            replica_step = per_replica_function(replica_step, jit_compile=self.jit_compile)
+            if several:
+                replica_step = per_replica_function(replica_step, jit_compile=self.jit_compile)
 
-        def step(x, y):
-            self.batches.assign_add(1)
-            count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
-            grads, y_pred, loss_sum = strategy.run(replica_step, args=(x, y, count))
-            grads = [None if g is None else sum_replicas(g) for g in grads]
-            loss = sum_replicas(loss_sum) / tf.cast(count, tf.float32)
-            finite, norm = self._check(loss, grads)
-            return self._apply_or_skip(finite, norm, grads, variables, loss, count,
-                                       concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
+            def step(x, y):
+                self.batches.assign_add(1)
+                count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
+                grads, y_pred, loss_sum, raw = strategy.run(replica_step, args=(x, y, count))
+                grads = [None if g is None else sum_replicas(g) for g in grads]
+                loss = sum_replicas(loss_sum) / tf.cast(count, tf.float32)
+                if keep_raw:
+                    self.registry.capture_gradients([None if g is None else sum_replicas(g) for g in raw], variables)
+                finite, norm = self._check(loss, grads)
+                return self._apply_or_skip(finite, norm, grads, variables, loss, count,
+                                           concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
 
-        if not several:
-            step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
-        return self._execution(step)
+            if not several:
+                step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+            return step
 
-    def _train_function(self):
-        if self._train_fn is None or self._structure != self.registry.structure_version:
-            self._train_fn = self._make_train_function()
-            self._structure = self.registry.structure_version
-        return self._train_fn
+        return self._execution(make_step(False), make_step(True) if capture else None)
+
+    @property
+    def train_functions(self) -> Dict[bool, Callable]:
+        """The compiled executions built so far for the registry's current structure.
+
+        Keyed by whether the execution's last step keeps RigL's gradients;
+        each is a ``tf.function`` (``experimental_get_tracing_count()`` tells
+        whether it retraced). A new dict each call.
+        """
+        return dict(self._train_fn) if self._structure == self.registry.structure_version else {}
+
+    def _train_function(self, capture: bool = False):
+        """The compiled execution (with ``capture``: its last step keeps RigL's gradients), built once each."""
+        if self._structure != self.registry.structure_version:
+            self._train_fn, self._structure = {}, self.registry.structure_version
+        if capture not in self._train_fn:
+            self._train_fn[capture] = self._make_train_function(capture)
+        return self._train_fn[capture]
 
     def masked_gradients(self, x, y) -> List[tuple]:
         """The masked gradients of the loss on one batch, computed eagerly (for summaries).
@@ -562,7 +593,7 @@ class Trainer:
                 switch = self.registry.next_update_step(step)
                 if switch is not None:  # end the execution where a rule switches or re-selects
                     k = min(k, switch - step)
-                train_fn = self._train_function()
+                train_fn = self._train_function(capture=self.registry.gradients_due(step + k))
                 train_fn(iterator, tf.constant(k, dtype=tf.int64))
                 before, step = step, self.step
                 if bool(self.nonfinite.numpy()) and self.nan_policy == "stop":
@@ -571,6 +602,7 @@ class Trainer:
                         "were in this execution); the update was not applied. Lower the learning rate, "
                         "check the inputs, or set trainer.nan_policy=skip_step"
                     )
+                self.regrow_events = self.registry.regrow(step)  # prune and regrow, before any hook saves
                 if first_done is None:
                     first_done = time.perf_counter()
                     self.timing["first_execution_seconds"] = first_done - start

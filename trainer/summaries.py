@@ -14,7 +14,9 @@ Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
   frozen elements; must stay 0) and ``trainable_norm`` (L2 norm of the
   trainable elements); ``model/sparsity`` and ``model/frozen_fraction`` over
   all of them; histograms ``weights/<path>`` and ``gradients/<path>`` (the
-  trainable elements only); images ``masks/<path>/trainable``; texts
+  trainable elements only); images ``masks/<path>/trainable``; for
+  prune-and-regrow rules, at each update, ``regrow/<path>/dropped``,
+  ``grown``, ``drop_fraction`` and ``density`` (trainable fraction); texts
   ``config`` and ``freeze_plan``; a profile under ``plugins/profile`` when
   asked (:class:`Profile`).
 - ``tb/validation``: ``loss`` and every metric after each epoch, and the final
@@ -192,6 +194,15 @@ class TensorBoard(Callback):
             for stat, value in model_stats(trainer.registry, rows).items():
                 tf.summary.scalar(f"model/{stat}", value)
 
+    def write_regrowth(self, events: Sequence[Mapping[str, Any]], registry) -> None:
+        """``regrow/<path>/{dropped, grown, drop_fraction, density}`` of each prune-and-regrow update, at its step."""
+        for event in events:
+            size = registry.trainable_mask(event["path"]).size
+            with self.train_writer.as_default(step=event["step"]):
+                for stat in ("dropped", "grown", "drop_fraction"):
+                    tf.summary.scalar(f"regrow/{event['path']}/{stat}", float(event[stat]))
+                tf.summary.scalar(f"regrow/{event['path']}/density", event["active"] / size)
+
     def write_histograms(self, trainer, step: int) -> None:
         """Histograms of each trainable variable's trainable elements and of its masked gradient there."""
         self._histograms_at = step
@@ -233,8 +244,15 @@ class TensorBoard(Callback):
             self.write_scalars(trainer, step, logs)
         if crossed(step_before, step, self.histogram_every_n_steps):
             self.write_histograms(trainer, step)
+        events = getattr(trainer, "regrow_events", None)
+        if events:
+            self.write_regrowth(events, trainer.registry)
         if trainer.registry.is_dynamic():
-            self.write_masks(trainer, step)
+            # Rules that switch: an image per change. Prune and regrow moves masks every few
+            # steps: an image at most every histogram_every_n_steps.
+            regrowing = any(rule.regrow is not None for rule in trainer.registry.rules)
+            if not regrowing or crossed(step_before, step, self.histogram_every_n_steps):
+                self.write_masks(trainer, step)
 
     def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         with self.train_writer.as_default(step=step):

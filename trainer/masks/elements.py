@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from trainer.masks.allocation import DISTRIBUTIONS
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.slicing import parse_slice
 from trainer.npfiles import NpzReader, check_file, load_npy, path_is_npz
@@ -52,8 +53,8 @@ _OPTIONS: Dict[str, tuple] = {
     "slice": (),
     "mask": (),
     "mask_file": (),
-    "random": ("seed",),
-    "magnitude": ("weights_file",),
+    "random": ("seed", "allocation", "erk_power_scale"),
+    "magnitude": ("weights_file", "allocation", "erk_power_scale"),
     "magnitude_threshold": ("weights_file",),
     "units": (),
     "inputs": (),
@@ -131,6 +132,7 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
             raise FreezeConfigError(f"elements.all must be true, got {value!r}")
     elif key in ("random", "magnitude"):
         _fraction(value, key)
+        _check_allocation(spec, key)
         if key == "random" and "seed" in spec:
             seed = spec["seed"]
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -167,6 +169,23 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
     if "weights_file" in spec and not isinstance(spec["weights_file"], (str, os.PathLike)):
         raise FreezeConfigError(f"elements.weights_file must be a path, got {spec['weights_file']!r}")
     return spec
+
+
+def _check_allocation(spec: Mapping[str, Any], key: str) -> None:
+    """Checks ``allocation`` / ``erk_power_scale`` of a ``random`` or ``magnitude`` selector."""
+    allocation = spec.get("allocation")
+    if allocation is not None and allocation not in DISTRIBUTIONS:
+        raise FreezeConfigError(f"elements.allocation must be one of {list(DISTRIBUTIONS)}, got {allocation!r}")
+    if allocation is not None and not float(spec[key]) < 1.0:
+        raise FreezeConfigError(f"elements.{key} with an allocation must be below 1 (the fraction frozen over all "
+                                f"selected variables; some elements must stay trainable), got {spec[key]!r}")
+    if "erk_power_scale" in spec:
+        power = spec["erk_power_scale"]
+        if allocation != "erk":
+            raise FreezeConfigError("elements.erk_power_scale needs allocation: erk, got allocation "
+                                    f"{allocation!r}")
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+            raise FreezeConfigError(f"elements.erk_power_scale must be a positive number (1 in RigL), got {power!r}")
 
 
 def selector_name(spec: Mapping[str, Any]) -> str:
@@ -360,8 +379,9 @@ def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = 
     Args:
       spec: an elements spec (see :func:`normalize_elements`).
       ctx: the variable's :class:`ElementContext`.
-      fraction: for ``magnitude`` selectors only, a fraction that replaces the
-        spec's (used by gradual-pruning schedules).
+      fraction: for ``magnitude`` and ``random`` selectors only, a fraction
+        that replaces the spec's (used by gradual-pruning schedules and by
+        layer-wise allocations, which give each variable its own fraction).
 
     Returns:
       ``np.ndarray`` of dtype bool and shape ``ctx.shape``; ``True`` = frozen.
@@ -372,7 +392,10 @@ def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = 
     """
     spec = normalize_elements(spec)
     if fraction is not None:
-        spec = dict(spec, magnitude=fraction)
+        key = selector_name(spec)
+        if key not in ("magnitude", "random"):
+            raise FreezeConfigError(f"a fraction can replace only a magnitude or random selector's, not {key!r}'s")
+        spec = dict(spec, **{key: fraction})
     frozen = _select(spec, ctx)
     return ~frozen if spec.get("invert", False) else frozen
 

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from trainer.masks.allocation import LayerAllocation, allocate_densities
 from trainer.masks.elements import ElementContext, select_elements, selector_name
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.rules import FreezeRule
@@ -76,7 +77,11 @@ class RuleState:
 
     @property
     def captures(self) -> bool:
-        return selector_name(self.rule.elements) in CAPTURED_SELECTORS
+        """Whether the selection is stored: value- or file-dependent, and not moved by regrowth.
+
+        A regrowing rule's selection lives in the device mask it moves, read back when needed.
+        """
+        return selector_name(self.rule.elements) in CAPTURED_SELECTORS and self.rule.regrow is None
 
 
 @dataclasses.dataclass
@@ -116,11 +121,29 @@ class Planner:
     """
 
     def __init__(self, *, shapes: Dict[str, tuple], read: Callable[[str], np.ndarray],
-                 initial: Callable[[str], np.ndarray]):
+                 initial: Callable[[str], np.ndarray],
+                 trainable_now: Optional[Callable[[str], Optional[np.ndarray]]] = None):
         self.shapes = shapes
         self.read = read
         self.initial = initial
+        self.trainable_now = trainable_now
         self.fresh: Dict[tuple, np.ndarray] = {}  # (rule, path) -> packed selection, until applied
+
+    def allocation(self, state: RuleState, fraction: float) -> Optional[LayerAllocation]:
+        """The layer-wise allocation of ``state``'s rule at a frozen ``fraction`` over all its variables.
+
+        ``None`` when the rule's selector has no ``allocation``. The global
+        density is ``1 - fraction``; see :func:`trainer.masks.allocation.allocate_densities`.
+        """
+        spec = state.rule.elements
+        if spec.get("allocation") is None:
+            return None
+        shapes = {p: self.shapes[p][0] for p in state.paths}
+        try:
+            return allocate_densities(shapes, 1.0 - fraction, distribution=spec["allocation"],
+                                      erk_power_scale=spec.get("erk_power_scale", 1.0))
+        except FreezeConfigError as err:
+            raise FreezeConfigError(f"rule {state.rule.name!r}: elements.allocation: {err}") from None
 
     def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None) -> np.ndarray:
         """The elements ``state``'s rule freezes in ``path`` (bool, the variable's shape), resolved now.
@@ -131,6 +154,9 @@ class Planner:
         rule = state.rule
         shape, _ = self.shapes[path]
         fraction = rule.schedule(step) if rule.schedule is not None else None
+        layers = self.allocation(state, fraction if fraction is not None else rule.elements[selector_name(rule.elements)])
+        if layers is not None:  # this variable's share: exactly counts[path] elements kept
+            fraction = (layers.sizes[path] - layers.counts[path]) / layers.sizes[path]
         if selector_name(rule.elements) in VALUE_SELECTORS and value is None:
             value = self.read(path)
         ctx = ElementContext(path, tuple(shape), value, None)
@@ -145,6 +171,10 @@ class Planner:
         packed = state.captured.get(path)
         if packed is None:
             packed = self.fresh.get((state.rule.name, path))
+        if packed is None and state.rule.regrow is not None and self.trainable_now is not None:
+            trainable = self.trainable_now(path)  # moved by regrowth on the device
+            if trainable is not None:
+                return ~trainable
         if packed is not None:
             size = int(np.prod(shape, dtype=np.int64))
             return np.unpackbits(packed, count=size).astype(bool).reshape(shape)

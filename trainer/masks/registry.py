@@ -33,6 +33,7 @@ import tensorflow as tf
 from trainer.masks import audit
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.plan import Planner, RuleState, VariablePlan, bits
+from trainer.masks.regrow_updates import Regrower
 from trainer.masks.rules import FreezeRule
 from trainer.masks.slots import slots_by_path, zero_slot_elements
 from trainer.masks.state import RuleStateTrackable
@@ -63,6 +64,7 @@ class _Refs:
         self.optimizer = None
         self.covered: Dict[str, _Covered] = {}
         self.initial: Dict[str, np.ndarray] = {}
+        self.regrower = Regrower()  # not checkpointed: its buffers are filled and used within one execution
 
 
 class MaskRegistry(tf.Module):
@@ -104,6 +106,7 @@ class MaskRegistry(tf.Module):
                     for i in self._infos},
             read=lambda path: np.asarray(self._by_path[path].variable.numpy()),
             initial=lambda path: self._refs.initial[path],
+            trainable_now=self._trainable_now,
         )
         self._states: Dict[str, RuleState] = {}
         # Checkpointed variables, keyed by variable path.
@@ -177,10 +180,12 @@ class MaskRegistry(tf.Module):
                 raise FreezeConfigError(f"rule {rule.name!r} selects only non-trainable variables {non_trainable}")
         if rule.dynamic and self.update_mode == "compact":
             raise FreezeConfigError(
-                f"rule {rule.name!r} changes its mask during training (start/end bounds or update_every_n_steps), "
-                "which update 'compact' does not support; use update 'auto' (dense where masks change) or 'dense'"
+                f"rule {rule.name!r} changes its mask during training (start/end bounds, update_every_n_steps "
+                "or regrow), which update 'compact' does not support; use update 'auto' (dense where masks "
+                "change) or 'dense'"
             )
         paths = [t.path for t in targets]
+        self._check_regrow_alone(rule, paths)
         state = RuleState(rule, paths)
         added_initial = []
         try:
@@ -199,6 +204,9 @@ class MaskRegistry(tf.Module):
                     self._planner.select(state, path, self._step)
             self._states[rule.name] = state
             self._apply(paths)
+            if rule.regrow is not None:
+                for path in paths:
+                    self._refs.regrower.add(path, self._by_path[path].variable, rule.regrow)
         except FreezeConfigError:
             self._planner.fresh.clear()
             self._states.pop(rule.name, None)
@@ -208,6 +216,27 @@ class MaskRegistry(tf.Module):
         if rule.rescale_trainable and state.active:
             self._rescale_trainable(paths)
         return rule
+
+    def _check_regrow_alone(self, rule: FreezeRule, paths: Sequence[str]) -> None:
+        """A variable a ``regrow`` rule moves is covered by that rule only (its mask is the rule's state)."""
+        for state in self._states.values():
+            shared = [p for p in paths if p in state.paths]
+            if shared and (rule.regrow is not None or state.rule.regrow is not None):
+                mover = rule.name if rule.regrow is not None else state.rule.name
+                raise FreezeConfigError(
+                    f"rules {state.rule.name!r} and {rule.name!r} both cover {shared}, but {mover!r} regrows "
+                    "its elements, which needs a variable to itself; narrow 'select' or add 'exclude'"
+                )
+        if rule.regrow is not None:
+            not_float = [p for p in paths if not np.issubdtype(self._planner.shapes[p][1], np.floating)]
+            scalars = [p for p in paths if len(self._planner.shapes[p][0]) == 0]
+            if not_float or scalars:
+                raise FreezeConfigError(f"rule {rule.name!r}: regrow needs float variables with at least one "
+                                        f"axis, got {not_float + scalars}")
+
+    def _trainable_now(self, path: str) -> Optional[np.ndarray]:
+        covered = self._refs.covered.get(path)
+        return None if covered is None or covered.update is None else covered.update.trainable_mask()
 
     def _initial_value(self, path: str) -> np.ndarray:
         info = self._by_path[path]
@@ -366,6 +395,7 @@ class MaskRegistry(tf.Module):
             raise ValueError("the optimizer is built already, but compact updates need it built on their compact "
                              "variables: pass an unbuilt optimizer (the registry builds it)")
         self._refs.optimizer = optimizer
+        self._refs.regrower.forget_compiled()
         for path, covered in self._refs.covered.items():
             if covered.update is not None and covered.update.mode == "dense":
                 self._zero_slots(path, ~covered.update.trainable_mask())
@@ -408,6 +438,59 @@ class MaskRegistry(tf.Module):
             touched += [p for p in state.paths if p not in touched]
         return self._apply(touched) if touched else False
 
+    # ------------------------------------------------------ prune and regrow
+    def gradients_due(self, step: int) -> bool:
+        """True when a RigL rule updates at optimizer ``step``: the step before it must :meth:`capture_gradients`."""
+        return any(s.rule.regrow is not None and s.rule.regrow.method == "rigl"
+                   and s.rule.regrow.due(step, s.last_update_step) for s in self._states.values())
+
+    def capture_gradients(self, grads: Sequence[Any], variables: Sequence[keras.Variable]) -> None:
+        """Keeps the dense (unmasked) gradients of RigL variables for the next :meth:`regrow` (compiled-step API).
+
+        Args:
+          grads: the raw gradients from ``tape.gradient``, one per variable
+            (before :meth:`update_gradients` masks them).
+          variables: the model variables, in the same order.
+        """
+        self._refs.regrower.capture(grads, variables)
+
+    def regrow(self, step: int, gradients: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
+        """Runs every prune-and-regrow update due at optimizer ``step`` (eagerly, between steps).
+
+        Each variable of a due ``regrow`` rule drops its smallest-``|w|``
+        active elements (to exactly 0) and grows as many (SET: at random;
+        RigL: largest ``|g|``), on the device; the optimizer slots of the
+        elements that changed are set to 0. The trainable count of every
+        variable stays the same.
+
+        Args:
+          step: the optimizer step (``optimizer.iterations``).
+          gradients: RigL only, ``{variable path: dense gradient}``; by default
+            the gradients the last step stored with :meth:`capture_gradients`.
+
+        Returns:
+          One dict per updated variable: ``step``, ``path``, ``drop_fraction``,
+          ``dropped``, ``grown``, ``active`` (trainable elements).
+
+        Raises:
+          RuntimeError: called inside a ``tf.function``.
+        """
+        if not tf.executing_eagerly():
+            raise RuntimeError("MaskRegistry.regrow() runs eagerly, between steps")
+        step, events = int(step), []
+        for state in self._states.values():
+            spec = state.rule.regrow
+            if spec is None or not spec.due(step, state.last_update_step):
+                continue
+            for path in state.paths:
+                update = self._refs.covered[path].update
+                variable = self._by_path[path].variable
+                slots = slots_by_path(self._refs.optimizer, [variable]).get(path, []) if self._refs.optimizer else []
+                events.append(self._refs.regrower.apply(path, variable, update.mask, slots, spec, step,
+                                                        None if gradients is None else gradients.get(path)))
+            state.last_update_step = step
+        return events
+
     def after_restore(self) -> None:
         """Checks the restored registry after a checkpoint restored it.
 
@@ -431,8 +514,9 @@ class MaskRegistry(tf.Module):
     def next_update_step(self, step: int) -> Optional[int]:
         """The first step after ``step`` at which :meth:`update` can change a mask because of a step.
 
-        That is the nearest ``start_step`` / ``end_step`` bound of a rule, or
-        the next due re-selection of a gradual-pruning rule. A loop that runs
+        That is the nearest ``start_step`` / ``end_step`` bound of a rule, the
+        next due re-selection of a gradual-pruning rule, or the next
+        prune-and-regrow update (:meth:`regrow`). A loop that runs
         several steps per compiled call should end a call there (and at epoch
         ends, for epoch bounds), so that rules switch at the step they name.
 
@@ -444,6 +528,9 @@ class MaskRegistry(tf.Module):
         for state in self._states.values():
             rule, window = state.rule, state.rule.window
             candidates += [b for b in (window.start_step, window.end_step) if b is not None and b > step]
+            if rule.regrow is not None:
+                due = rule.regrow.next_due(step)
+                candidates += [due] if due is not None else []
             if rule.update_every_n_steps is not None and state.active and state.last_update_step is not None:
                 end = rule.schedule.end_step if rule.schedule is not None else None
                 if end is None or state.last_update_step < end:
@@ -667,13 +754,14 @@ class MaskRegistry(tf.Module):
 
         That is the dense mask (1 byte per element) or the compact indices and
         values (8 bytes per trainable element in float32), the initial values
-        kept for ``value: initial`` rules and captured selections (1 bit per
-        element). The optimizer's slots and O(1) bookkeeping per variable (a
+        kept for ``value: initial`` rules, captured selections (1 bit per
+        element) and RigL's dense gradient buffers (4 bytes per element). The optimizer's slots and O(1) bookkeeping per variable (a
         16-byte digest, Python objects) are not included.
         """
         out = {}
         for path, covered in self._refs.covered.items():
             total = covered.update.memory_bytes() if covered.update is not None else 0
+            total += self._refs.regrower.memory_bytes(path)
             if path in self._refs.initial:
                 total += int(self._refs.initial[path].nbytes)
             total += sum(int(s.captured[path].nbytes) for s in self._states.values() if path in s.captured)

@@ -342,6 +342,7 @@ class CosineDropFraction:
 
 
 DROP_FRACTION_KINDS = ("constant", "cosine")
+REGROW_METHODS = ("set", "rigl")
 
 
 def make_drop_fraction_schedule(spec: Union[float, Mapping[str, Any]]) -> Union[ConstantDropFraction, CosineDropFraction]:
@@ -376,3 +377,89 @@ def make_drop_fraction_schedule(spec: Union[float, Mapping[str, Any]]) -> Union[
     if missing:
         raise FreezeConfigError(f"drop_fraction of kind {kind!r} is missing {missing}")
     return classes[kind](**spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegrowSpec:
+    """How a freeze rule moves its trainable elements: prune-and-regrow every ``update_every_n_steps``.
+
+    Declared as a rule's ``regrow`` mapping, e.g. ``{method: rigl,
+    drop_fraction: {kind: cosine, initial: 0.3, end_step: 7500},
+    update_every_n_steps: 100}``. At every optimizer step ``t = n *
+    update_every_n_steps`` (``n >= 1``, ``t <= end_step``) each selected
+    variable drops ``round(drop_fraction(t) * active)`` of its active elements
+    (smallest ``|w|``) and grows as many: at random (``set``, Mocanu et al.
+    2018) or where the dense gradient ``|g|`` of the last step is largest
+    (``rigl``, Evci et al. 2020). Dropped elements are pinned to exactly 0,
+    grown ones start at 0, and the optimizer slots of both are zeroed. The
+    number of trainable elements of each variable never changes.
+
+    Attributes:
+      method: ``"set"`` or ``"rigl"``.
+      drop_fraction: a :class:`ConstantDropFraction` or :class:`CosineDropFraction`.
+      update_every_n_steps: the update period, optimizer steps (RigL: 100).
+      end_step: the last step that updates; ``None`` = the cosine schedule's
+        ``end_step`` (a constant fraction then updates until training ends).
+      seed: SET's random seed (update at step ``t`` draws with ``[seed, t]``).
+    """
+
+    method: str
+    drop_fraction: Union[ConstantDropFraction, CosineDropFraction]
+    update_every_n_steps: int
+    end_step: Optional[int] = None
+    seed: int = 0
+
+    KEYS = ("method", "drop_fraction", "update_every_n_steps", "end_step", "seed")
+
+    @classmethod
+    def from_mapping(cls, spec: Any) -> "RegrowSpec":
+        """Builds a spec from a rule's ``regrow`` mapping.
+
+        Raises:
+          FreezeConfigError: not a mapping, unknown or missing keys, or bad values (named in the message).
+        """
+        if not isinstance(spec, Mapping):
+            raise FreezeConfigError(f"regrow must be a mapping with keys {list(cls.KEYS)}, got {spec!r}")
+        unknown = sorted(set(spec) - set(cls.KEYS))
+        if unknown:
+            raise FreezeConfigError(f"unknown regrow key(s) {unknown}; allowed: {list(cls.KEYS)}")
+        missing = [k for k in ("method", "drop_fraction", "update_every_n_steps") if k not in spec]
+        if missing:
+            raise FreezeConfigError(f"regrow is missing {missing} (e.g. {{method: rigl, drop_fraction: 0.3, "
+                                    "update_every_n_steps: 100})")
+        method = spec["method"]
+        if method not in REGROW_METHODS:
+            raise FreezeConfigError(f"regrow.method must be one of {list(REGROW_METHODS)}, got {method!r}")
+        every = spec["update_every_n_steps"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise FreezeConfigError(f"regrow.update_every_n_steps must be a positive integer, got {every!r}")
+        schedule = make_drop_fraction_schedule(spec["drop_fraction"])
+        end = spec.get("end_step")
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end < 0):
+            raise FreezeConfigError(f"regrow.end_step must be a non-negative integer or null, got {end!r}")
+        if end is None and isinstance(schedule, CosineDropFraction):
+            end = schedule.end_step
+        seed = spec.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise FreezeConfigError(f"regrow.seed must be an integer in [0, 2**31), got {seed!r}")
+        return cls(method=method, drop_fraction=schedule, update_every_n_steps=every, end_step=end, seed=seed)
+
+    def due(self, step: int, last: Optional[int]) -> bool:
+        """Whether an update is due at optimizer ``step`` (after ``last``, the step of the previous one)."""
+        if step <= 0 or step % self.update_every_n_steps or (self.end_step is not None and step > self.end_step):
+            return False
+        return last is None or step > last
+
+    def next_due(self, step: int) -> Optional[int]:
+        """The first update step after ``step``, or ``None`` when none is left."""
+        n = self.update_every_n_steps
+        nxt = (step // n + 1) * n
+        return None if self.end_step is not None and nxt > self.end_step else nxt
+
+    def describe(self) -> str:
+        """E.g. ``"rigl every 100 steps, drop 0.3 (cosine to step 7500)"``."""
+        df = self.drop_fraction
+        fraction = (f"drop {df.value:g}" if isinstance(df, ConstantDropFraction)
+                    else f"drop {df.initial:g} (cosine to step {df.end_step})")
+        until = f", until step {self.end_step}" if self.end_step is not None else ""
+        return f"{self.method} every {self.update_every_n_steps} steps, {fraction}{until}"

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from trainer.masks.elements import normalize_elements, selector_name
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.regrow import RegrowSpec
 from trainer.masks.schedules import ActiveWindow, PolynomialSparsity, make_schedule
 from trainer.masks.values import PinnedValue, normalize_value
 from trainer.masks.variables import as_list
@@ -40,6 +41,9 @@ class FreezeRule:
         initialization, Evci et al., "Gradient Flow in Sparse Neural Networks
         and How Lottery Tickets Win", AAAI 2022). Variables with fewer than
         two axes are left alone.
+      regrow: a :class:`~trainer.masks.regrow.RegrowSpec`: the rule's
+        trainable elements move by prune-and-regrow (SET, RigL) during
+        training; needs ``value: zero`` and is the only rule on its variables.
     """
 
     name: str
@@ -53,6 +57,7 @@ class FreezeRule:
     schedule: Optional[PolynomialSparsity] = None
     non_trainable: str = "error"
     rescale_trainable: bool = False
+    regrow: Optional[RegrowSpec] = None
 
     KEYS = (
         "select",
@@ -68,6 +73,7 @@ class FreezeRule:
         "schedule",
         "non_trainable",
         "rescale_trainable",
+        "regrow",
     )
 
     @classmethod
@@ -88,6 +94,7 @@ class FreezeRule:
         schedule: Optional[Mapping[str, Any]] = None,
         non_trainable: str = "error",
         rescale_trainable: bool = False,
+        regrow: Optional[Mapping[str, Any]] = None,
     ) -> "FreezeRule":
         """Validates a rule's parts and builds it.
 
@@ -108,6 +115,7 @@ class FreezeRule:
             pinned = normalize_value(value)
             window = ActiveWindow(start_step, end_step, start_epoch, end_epoch)
             sched = make_schedule(schedule)
+            regrowth = None if regrow is None else RegrowSpec.from_mapping(regrow)
         except FreezeConfigError as err:
             raise FreezeConfigError(f"rule {name!r}: {err}") from None
         if non_trainable not in NON_TRAINABLE_POLICIES:
@@ -130,6 +138,15 @@ class FreezeRule:
             raise FreezeConfigError(f"rule {name!r}: rescale_trainable must be true or false, got {rescale_trainable!r}")
         if sched is not None and update_every_n_steps is None:
             raise FreezeConfigError(f"rule {name!r}: a schedule needs update_every_n_steps")
+        if regrowth is not None:
+            if pinned != "zero":
+                raise FreezeConfigError(f"rule {name!r}: regrow drops elements to zero, so it needs value: zero, "
+                                        f"got value {pinned!r}")
+            if not window.always or update_every_n_steps is not None or sched is not None:
+                raise FreezeConfigError(
+                    f"rule {name!r}: a regrow rule is active for the whole run and times its own updates; "
+                    "remove start/end bounds, update_every_n_steps and schedule (use regrow.update_every_n_steps "
+                    "and regrow.end_step)")
         return cls(
             name=name,
             select=tuple(select_list),
@@ -142,6 +159,7 @@ class FreezeRule:
             schedule=sched,
             non_trainable=non_trainable,
             rescale_trainable=rescale_trainable,
+            regrow=regrowth,
         )
 
     @classmethod
@@ -161,13 +179,14 @@ class FreezeRule:
     @property
     def dynamic(self) -> bool:
         """True when the rule's frozen set can change during training."""
-        return not self.window.always or self.update_every_n_steps is not None
+        return not self.window.always or self.update_every_n_steps is not None or self.regrow is not None
 
     def describe(self) -> str:
         """A one-line human description, e.g. ``"sparse: */kernel random=0.9 -> zero"``."""
         key = selector_name(self.elements)
         what = " ".join(self.select + tuple(f"type:{t}" for t in self.layer_type))
-        return f"{self.name}: {what} {key}={self.elements[key]} -> {self.value}"
+        regrow = f" ({self.regrow.describe()})" if self.regrow is not None else ""
+        return f"{self.name}: {what} {key}={self.elements[key]} -> {self.value}{regrow}"
 
 
 def rules_from_config(rules: Optional[Mapping[str, Any]]) -> List[FreezeRule]:

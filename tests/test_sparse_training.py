@@ -1,0 +1,279 @@
+"""Prune-and-regrow freeze rules (SET, RigL) and layer-wise allocations, through the public API.
+
+Exact checks: the trainable count of every variable never changes; dropped
+elements are +0.0 and stay so until grown; grown elements start at +0.0 with
+zero optimizer slots; RigL grows exactly the top-|g| candidates of the dense
+gradient of the step before the update (NumPy oracle); nothing retraces; an
+ERK rule keeps exactly the allocation's counts; SIGKILL + resume in the middle
+of a drop-fraction schedule is bit-exact.
+"""
+
+import json
+import os
+import signal
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.util import tensor_util
+
+from tests.conftest import REPO
+from tests.test_regrow import oracle_rigl
+from tests.test_resume import cli, env, final_state, wait_for_checkpoint
+from trainer import MaskRegistry, Trainer
+from trainer.callbacks import Callback
+from trainer.masks import FreezeConfigError
+from trainer.masks.allocation import allocate_densities
+from trainer.summaries import TensorBoard
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+def mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="relu", name="fc1"),
+                             keras.layers.Dense(4, name="out")], name="net")
+
+
+def data(n=160, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 12)).astype("float32"), rng.integers(0, 4, n)
+
+
+class Recorder(Callback):
+    """Masks, weights, slots and the compiled functions after every execution."""
+
+    def __init__(self):
+        self.records = {}
+
+    def on_execution_end(self, trainer, step_before, step, logs):
+        self.records[step] = {
+            "masks": trainer.registry.trainable_masks(),
+            "weights": {v.path: v.numpy().copy() for v in trainer.model.trainable_variables},
+            "events": list(trainer.regrow_events),
+            "functions": {k: (id(f), f.experimental_get_tracing_count()) for k, f in trainer.train_functions.items()},
+        }
+
+
+REGROW = {"drop_fraction": {"kind": "cosine", "initial": 0.5, "end_step": 40}, "update_every_n_steps": 5}
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_regrow_keeps_density_moves_masks_only_at_updates_and_never_retraces(method):
+    model = mlp()
+    registry = MaskRegistry(model)
+    registry.freeze("*/kernel", elements={"random": 0.75, "seed": 1}, value="zero", name="sparse",
+                    regrow=dict(REGROW, method=method))
+    start = registry.trainable_masks()
+    trainer = Trainer(model, keras.optimizers.Adam(0.02), LOSS, registry=registry, steps_per_execution=3)
+    recorder = Recorder()
+    x, y = data()
+    trainer.fit(x, y, batch_size=16, epochs=5, callbacks=[recorder])  # 10 steps an epoch, 50 steps
+    previous = start
+    updates = []
+    for step, record in sorted(recorder.records.items()):
+        for path, mask in record["masks"].items():
+            assert mask.sum() == start[path].sum(), (step, path)  # the trainable count never changes
+            frozen = ~mask
+            if "kernel" in path:  # every inactive element is +0.0 (dropped ones stay 0 until grown)
+                np.testing.assert_array_equal(bits(record["weights"][path][frozen]), 0)
+        moved = any(not np.array_equal(previous[p], record["masks"][p]) for p in start)
+        assert moved == (step % 5 == 0 and step <= 40 and any(e["dropped"] for e in record["events"])), step
+        updates += [e["step"] for e in record["events"]]
+        previous = record["masks"]
+    assert sorted(set(updates)) == [5, 10, 15, 20, 25, 30, 35, 40]
+    functions = [r["functions"] for s, r in sorted(recorder.records.items())]
+    final = functions[-1]
+    assert set(final) == ({False, True} if method == "rigl" else {False})
+    assert all(count == 1 for _, count in final.values())  # traced once each, whatever the masks
+    assert all(f[False] == final[False] for f in functions)  # never rebuilt
+    assert registry.exact()
+
+
+def test_regrow_update_zeroes_values_and_slots_of_changed_elements_and_matches_the_oracle():
+    model = mlp(3)
+    registry = MaskRegistry(model)
+    registry.freeze("fc1/kernel", elements={"random": 0.6, "seed": 2}, value="zero", name="sparse",
+                    regrow={"method": "rigl", "drop_fraction": 0.4, "update_every_n_steps": 1})
+    optimizer = keras.optimizers.Adam(0.05)
+    registry.attach_optimizer(optimizer)
+    variables = registry.trainable_variables()
+    x, y = data(32, 1)
+    for _ in range(3):  # a few real steps so that slots and weights are non-zero
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        grads = registry.update_gradients(tape.gradient(loss, variables), variables)
+        registry.apply_gradients(optimizer, grads, variables)
+    kernel = model.get_layer("fc1").kernel
+    path = kernel.path
+    slots = [v for v in optimizer.variables if v.name.startswith("net_fc1_kernel_")]
+    assert len(slots) == 2
+    w0, m0 = kernel.numpy().copy(), registry.trainable_mask(path)
+    s0 = [s.numpy().copy() for s in slots]
+    g = np.random.default_rng(5).normal(size=w0.shape).astype(np.float32)
+    events = registry.regrow(3, gradients={path: g})
+    mask, dropped, grown = oracle_rigl(w0, m0, g, 0.4)
+    mask, dropped, grown = (a.reshape(w0.shape) for a in (mask, dropped, grown))
+    np.testing.assert_array_equal(registry.trainable_mask(path), mask)
+    assert events == [{"step": 3, "path": path, "drop_fraction": 0.4, "dropped": int(dropped.sum()),
+                       "grown": int(grown.sum()), "active": int(m0.sum())}]
+    assert dropped.sum() == round(0.4 * m0.sum()) > 0
+    changed = dropped | grown
+    w1 = kernel.numpy()
+    np.testing.assert_array_equal(bits(w1[changed]), 0)  # dropped and grown: +0.0
+    np.testing.assert_array_equal(bits(w1[~changed]), bits(w0[~changed]))  # the rest keeps its bits
+    for before, slot in zip(s0, slots):
+        np.testing.assert_array_equal(bits(slot.numpy()[changed]), 0)
+        np.testing.assert_array_equal(bits(slot.numpy()[~changed]), bits(before[~changed]))
+    assert registry.regrow(3, gradients={path: g}) == []  # done for this step
+    assert registry.exact()
+
+
+def test_rigl_in_the_trainer_grows_by_the_dense_gradient_of_the_step_before_the_update():
+    model = mlp(4)
+    registry = MaskRegistry(model)
+    registry.freeze("fc1/kernel", elements={"random": 0.7, "seed": 3}, value="zero", name="sparse",
+                    regrow={"method": "rigl", "drop_fraction": 0.3, "update_every_n_steps": 5})
+    x, y = data(80, 2)
+    kernel = model.get_layer("fc1").kernel
+    w0, m0 = kernel.numpy().copy(), registry.trainable_mask(kernel.path)
+    with tf.GradientTape() as tape:  # lr 0: weights stay, so the 5th batch's gradient is known beforehand
+        loss = LOSS(y[64:80], model(x[64:80], training=True))
+    g = tape.gradient(loss, kernel).numpy()
+    trainer = Trainer(model, keras.optimizers.SGD(0.0), LOSS, registry=registry, steps_per_execution=4)
+    trainer.fit(x, y, batch_size=16, epochs=1, shuffle=False)  # 5 steps: the update at step 5 ends the run
+    mask, dropped, grown = oracle_rigl(w0, m0, g, 0.3)
+    np.testing.assert_array_equal(registry.trainable_mask(kernel.path), mask.reshape(w0.shape))
+    assert grown.sum() == round(0.3 * m0.sum())
+
+
+@pytest.mark.parametrize("selector", ["random", "magnitude"])
+@pytest.mark.parametrize("allocation", ["uniform", "erdos_renyi", "erk"])
+def test_an_allocation_keeps_exactly_the_counts_it_chooses(selector, allocation):
+    model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(20, name="a"), keras.layers.Dense(8, name="b"),
+                              keras.layers.Dense(3, name="c")], name="m")
+    registry = MaskRegistry(model)
+    registry.freeze("*/kernel", elements={selector: 0.85, "allocation": allocation}, value="zero")
+    kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+    chosen = allocate_densities({v.path: tuple(v.shape) for v in kernels}, 0.15, distribution=allocation)
+    assert {v.path: int(registry.trainable_mask(v.path).sum()) for v in kernels} == chosen.counts
+    assert sum(chosen.counts.values()) == round(0.15 * sum(int(np.prod(v.shape)) for v in kernels))
+    if selector == "magnitude":  # within each kernel, the largest |w| are kept
+        for v in kernels:
+            kept = np.abs(v.numpy())[registry.trainable_mask(v.path)]
+            dropped = np.abs(v.numpy())[~registry.trainable_mask(v.path)]
+            assert kept.size == 0 or dropped.size == 0 or dropped.max() <= kept.min()
+
+
+ERRORS = [
+    ({"value": "current", "regrow": {"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10}},
+     "rule 'r': regrow drops elements to zero, so it needs value: zero, got value 'current'"),
+    ({"start_step": 5, "regrow": {"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10}},
+     "rule 'r': a regrow rule is active for the whole run and times its own updates; remove start/end bounds, "
+     "update_every_n_steps and schedule (use regrow.update_every_n_steps and regrow.end_step)"),
+    ({"regrow": {"method": "set", "drop_fraction": 1.0, "update_every_n_steps": 10}},
+     "rule 'r': drop_fraction.value must be a number in [0, 1), got 1.0"),
+    ({"regrow": {"method": "snip", "drop_fraction": 0.3, "update_every_n_steps": 10}},
+     "rule 'r': regrow.method must be one of ['set', 'rigl'], got 'snip'"),
+    ({"regrow": {"method": "rigl", "drop_fraction": 0.3}},
+     "rule 'r': regrow is missing ['update_every_n_steps'] (e.g. {method: rigl, drop_fraction: 0.3, "
+     "update_every_n_steps: 100})"),
+    ({"regrow": {"method": "rigl", "drop_fraction": 0.3, "update_every_n_steps": 0}},
+     "rule 'r': regrow.update_every_n_steps must be a positive integer, got 0"),
+    ({"regrow": {"method": "rigl", "drop_fraction": 0.3, "update_every_n_steps": 5, "every": 3}},
+     "rule 'r': unknown regrow key(s) ['every']; allowed: ['method', 'drop_fraction', 'update_every_n_steps', "
+     "'end_step', 'seed']"),
+    ({"elements": {"random": 0.9, "allocation": "er"}},
+     "rule 'r': elements.allocation must be one of ['uniform', 'erdos_renyi', 'erk'], got 'er'"),
+    ({"elements": {"random": 1.0, "allocation": "erk"}},
+     "rule 'r': elements.random with an allocation must be below 1 (the fraction frozen over all selected "
+     "variables; some elements must stay trainable), got 1.0"),
+    ({"elements": {"random": 0.9, "erk_power_scale": 0.5}},
+     "rule 'r': elements.erk_power_scale needs allocation: erk, got allocation None"),
+]
+
+
+@pytest.mark.parametrize("options,message", ERRORS, ids=[str(i) for i in range(len(ERRORS))])
+def test_bad_regrow_and_allocation_rules_are_refused_with_one_line(options, message):
+    registry = MaskRegistry(mlp())
+    spec = dict({"elements": {"random": 0.9, "seed": 0}, "value": "zero"}, **options)
+    with pytest.raises(FreezeConfigError) as err:
+        registry.freeze("*/kernel", name="r", **spec)
+    assert str(err.value) == message
+    assert registry.rules == [] and all(m.all() for m in registry.trainable_masks().values())
+
+
+def test_a_regrowing_variable_is_covered_by_that_rule_only_and_never_compact():
+    regrow = {"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10}
+    registry = MaskRegistry(mlp())
+    registry.freeze("*/kernel", elements={"random": 0.9}, value="zero", name="sparse", regrow=regrow)
+    with pytest.raises(FreezeConfigError) as err:
+        registry.freeze("out/kernel", elements={"indices": [0]}, value="zero", name="pin")
+    assert str(err.value) == ("rules 'sparse' and 'pin' both cover ['net/out/kernel'], but 'sparse' regrows its "
+                              "elements, which needs a variable to itself; narrow 'select' or add 'exclude'")
+    with pytest.raises(FreezeConfigError) as err:
+        MaskRegistry(mlp(), update="compact").freeze("*/kernel", elements={"random": 0.9}, value="zero",
+                                                     name="sparse", regrow=regrow)
+    assert str(err.value).startswith("rule 'sparse' changes its mask during training (start/end bounds, "
+                                      "update_every_n_steps or regrow), which update 'compact' does not support")
+    assert registry.update_modes() == {"net/fc1/kernel": "dense", "net/out/kernel": "dense"}
+
+
+def test_tensorboard_shows_dropped_grown_density_per_update(tmp_path):
+    model = mlp()
+    registry = MaskRegistry(model)
+    registry.freeze("*/kernel", elements={"random": 0.75, "seed": 1}, value="zero", name="sparse",
+                    regrow=dict(REGROW, method="set"))
+    trainer = Trainer(model, keras.optimizers.Adam(0.02), LOSS, registry=registry, steps_per_execution=10)
+    board = TensorBoard(str(tmp_path), summary_every_n_steps=10, histogram_every_n_steps=20)
+    x, y = data()
+    trainer.fit(x, y, batch_size=16, epochs=3, callbacks=[board])
+    board.close()
+    acc = ea.EventAccumulator(str(tmp_path / "train"), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+
+    def scalars(tag):
+        return [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+    path = "net/fc1/kernel"
+    dropped = scalars(f"regrow/{path}/dropped")
+    assert [s for s, _ in dropped] == [5, 10, 15, 20, 25, 30]
+    assert scalars(f"regrow/{path}/grown") == dropped
+    assert dropped[0][1] == round(0.5 * (1 + np.cos(np.pi * 5 / 40)) / 2 * 48)  # 25 % of 192 kept = 48
+    assert {v for _, v in scalars(f"regrow/{path}/density")} == {0.25}
+    assert [e.step for e in acc.Tensors(f"masks/{path}/trainable")] == [0, 20]  # start, then every 20 steps
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_in_the_middle_of_a_rigl_schedule_is_bit_exact(tmp_path):
+    common = ["trainer.deterministic=true", "trainer.epochs=6", "trainer.checkpoint_every_n_steps=25",
+              "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "export.keras=false",
+              "+freeze.rules.sparse.regrow={method:rigl,drop_fraction:{kind:cosine,initial:0.3,end_step:200},"
+              "update_every_n_steps:20}", "freeze.rules.sparse.rescale_trainable=false"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(cli([f"hydra.run.dir={straight}", *common]), cwd=REPO, env=env(), check=True,
+                   capture_output=True, timeout=600)
+    proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *common]), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(str(killed), proc, min_step=75)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (killed / "report.json").exists()
+    resumed = subprocess.run(cli([f"resume={killed}", *common]), cwd=REPO, env=env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    path_a, a = final_state(str(straight))
+    path_b, b = final_state(str(killed))
+    assert os.path.basename(path_a) == os.path.basename(path_b) and sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    report = json.loads((killed / "report.json").read_text())
+    assert report["status"] == "completed" and report["frozen_exact"] is True
+    assert report["history"] == json.loads((straight / "report.json").read_text())["history"]

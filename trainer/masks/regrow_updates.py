@@ -1,0 +1,113 @@
+"""The device side of prune-and-regrow rules: RigL's gradient buffers and the compiled mask update.
+
+A :class:`Regrower` belongs to one :class:`~trainer.masks.MaskRegistry`. For
+each variable a ``regrow`` rule covers it keeps, on the device, only what the
+update needs beyond the variable's dense trainable-mask: for RigL a float
+buffer of the variable's shape that the train step fills with the dense
+(unmasked) gradient of the last step before an update
+(:meth:`Regrower.capture`). An update (:meth:`Regrower.apply`) runs one
+``tf.function`` per variable, traced once (the drop fraction and the seed are
+tensors), that computes :func:`~trainer.masks.regrow.drop_and_grow` from the
+variable, its mask and the grow scores, writes the new mask and value and sets
+the optimizer slots of every element that changed state to 0 (as RigL's
+``reset_momentum``). Nothing is read back to the host but the two counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from trainer.masks.regrow import RegrowSpec, rigl_update, set_update
+
+
+class Regrower:
+    """Per variable path, the gradient buffer (RigL) and the compiled update of a ``regrow`` rule."""
+
+    def __init__(self):
+        self.buffers: Dict[str, tf.Variable] = {}
+        self._fns: Dict[str, Callable] = {}
+
+    def add(self, path: str, variable: keras.Variable, spec: RegrowSpec) -> None:
+        """Prepares ``variable`` for ``spec``'s updates (a gradient buffer for RigL)."""
+        if spec.method == "rigl" and path not in self.buffers:
+            self.buffers[path] = tf.Variable(tf.zeros(variable.shape, tf.float32), trainable=False,
+                                             name="rigl_gradient")
+
+    def discard(self, path: str) -> None:
+        self.buffers.pop(path, None)
+        self._fns.pop(path, None)
+
+    def forget_compiled(self) -> None:
+        """Drops the compiled updates (they hold the optimizer's slots: call when the optimizer changes)."""
+        self._fns.clear()
+
+    def capture(self, grads: Sequence[Any], variables: Sequence[keras.Variable]) -> None:
+        """Stores the dense gradients of RigL variables (inside the compiled step; others are ignored).
+
+        Args:
+          grads: raw (unmasked) gradients, one per variable: tensors,
+            ``tf.IndexedSlices`` (made dense) or ``None`` (stored as 0).
+          variables: the model variables, in the same order.
+        """
+        for grad, variable in zip(grads, variables):
+            buffer = self.buffers.get(variable.path)
+            if buffer is not None:
+                dense = tf.zeros(buffer.shape, tf.float32) if grad is None else tf.cast(
+                    tf.convert_to_tensor(grad), tf.float32)
+                buffer.assign(dense)
+
+    def apply(self, path: str, variable: keras.Variable, mask: tf.Variable, slots: List[tf.Variable],
+              spec: RegrowSpec, step: int, gradient: Optional[Any] = None) -> Dict[str, Any]:
+        """One drop-and-grow update of ``variable`` at optimizer ``step``.
+
+        Args:
+          path: the variable path.
+          variable: the model variable.
+          mask: its bool trainable-mask variable (``True`` = active), updated in place.
+          slots: its optimizer slots (zeroed where an element changed state).
+          spec: the rule's :class:`RegrowSpec`.
+          step: the optimizer step of the update (drop fraction, SET's seed).
+          gradient: RigL only: the dense gradient to grow by; ``None`` uses
+            the buffer :meth:`capture` filled.
+
+        Returns:
+          ``{"step", "path", "drop_fraction", "dropped", "grown", "active"}``
+          (Python numbers).
+        """
+        if path not in self._fns:
+            self._fns[path] = self._compile(path, variable, mask, slots, spec)
+        if spec.method == "rigl" and gradient is not None:
+            self.buffers[path].assign(tf.cast(tf.convert_to_tensor(gradient), tf.float32))
+        fraction = spec.drop_fraction(step)
+        dropped, grown, active = self._fns[path](fraction, tf.constant([spec.seed, step], tf.int64))
+        return {"step": int(step), "path": path, "drop_fraction": float(fraction), "dropped": int(dropped),
+                "grown": int(grown), "active": int(active)}
+
+    def _compile(self, path: str, variable: keras.Variable, mask: tf.Variable, slots: List[tf.Variable],
+                 spec: RegrowSpec) -> Callable:
+        buffer = self.buffers.get(path)
+
+        @tf.function
+        def update(drop_fraction, seed):
+            value = tf.convert_to_tensor(variable.value)
+            if spec.method == "rigl":
+                new = rigl_update(value, mask, buffer, drop_fraction=drop_fraction)
+            else:
+                new = set_update(value, mask, drop_fraction=drop_fraction, seed=seed)
+            variable.assign(new.value)
+            mask.assign(new.mask)
+            changed = tf.logical_or(new.grown, new.dropped)
+            for slot in slots:
+                slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
+            count = lambda m: tf.reduce_sum(tf.cast(m, tf.int64))  # noqa: E731
+            return count(new.dropped), count(new.grown), count(new.mask)
+
+        return update
+
+    def memory_bytes(self, path: str) -> int:
+        """Bytes of the RigL gradient buffer of ``path`` (0 for SET)."""
+        buffer = self.buffers.get(path)
+        return 0 if buffer is None else int(buffer.shape.num_elements()) * 4
