@@ -15,9 +15,9 @@ from tests.rule_forms import registry_from
 from trainer.masks import FreezeConfigError, MaskRegistry, rules_from_config
 
 SELECTORS = "['all', 'indices', 'slice', 'mask', 'mask_file', 'random', 'magnitude', 'magnitude_threshold', " \
-            "'units', 'inputs', 'rows']"
+            "'units', 'inputs', 'rows', 'n_m']"
 RULE_KEYS = "['select', 'layer_type', 'exclude', 'elements', 'value', 'start_step', 'end_step', 'start_epoch', " \
-            "'end_epoch', 'update_every_n_steps', 'schedule', 'non_trainable', 'rescale_trainable']"
+            "'end_epoch', 'update_every_n_steps', 'schedule', 'non_trainable', 'rescale_trainable', 'regrow']"
 PATHS = "net/fc/kernel, net/fc/bias, net/bn/gamma, net/bn/beta, net/bn/moving_mean, net/bn/moving_variance"
 SCHEDULE = {"kind": "polynomial", "initial_sparsity": 0.0, "final_sparsity": 0.9, "begin_step": 0, "end_step": 10}
 
@@ -75,7 +75,7 @@ CASES = [
     ("unknown_selector_string", {"select": "fc/kernel", "elements": "everything"},
      ["elements must be 'all' or a mapping with one of " + SELECTORS, "got 'everything'"]),
     ("unknown_option", {"select": "fc/kernel", "elements": {"random": 0.5, "sed": 1}},
-     ["unknown option(s) ['sed'] for selector 'random'", "allowed: ['invert', 'seed']"]),
+     ["unknown option(s) ['sed'] for selector 'random'", "allowed: ['allocation', 'erk_power_scale', 'invert', 'seed']"]),
     ("option_of_another_selector", {"select": "fc/kernel", "elements": {"indices": [1], "seed": 1}},
      ["unknown option(s) ['seed'] for selector 'indices'", "allowed: ['invert']"]),
     ("invert_not_bool", {"select": "fc/kernel", "elements": {"all": True, "invert": "yes"}},

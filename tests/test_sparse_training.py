@@ -172,6 +172,42 @@ def test_an_allocation_keeps_exactly_the_counts_it_chooses(selector, allocation)
             assert kept.size == 0 or dropped.size == 0 or dropped.max() <= kept.min()
 
 
+def test_global_magnitude_ranking_keeps_the_largest_weights_over_all_kernels():
+    model = keras.Sequential([keras.Input((30,)), keras.layers.Dense(20, name="a"), keras.layers.Dense(8, name="b")],
+                             name="m")
+    model.get_layer("b").kernel.assign(model.get_layer("b").kernel * 3.0)  # layers of different scales
+    kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+    flat = np.concatenate([np.abs(v.numpy()).reshape(-1) for v in kernels])
+    threshold = np.sort(flat)[::-1][round(0.2 * flat.size) - 1]  # the smallest kept |w| (no ties in floats)
+    registry = MaskRegistry(model)
+    registry.freeze("*/kernel", elements={"magnitude": 0.8, "allocation": "global"}, value="zero")
+    for v in kernels:
+        np.testing.assert_array_equal(registry.trainable_mask(v.path), np.abs(v.numpy()) >= threshold)
+    fractions = {row["path"]: row["frozen_fraction"] for row in registry.plan()}
+    assert fractions["m/b/kernel"] < 0.8 < fractions["m/a/kernel"]  # global, not uniform
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 6), None), ((3, 3, 8, 5), None), ((8, 12), 1)])
+def test_n_m_keeps_the_n_largest_of_every_m_along_the_input_axis(shape, axis):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape[:-1] if len(shape) == 2 else (6, 6, shape[2]))
+    layer = (keras.layers.Dense(shape[-1], name="k") if len(shape) == 2
+             else keras.layers.Conv2D(shape[-1], shape[:2], name="k"))
+    model = keras.Model(inputs, layer(inputs), name="n")
+    elements = {"n_m": [2, 4]} if axis is None else {"n_m": [2, 4], "axis": axis}
+    registry = MaskRegistry(model)
+    registry.freeze("k/kernel", elements=elements, value="zero")
+    w = np.abs(layer.kernel.numpy())
+    along = (0 if len(shape) == 2 else 2) if axis is None else axis
+    moved = np.moveaxis(w, along, 0)  # oracle: per block of 4 along the axis, the 2 largest
+    expected = np.zeros(moved.shape, bool)
+    for start in range(0, moved.shape[0], 4):
+        block = moved[start:start + 4]
+        ranks = (-block).argsort(axis=0).argsort(axis=0)
+        expected[start:start + 4] = ranks < 2
+    np.testing.assert_array_equal(registry.trainable_mask(layer.kernel.path), np.moveaxis(expected, 0, along))
+
+
 ERRORS = [
     ({"value": "current", "regrow": {"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10}},
      "rule 'r': regrow drops elements to zero, so it needs value: zero, got value 'current'"),
@@ -191,7 +227,17 @@ ERRORS = [
      "rule 'r': unknown regrow key(s) ['every']; allowed: ['method', 'drop_fraction', 'update_every_n_steps', "
      "'end_step', 'seed']"),
     ({"elements": {"random": 0.9, "allocation": "er"}},
-     "rule 'r': elements.allocation must be one of ['uniform', 'erdos_renyi', 'erk'], got 'er'"),
+     "rule 'r': elements.allocation of a random selector must be one of ['uniform', 'erdos_renyi', 'erk'], "
+     "got 'er'"),
+    ({"elements": {"random": 0.9, "allocation": "global"}},
+     "rule 'r': elements.allocation of a random selector must be one of ['uniform', 'erdos_renyi', 'erk'], "
+     "got 'global'"),
+    ({"elements": {"n_m": [2, 3]}},
+     "rule 'r', variable 'net/out/kernel': N:M 2:3 needs axis 0 of 'net/out/kernel' (shape (16, 4)) to be a "
+     "multiple of M=3, got length 16"),
+    ({"elements": {"n_m": [5, 4]}}, "rule 'r': N:M sparsity needs integers 1 <= N <= M, got N=5, M=4"),
+    ({"elements": {"n_m": 2}},
+     "rule 'r': elements.n_m must be [N, M] (N of every M consecutive elements train, e.g. [2, 4]), got 2"),
     ({"elements": {"random": 1.0, "allocation": "erk"}},
      "rule 'r': elements.random with an allocation must be below 1 (the fraction frozen over all selected "
      "variables; some elements must stay trainable), got 1.0"),

@@ -19,6 +19,7 @@ import numpy as np
 
 from trainer.masks.allocation import DISTRIBUTIONS
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.scores import check_n_m, n_m_mask
 from trainer.masks.slicing import parse_slice
 from trainer.npfiles import NpzReader, check_file, load_npy, path_is_npz
 
@@ -59,6 +60,7 @@ _OPTIONS: Dict[str, tuple] = {
     "units": (),
     "inputs": (),
     "rows": (),
+    "n_m": ("axis", "weights_file"),
 }
 _COMMON_OPTIONS = ("invert",)
 SELECTORS = tuple(_OPTIONS)
@@ -154,6 +156,14 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
         parse_slice(value)
     elif key in ("units", "inputs", "rows"):
         _int_list(value, key)
+    elif key == "n_m":
+        if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
+            raise FreezeConfigError(f"elements.n_m must be [N, M] (N of every M consecutive elements train, "
+                                    f"e.g. [2, 4]), got {value!r}")
+        check_n_m(value[0], value[1])
+        axis = spec.get("axis")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise FreezeConfigError(f"elements.axis must be an integer, got {axis!r}")
     elif key in ("mask_file",):
         if not isinstance(value, (str, os.PathLike)):
             raise FreezeConfigError(f"elements.mask_file must be a path to a .npy file, got {value!r}")
@@ -174,8 +184,10 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
 def _check_allocation(spec: Mapping[str, Any], key: str) -> None:
     """Checks ``allocation`` / ``erk_power_scale`` of a ``random`` or ``magnitude`` selector."""
     allocation = spec.get("allocation")
-    if allocation is not None and allocation not in DISTRIBUTIONS:
-        raise FreezeConfigError(f"elements.allocation must be one of {list(DISTRIBUTIONS)}, got {allocation!r}")
+    allowed = list(DISTRIBUTIONS) + (["global"] if key == "magnitude" else [])
+    if allocation is not None and allocation not in allowed:
+        raise FreezeConfigError(f"elements.allocation of a {key} selector must be one of {allowed}, "
+                                f"got {allocation!r}")
     if allocation is not None and not float(spec[key]) < 1.0:
         raise FreezeConfigError(f"elements.{key} with an allocation must be below 1 (the fraction frozen over all "
                                 f"selected variables; some elements must stay trainable), got {spec[key]!r}")
@@ -219,7 +231,12 @@ def load_array_file(path: str, what: str, key: Optional[str] = None) -> np.ndarr
         return archive.array(key)
 
 
-def _load_weights(path: str, variable_path: str) -> np.ndarray:
+def load_weights(path: str, variable_path: str) -> np.ndarray:
+    """The array of ``variable_path`` in a ``weights.npz`` (``elements.weights_file``).
+
+    Raises:
+      FreezeConfigError: the file is unreadable or has no such array (the message lists what it holds).
+    """
     with NpzReader(path, "elements.weights_file", FreezeConfigError) as data:
         if variable_path not in data.files:
             raise FreezeConfigError(
@@ -267,6 +284,11 @@ def _axis_selection(ctx: ElementContext, key: str, positions: list, axis: int) -
     index[axis] = np.asarray(positions, dtype=np.int64)
     frozen[tuple(index)] = True
     return frozen
+
+
+def _input_axis(shape: tuple) -> int:
+    """The input axis of a kernel: 0 for a Dense kernel ``(in, out)`` (and a vector), ``-2`` (channels in) above."""
+    return 0 if len(shape) <= 2 else len(shape) - 2
 
 
 def _random_subset(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -350,12 +372,22 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
         weights = ctx.value
         if "weights_file" in spec:
             weights = _check_shape(
-                _load_weights(spec["weights_file"], ctx.path), ctx, f"weights for {ctx.path!r}"
+                load_weights(spec["weights_file"], ctx.path), ctx, f"weights for {ctx.path!r}"
             )
         magnitudes = np.abs(np.asarray(weights, dtype=np.float64))
         if key == "magnitude_threshold":
             return magnitudes < float(value)
         return _smallest(magnitudes, int(round(float(value) * ctx.size)))
+    if key == "n_m":  # the N largest |w| of every M along the input axis train (Mishra et al. 2021)
+        weights = ctx.value
+        if "weights_file" in spec:
+            weights = _check_shape(load_weights(spec["weights_file"], ctx.path), ctx, f"weights for {ctx.path!r}")
+        if len(ctx.shape) < 1:
+            raise FreezeConfigError(f"elements.n_m needs a variable with at least one axis; {ctx.path!r} is a scalar")
+        axis = spec.get("axis", _input_axis(ctx.shape))
+        keep = n_m_mask(np.abs(np.asarray(weights, dtype=np.float64)), n=int(value[0]), m=int(value[1]), axis=axis,
+                        path=ctx.path)
+        return ~keep
     if key == "units":
         return _axis_selection(ctx, key, _int_list(value, key), -1)
     if key == "rows":
@@ -368,8 +400,7 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
                 f"elements.inputs needs a kernel with an input axis; {ctx.path!r} has shape {tuple(ctx.shape)}. "
                 "Select only kernels (e.g. select: '*/kernel') or use elements.units for a vector"
             )
-        axis = 0 if len(ctx.shape) == 2 else len(ctx.shape) - 2
-        return _axis_selection(ctx, key, _int_list(value, key), axis)
+        return _axis_selection(ctx, key, _int_list(value, key), _input_axis(ctx.shape))
     raise FreezeConfigError(f"unknown selector {key!r}; allowed: {list(SELECTORS)}")
 
 

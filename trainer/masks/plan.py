@@ -25,14 +25,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from trainer.masks.allocation import LayerAllocation, allocate_densities
-from trainer.masks.elements import ElementContext, select_elements, selector_name
+from trainer.masks.elements import ElementContext, load_weights, select_elements, selector_name
+from trainer.masks.scores import global_topk_masks
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.rules import FreezeRule
 
 # Selectors whose choice depends on values or files at the moment the rule is applied: captured.
-CAPTURED_SELECTORS = ("magnitude", "magnitude_threshold", "mask_file")
+CAPTURED_SELECTORS = ("magnitude", "magnitude_threshold", "mask_file", "n_m")
 # Selectors that read the variable's value.
-VALUE_SELECTORS = ("magnitude", "magnitude_threshold")
+VALUE_SELECTORS = ("magnitude", "magnitude_threshold", "n_m")
 
 
 def bits(array: np.ndarray) -> np.ndarray:
@@ -140,10 +141,33 @@ class Planner:
             return None
         shapes = {p: self.shapes[p][0] for p in state.paths}
         try:
+            if spec["allocation"] == "global":
+                return self._global_magnitude(state, shapes, 1.0 - fraction)
             return allocate_densities(shapes, 1.0 - fraction, distribution=spec["allocation"],
                                       erk_power_scale=spec.get("erk_power_scale", 1.0))
         except FreezeConfigError as err:
             raise FreezeConfigError(f"rule {state.rule.name!r}: elements.allocation: {err}") from None
+
+    def _global_magnitude(self, state: RuleState, shapes: Dict[str, tuple], density: float) -> LayerAllocation:
+        """Counts of a global magnitude ranking: the ``round(density * N)`` largest ``|w|`` over all the variables.
+
+        Read once per rule and density (one selection reads every variable),
+        until the registry applies the selection (:attr:`fresh` is cleared).
+        """
+        key = ("global", state.rule.name, density)
+        if key not in self.fresh:
+            weights = state.rule.elements.get("weights_file")
+            if weights is not None:
+                values = {p: load_weights(weights, p) for p in state.paths}
+            else:
+                values = {p: self.read(p) for p in state.paths}
+            kept = global_topk_masks({p: np.abs(np.asarray(v, np.float64)) for p, v in values.items()}, density)
+            self.fresh[key] = np.array([int(kept[p].sum()) for p in state.paths], dtype=np.int64)
+        counts = dict(zip(state.paths, (int(c) for c in self.fresh[key])))
+        sizes = {p: int(np.prod(s, dtype=np.int64)) for p, s in shapes.items()}
+        return LayerAllocation(distribution="global", density=density, sizes=sizes,
+                               densities={p: counts[p] / sizes[p] for p in sizes}, counts=counts,
+                               dense=tuple(p for p in sizes if counts[p] == sizes[p]))
 
     def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None) -> np.ndarray:
         """The elements ``state``'s rule freezes in ``path`` (bool, the variable's shape), resolved now.
