@@ -323,3 +323,34 @@ def test_sigkill_then_resume_in_the_middle_of_a_rigl_schedule_is_bit_exact(tmp_p
     report = json.loads((killed / "report.json").read_text())
     assert report["status"] == "completed" and report["frozen_exact"] is True
     assert report["history"] == json.loads((straight / "report.json").read_text())["history"]
+
+
+def test_rigl_experiment_runs_through_the_cli_config_and_exports_sparse_weights(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIGS
+    from trainer.config import register
+    from trainer.run import run
+    from trainer.sparse_export import load_sparse_weights
+
+    register()
+    monkeypatch.chdir(tmp_path)  # outside Hydra, run() writes to the current directory
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "+experiment=rigl_mlp", "data=digits", "trainer.epochs=2", "trainer.steps_per_execution=7",
+            "trainer.jit_compile=false", "freeze.rules.sparse.regrow.drop_fraction.end_step=40",
+            "freeze.rules.sparse.regrow.update_every_n_steps=10", "export.sparse=true", "export.keras=false"])
+    report = run(cfg)
+    assert report["status"] == "completed" and report["frozen_exact"] is True
+    weights = dict(np.load(tmp_path / "weights.npz"))
+    masks = np.load(tmp_path / "masks.npz")
+    sparse = load_sparse_weights(str(tmp_path / "sparse_weights.npz"))
+    assert sorted(sparse) == sorted(weights)
+    for path in weights:
+        np.testing.assert_array_equal(sparse[path].view(np.uint8), weights[path].view(np.uint8), err_msg=path)
+    kernels = [p for p in weights if p.endswith("kernel")]
+    counts = allocate_densities({p: weights[p].shape for p in kernels}, 0.1, distribution="erk").counts
+    assert {p: int(masks[p].sum()) for p in kernels} == counts  # ERK's counts, kept through every update
+    size = report["sparse_export"]
+    assert size["nonzero"] <= sum(counts.values()) and size["elements"] == sum(weights[p].size for p in kernels)
+    assert size["bytes"] == os.path.getsize(tmp_path / "sparse_weights.npz") < size["dense_bytes"] / 3

@@ -45,6 +45,7 @@ class LogConfig:
 class ExportConfig:
     keras: bool = True
     saved_model: bool = False
+    sparse: bool = False  # sparse_weights.npz: covered variables as COO indices + values (trainer/sparse_export.py)
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ import numpy as np
 from trainer import rundir
 from trainer.callbacks import Callback
 from trainer.masks import audit as masks_audit
+from trainer.sparse_export import write_sparse_weights
 
 
 def audit(registry) -> List[Dict[str, Any]]:
@@ -48,6 +49,16 @@ def export_weights(model, path: str) -> None:
     """Writes every variable's value under its variable path (``weights.npz``)."""
     with rundir.atomic_write(path) as tmp:
         np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in model.variables})
+
+
+def export_sparse_weights(model, registry, path: str) -> Dict[str, int]:
+    """Writes ``sparse_weights.npz``: covered variables as COO indices and values, the rest dense.
+
+    Returns its sizes (:func:`trainer.sparse_export.write_sparse_weights`).
+    """
+    weights = {v.path: np.asarray(v.numpy()) for v in model.variables}
+    with rundir.atomic_write(path) as tmp:
+        return write_sparse_weights(weights, registry.covered_paths(), tmp)
 
 
 def export_model(model, path: str) -> None:

@@ -524,6 +524,11 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
     }
     if error is not None:
         result["error"] = error
+    if cfg.export.sparse and not failed:  # before report.json, which gives its size
+        size = result["sparse_export"] = reports.export_sparse_weights(model, registry,
+                                                                       os.path.join(run_dir, "sparse_weights.npz"))
+        log.info("sparse_weights.npz | %s bytes (dense weights %s bytes) | %s of %s covered elements stored",
+                 f"{size['bytes']:,}", f"{size['dense_bytes']:,}", f"{size['nonzero']:,}", f"{size['elements']:,}")
     reports.write_json(os.path.join(run_dir, "report.json"), result)
     reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
     if failed:

@@ -29,8 +29,8 @@ LOCK_NAME = "run.lock"
 TMP_PREFIX = ".tmp-"
 FINGERPRINT_NAME = "fingerprint.json"
 # What a run writes into its directory (a fresh run refuses to replace any of them).
-OUTPUT_NAMES = ("checkpoints", "tb", "report.json", "weights.npz", "masks.npz", "model.keras", "saved_model",
-                "freeze_plan.json", "best_weights.npz", FINGERPRINT_NAME, ".hydra")
+OUTPUT_NAMES = ("checkpoints", "tb", "report.json", "weights.npz", "sparse_weights.npz", "masks.npz", "model.keras",
+                "saved_model", "freeze_plan.json", "best_weights.npz", FINGERPRINT_NAME, ".hydra")
 CKPT_INDEX = re.compile(r"ckpt-(\d+)\.index")
 # Config keys that decide the trajectory. The run length may grow on resume (see :func:`config_changes`).
 TRAJECTORY_KEYS = ("seed", "data", "model", "optimizer", "freeze", "sft", "trainer.batch_size",
