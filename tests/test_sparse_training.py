@@ -354,3 +354,47 @@ def test_rigl_experiment_runs_through_the_cli_config_and_exports_sparse_weights(
     size = report["sparse_export"]
     assert size["nonzero"] <= sum(counts.values()) and size["elements"] == sum(weights[p].size for p in kernels)
     assert size["bytes"] == os.path.getsize(tmp_path / "sparse_weights.npz") < size["dense_bytes"] / 3
+
+
+MIRRORED = '''
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import json, keras, numpy as np
+from trainer import MaskRegistry, Trainer
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(256, 12)).astype("float32"), rng.integers(0, 4, 256)
+out = {}
+for method in ["rigl", "set"]:
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="relu", name="fc1"),
+                                  keras.layers.Dense(4, name="out")], name="net")
+        registry = MaskRegistry(model)
+        registry.freeze("fc1/kernel", elements={"random": 0.75, "seed": 1}, value="zero", name="s",
+                        regrow={"method": method, "drop_fraction": 0.5, "update_every_n_steps": 5})
+        start = registry.trainable_mask("net/fc1/kernel")
+        trainer = Trainer(model, keras.optimizers.Adam(0.02), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          registry=registry, strategy=strategy, steps_per_execution=3, jit_compile=True)
+    trainer.fit(x, y, batch_size=32, epochs=3)
+    copies = []
+    for v in model.trainable_variables + trainer.optimizer.variables:
+        local = [c.numpy().tobytes() for c in strategy.experimental_local_results(v.value)]
+        copies += [v.path for c in local[1:] if c != local[0]]
+    mask = registry.trainable_mask("net/fc1/kernel")
+    out[method] = {"differing_copies": len(copies), "kept": [int(start.sum()), int(mask.sum())],
+                   "moved": int((start != mask).sum()), "exact": registry.exact()}
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_regrow_under_mirrored_strategy_keeps_every_replica_copy_identical():
+    proc = subprocess.run([os.sys.executable, "-c", MIRRORED], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for method in ("rigl", "set"):
+        assert result[method]["differing_copies"] == 0  # weights and slots equal on both replicas, bit for bit
+        assert result[method]["kept"] == [48, 48] and result[method]["moved"] > 0 and result[method]["exact"]
