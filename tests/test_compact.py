@@ -140,13 +140,14 @@ def test_auto_picks_compact_for_few_trainable_and_dense_for_many_or_changing_mas
     assert registry.describe().splitlines()[2] == "| mlp/fc1/kernel | (6, 16) | 95 | 0.9896 | current | few | compact |"
 
 
-def test_compact_refuses_a_rule_whose_mask_changes():
+def test_compact_refuses_a_rule_whose_frozen_count_changes():
     registry = MaskRegistry(mlp(), update="compact")
     with pytest.raises(FreezeConfigError) as err:
         registry.freeze("fc1/kernel", elements={"random": 0.5}, start_step=5, name="late")
     assert str(err.value) == (
-        "rule 'late' changes its mask during training (start/end bounds or update_every_n_steps), which update "
-        "'compact' does not support; use update 'auto' (dense where masks change) or 'dense'")
+        "rule 'late' changes how many elements it freezes during training (start/end bounds or "
+        "update_every_n_steps), which update 'compact' does not support; use update 'auto' (dense where masks "
+        "change) or 'dense'")
     assert registry.covered_paths() == []
 
 

@@ -256,7 +256,7 @@ def test_bad_regrow_and_allocation_rules_are_refused_with_one_line(options, mess
     assert registry.rules == [] and all(m.all() for m in registry.trainable_masks().values())
 
 
-def test_a_regrowing_variable_is_covered_by_that_rule_only_and_never_compact():
+def test_a_regrowing_variable_is_covered_by_that_rule_only_and_dense_under_auto():
     regrow = {"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10}
     registry = MaskRegistry(mlp())
     registry.freeze("*/kernel", elements={"random": 0.9}, value="zero", name="sparse", regrow=regrow)
@@ -264,12 +264,16 @@ def test_a_regrowing_variable_is_covered_by_that_rule_only_and_never_compact():
         registry.freeze("out/kernel", elements={"indices": [0]}, value="zero", name="pin")
     assert str(err.value) == ("rules 'sparse' and 'pin' both cover ['net/out/kernel'], but 'sparse' regrows its "
                               "elements, which needs a variable to itself; narrow 'select' or add 'exclude'")
-    with pytest.raises(FreezeConfigError) as err:
-        MaskRegistry(mlp(), update="compact").freeze("*/kernel", elements={"random": 0.9}, value="zero",
-                                                     name="sparse", regrow=regrow)
-    assert str(err.value).startswith("rule 'sparse' changes its mask during training (start/end bounds, "
-                                      "update_every_n_steps or regrow), which update 'compact' does not support")
     assert registry.update_modes() == {"net/fc1/kernel": "dense", "net/out/kernel": "dense"}
+    compact = MaskRegistry(mlp(), update="compact")
+    compact.freeze("*/kernel", elements={"random": 0.9}, value="zero", name="sparse", regrow=regrow)
+    assert compact.update_modes() == {"net/fc1/kernel": "compact", "net/out/kernel": "compact"}
+    with pytest.raises(FreezeConfigError) as err:  # a rule that changes the count cannot be compact
+        MaskRegistry(mlp(), update="compact").freeze("*/kernel", elements={"random": 0.9}, value="zero",
+                                                     name="later", start_step=10)
+    assert str(err.value) == ("rule 'later' changes how many elements it freezes during training (start/end "
+                              "bounds or update_every_n_steps), which update 'compact' does not support; use "
+                              "update 'auto' (dense where masks change) or 'dense'")
 
 
 def test_tensorboard_shows_dropped_grown_density_per_update(tmp_path):
@@ -398,3 +402,45 @@ def test_regrow_under_mirrored_strategy_keeps_every_replica_copy_identical():
     for method in ("rigl", "set"):
         assert result[method]["differing_copies"] == 0  # weights and slots equal on both replicas, bit for bit
         assert result[method]["kept"] == [48, 48] and result[method]["moved"] > 0 and result[method]["exact"]
+
+
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.05),
+    "momentum": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_compact_regrowth_moves_indices_and_carries_slots_as_the_dense_update_does(method, optimizer):
+    x, y = data(160, 3)
+    runs = {}
+    for mode in ("dense", "compact"):
+        model = mlp(7)
+        registry = MaskRegistry(model, update=mode)
+        registry.freeze("fc1/kernel", elements={"random": 0.8, "seed": 4}, value="zero", name="sparse",
+                        regrow={"method": method, "drop_fraction": 0.5, "update_every_n_steps": 5})
+        trainer = Trainer(model, OPTIMIZERS[optimizer](), LOSS, registry=registry, steps_per_execution=3,
+                          jit_compile=False)
+        start = registry.trainable_mask("net/fc1/kernel")
+        trainer.fit(x, y, batch_size=16, epochs=3, shuffle=False)  # 30 steps, 6 updates
+        assert registry.update_modes()["net/fc1/kernel"] == mode
+        mask = registry.trainable_mask("net/fc1/kernel")
+        k = int(mask.sum())
+        slots = [v.numpy() for v in trainer.optimizer.variables
+                 if tuple(v.shape) == ((k,) if mode == "compact" else mask.shape) and v.name != "iteration"]
+        if mode == "dense":
+            slots = [s[mask] for s in slots]  # the trainable entries, in row-major order like the indices
+        runs[mode] = (start, mask, model.get_layer("fc1").kernel.numpy(), slots, registry.exact())
+    (start, dense_mask, dense_w, dense_slots, dense_exact), (_, compact_mask, compact_w, compact_slots, c_exact) = (
+        runs["dense"], runs["compact"])
+    assert dense_exact and c_exact
+    np.testing.assert_array_equal(compact_mask, dense_mask)
+    assert compact_mask.sum() == start.sum() and (compact_mask != start).any()  # moved, same count
+    np.testing.assert_array_equal(bits(compact_w[~dense_mask]), 0)
+    np.testing.assert_array_equal(bits(dense_w[~dense_mask]), 0)
+    np.testing.assert_allclose(compact_w[dense_mask], dense_w[dense_mask], rtol=1e-6, atol=1e-7)
+    assert len(compact_slots) == len(dense_slots) == {"sgd": 0, "momentum": 1, "adam": 2}[optimizer]
+    for a, b in zip(compact_slots, dense_slots):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

@@ -178,11 +178,11 @@ class MaskRegistry(tf.Module):
             targets = [t for t in targets if t.trainable]
             if not targets:
                 raise FreezeConfigError(f"rule {rule.name!r} selects only non-trainable variables {non_trainable}")
-        if rule.dynamic and self.update_mode == "compact":
+        if rule.dynamic and rule.regrow is None and self.update_mode == "compact":
             raise FreezeConfigError(
-                f"rule {rule.name!r} changes its mask during training (start/end bounds, update_every_n_steps "
-                "or regrow), which update 'compact' does not support; use update 'auto' (dense where masks "
-                "change) or 'dense'"
+                f"rule {rule.name!r} changes how many elements it freezes during training (start/end bounds or "
+                "update_every_n_steps), which update 'compact' does not support; use update 'auto' (dense where "
+                "masks change) or 'dense'"
             )
         paths = [t.path for t in targets]
         self._check_regrow_alone(rule, paths)
@@ -461,7 +461,9 @@ class MaskRegistry(tf.Module):
         active elements (to exactly 0) and grows as many (SET: at random;
         RigL: largest ``|g|``), on the device; the optimizer slots of the
         elements that changed are set to 0. The trainable count of every
-        variable stays the same.
+        variable stays the same, so a compact update keeps its ``[k]``
+        variables: their indices move, and the slots of the elements that
+        stay trainable move with them.
 
         Args:
           step: the optimizer step (``optimizer.iterations``).
@@ -484,9 +486,10 @@ class MaskRegistry(tf.Module):
                 continue
             for path in state.paths:
                 update = self._refs.covered[path].update
-                variable = self._by_path[path].variable
-                slots = slots_by_path(self._refs.optimizer, [variable]).get(path, []) if self._refs.optimizer else []
-                events.append(self._refs.regrower.apply(path, variable, update.mask, slots, spec, step,
+                target = update.optimizer_variable  # the model variable, or the compact [k] one
+                optimizer = self._refs.optimizer
+                slots = slots_by_path(optimizer, [target]).get(target.path, []) if optimizer is not None else []
+                events.append(self._refs.regrower.apply(path, update, slots, spec, step,
                                                         None if gradients is None else gradients.get(path)))
             state.last_update_step = step
         return events

@@ -10,7 +10,9 @@ buffer of the variable's shape that the train step fills with the dense
 tensors), that computes :func:`~trainer.masks.regrow.drop_and_grow` from the
 variable, its mask and the grow scores, writes the new mask and value and sets
 the optimizer slots of every element that changed state to 0 (as RigL's
-``reset_momentum``). Nothing is read back to the host but the two counts.
+``reset_momentum``). A compact update keeps its size ``k``: its indices move,
+and the ``[k]`` values and slots of the elements that stay trainable move with
+them. Nothing is read back to the host but three counts.
 """
 
 from __future__ import annotations
@@ -59,15 +61,18 @@ class Regrower:
                     tf.convert_to_tensor(grad), tf.float32)
                 buffer.assign(dense)
 
-    def apply(self, path: str, variable: keras.Variable, mask: tf.Variable, slots: List[tf.Variable],
-              spec: RegrowSpec, step: int, gradient: Optional[Any] = None) -> Dict[str, Any]:
-        """One drop-and-grow update of ``variable`` at optimizer ``step``.
+    def apply(self, path: str, update: Any, slots: List[tf.Variable], spec: RegrowSpec, step: int,
+              gradient: Optional[Any] = None) -> Dict[str, Any]:
+        """One drop-and-grow update of a variable at optimizer ``step``.
 
         Args:
           path: the variable path.
-          variable: the model variable.
-          mask: its bool trainable-mask variable (``True`` = active), updated in place.
-          slots: its optimizer slots (zeroed where an element changed state).
+          update: its :class:`~trainer.masks.updates.DenseUpdate` (the bool
+            mask is rewritten) or :class:`~trainer.masks.updates.CompactUpdate`
+            (the ``[k]`` indices and values are rewritten; ``k`` stays).
+          slots: the optimizer slots of ``update.optimizer_variable``: zeroed
+            where an element changed state; compact slots follow their
+            elements to their new positions.
           spec: the rule's :class:`RegrowSpec`.
           step: the optimizer step of the update (drop fraction, SET's seed).
           gradient: RigL only: the dense gradient to grow by; ``None`` uses
@@ -78,7 +83,7 @@ class Regrower:
           (Python numbers).
         """
         if path not in self._fns:
-            self._fns[path] = self._compile(path, variable, mask, slots, spec)
+            self._fns[path] = self._compile(path, update, slots, spec)
         if spec.method == "rigl" and gradient is not None:
             self.buffers[path].assign(tf.cast(tf.convert_to_tensor(gradient), tf.float32))
         fraction = spec.drop_fraction(step)
@@ -86,26 +91,31 @@ class Regrower:
         return {"step": int(step), "path": path, "drop_fraction": float(fraction), "dropped": int(dropped),
                 "grown": int(grown), "active": int(active)}
 
-    def _compile(self, path: str, variable: keras.Variable, mask: tf.Variable, slots: List[tf.Variable],
-                 spec: RegrowSpec) -> Callable:
+    def _compile(self, path: str, update: Any, slots: List[tf.Variable], spec: RegrowSpec) -> Callable:
         buffer = self.buffers.get(path)
+        variable = update.variable
+        compact = update.mode == "compact"
 
         @tf.function
-        def update(drop_fraction, seed):
+        def regrow(drop_fraction, seed):
             value = tf.convert_to_tensor(variable.value)
+            mask = update.dense_mask() if compact else tf.convert_to_tensor(update.mask)
             if spec.method == "rigl":
                 new = rigl_update(value, mask, buffer, drop_fraction=drop_fraction)
             else:
                 new = set_update(value, mask, drop_fraction=drop_fraction, seed=seed)
-            variable.assign(new.value)
-            mask.assign(new.mask)
             changed = tf.logical_or(new.grown, new.dropped)
-            for slot in slots:
-                slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
+            variable.assign(new.value)
+            if compact:
+                update.move(new.mask, changed, slots)
+            else:
+                update.mask.assign(new.mask)
+                for slot in slots:
+                    slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
             count = lambda m: tf.reduce_sum(tf.cast(m, tf.int64))  # noqa: E731
             return count(new.dropped), count(new.grown), count(new.mask)
 
-        return update
+        return regrow
 
     def memory_bytes(self, path: str) -> int:
         """Bytes of the RigL gradient buffer of ``path`` (0 for SET)."""

@@ -138,18 +138,42 @@ class CompactUpdate:
         mask[self.indices.numpy()] = True
         return mask.reshape(self.shape)
 
-    def _dense_mask(self):
+    def dense_mask(self) -> tf.Tensor:
+        """The trainable-mask as a bool tensor of the variable's shape, built on the device from the indices."""
         k = tf.shape(self.indices)[0]
         flat = tf.scatter_nd(tf.expand_dims(self.indices, 1), tf.ones([k], tf.bool), [self.size])
         return tf.reshape(flat, self.shape)
 
+    def move(self, trainable: tf.Tensor, changed: tf.Tensor, slots) -> None:
+        """Moves the ``k`` trainable elements to ``trainable`` (same count), carrying their optimizer slots.
+
+        A slot entry follows its element to the element's new position among
+        the ``k``; elements in ``changed`` (newly trainable ones among them)
+        get 0. The compact values are read from the model variable, which
+        must already hold the new values. Usable inside a ``tf.function``.
+
+        Args:
+          trainable: bool tensor of the variable's shape with exactly ``k`` True.
+          changed: bool tensor of the variable's shape: elements that changed state.
+          slots: the ``[k]`` optimizer slots of :attr:`compact`.
+        """
+        old = tf.expand_dims(self.indices, 1)
+        new = tf.cast(tf.reshape(tf.where(tf.reshape(trainable, [-1])), [-1]), self.indices.dtype)
+        new = tf.ensure_shape(new, self.indices.shape)
+        keep = tf.logical_not(tf.reshape(changed, [-1]))
+        for slot in slots:
+            dense = tf.scatter_nd(old, tf.convert_to_tensor(slot), [self.size])
+            slot.assign(tf.gather(tf.where(keep, dense, tf.zeros_like(dense)), new))
+        self.indices.assign(new)
+        self.compact.assign(tf.gather(tf.reshape(tf.convert_to_tensor(self.variable.value), [-1]), new))
+
     def mask_gradient(self, grad):
         """``grad`` with frozen elements exactly 0, in the variable's shape (IndexedSlices stay sparse)."""
         if isinstance(grad, tf.IndexedSlices):
-            rows = tf.gather(self._dense_mask(), grad.indices)
+            rows = tf.gather(self.dense_mask(), grad.indices)
             return tf.IndexedSlices(tf.where(rows, grad.values, tf.zeros_like(grad.values)), grad.indices,
                                     grad.dense_shape)
-        return tf.where(self._dense_mask(), grad, tf.zeros_like(grad))
+        return tf.where(self.dense_mask(), grad, tf.zeros_like(grad))
 
     def gradient(self, grad):
         """The gradients of the trainable elements, ``[k]`` (an Embedding's IndexedSlices is made dense first)."""
