@@ -303,7 +303,9 @@ def test_tensorboard_shows_dropped_grown_density_per_update(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_in_the_middle_of_a_rigl_schedule_is_bit_exact(tmp_path):
+    """In compact mode: the moved [k] indices, values and carried slots are what a resume must restore."""
     common = ["trainer.deterministic=true", "trainer.epochs=6", "trainer.checkpoint_every_n_steps=25",
+              "freeze.update=compact",
               "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "export.keras=false",
               "+freeze.rules.sparse.regrow={method:rigl,drop_fraction:{kind:cosine,initial:0.3,end_step:200},"
               "update_every_n_steps:20}", "freeze.rules.sparse.rescale_trainable=false"]
@@ -324,9 +326,14 @@ def test_sigkill_then_resume_in_the_middle_of_a_rigl_schedule_is_bit_exact(tmp_p
     assert os.path.basename(path_a) == os.path.basename(path_b) and sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    indices = [k for k in a if k.startswith("registry/indices/")]
+    assert len(indices) == 3 and not any(k.startswith("registry/masks/") for k in a)  # compact, 3 kernels
     report = json.loads((killed / "report.json").read_text())
     assert report["status"] == "completed" and report["frozen_exact"] is True
     assert report["history"] == json.loads((straight / "report.json").read_text())["history"]
+    masks = np.load(killed / "masks.npz")
+    off = [k for k in masks.files if k.endswith("kernel") and masks[k].mean() != pytest.approx(0.1, abs=1e-3)]
+    assert not off  # every kernel still trains 10 % of its elements
 
 
 def test_rigl_experiment_runs_through_the_cli_config_and_exports_sparse_weights(tmp_path, monkeypatch):
