@@ -451,3 +451,25 @@ def test_compact_regrowth_moves_indices_and_carries_slots_as_the_dense_update_do
     assert len(compact_slots) == len(dense_slots) == {"sgd": 0, "momentum": 1, "adam": 2}[optimizer]
     for a, b in zip(compact_slots, dense_slots):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_sft_value_zero_prunes_at_initialisation_and_a_bad_value_is_named():
+    from trainer.sft import SFTConfigError, apply_sft
+
+    model = mlp(2)
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    registry = MaskRegistry(model)
+    x, y = data(64, 4)
+    kept = apply_sft({"method": "snip", "k": 0.1, "batches": 1, "select": ["*/kernel"], "value": "zero"},
+                     model=model, registry=registry, x=x, y=y, batch_size=32)
+    kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+    assert kept == round(0.1 * sum(int(np.prod(v.shape)) for v in kernels))
+    for v in kernels:
+        mask = registry.trainable_mask(v.path)
+        np.testing.assert_array_equal(bits(v.numpy()[~mask]), 0)  # pruned: +0.0
+        np.testing.assert_array_equal(bits(v.numpy()[mask]), bits(before[v.path][mask]))  # kept: untouched
+    with pytest.raises(SFTConfigError) as err:
+        apply_sft({"method": "snip", "k": 0.1, "value": "initial"}, model=mlp(), registry=MaskRegistry(mlp()),
+                  x=x, y=y)
+    assert str(err.value) == ("sft.value must be one of ['current', 'zero'] (what the elements outside the top-k "
+                              "are pinned to), got 'initial'")

@@ -77,6 +77,7 @@ class SFTConfig:
     ranking: str = "global"           # global | layerwise
     seed: int = 0                     # random
     dense_weights: Optional[str] = None  # delta (LT-SFT): the dense phase's weights.npz
+    value: str = "current"            # current | zero: what the elements outside the top-k are pinned to
 
 
 @dataclasses.dataclass

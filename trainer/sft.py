@@ -39,7 +39,8 @@ from trainer.masks.variables import path_matches
 
 METHODS = ("fish", "snip", "random", "magnitude", "delta")
 RANKINGS = ("global", "layerwise")
-KEYS = ("method", "k", "batches", "batch_size", "select", "exclude", "ranking", "seed", "dense_weights")
+KEYS = ("method", "k", "batches", "batch_size", "select", "exclude", "ranking", "seed", "dense_weights", "value")
+VALUES = ("current", "zero")
 
 
 class SFTConfigError(ValueError):
@@ -82,13 +83,18 @@ def sft_options(cfg: Any) -> Optional[Dict[str, Any]]:
         raise SFTConfigError(f"sft.seed must be a non-negative integer, got {seed!r}")
     if method == "delta" and not options.get("dense_weights"):
         raise SFTConfigError("sft.method=delta needs sft.dense_weights, the weights.npz of the dense phase")
+    pinned = options.get("value") or "current"
+    if pinned not in VALUES:
+        raise SFTConfigError(f"sft.value must be one of {list(VALUES)} (what the elements outside the top-k are "
+                             f"pinned to), got {pinned!r}")
     select = options.get("select") or ["*"]
     exclude = options.get("exclude") or []
     for key, value in (("select", select), ("exclude", exclude)):
         if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
             raise SFTConfigError(f"sft.{key} must be a list of globs over variable paths, got {value!r}")
     return {"method": method, "k": k, "batches": batches, "batch_size": batch_size, "select": select,
-            "exclude": exclude, "ranking": ranking, "seed": seed, "dense_weights": options.get("dense_weights")}
+            "exclude": exclude, "ranking": ranking, "seed": seed, "dense_weights": options.get("dense_weights"),
+            "value": pinned}
 
 
 def selected_variables(model: keras.Model, select: List[str], exclude: List[str]) -> List[keras.Variable]:
@@ -184,9 +190,10 @@ def apply_sft(cfg: Any, *, model: keras.Model, registry: MaskRegistry, x: Any = 
               batch_size: int = 60, seed: int = 0) -> int:
     """Resolves the ``sft`` block into one freeze rule per selected variable; returns the kept count (0: no sft).
 
-    Each selected variable ``v`` gets ``registry.freeze(v.path, elements={"mask": kept}, value="current",
+    Each selected variable ``v`` gets ``registry.freeze(v.path, elements={"mask": kept}, value=sft.value,
     name="sft:" + v.path)``: its elements outside the top-k are pinned at
-    their current (starting) values.
+    their current (starting) values, or to zero with ``sft.value=zero``
+    (pruning at initialisation, e.g. SNIP).
 
     Args:
       cfg: the ``sft`` config block (or None).
@@ -213,7 +220,7 @@ def apply_sft(cfg: Any, *, model: keras.Model, registry: MaskRegistry, x: Any = 
         dataset = make_dataset(x, y, int(options["batch_size"] or batch_size), shuffle=True, seed=int(seed))
     masks = kept_masks(sft_scores(options, model, variables, dataset), options["k"], options["ranking"])
     for v in variables:
-        registry.freeze(v.path, elements={"mask": masks[v.path]}, value="current", name=f"sft:{v.path}")
+        registry.freeze(v.path, elements={"mask": masks[v.path]}, value=options["value"], name=f"sft:{v.path}")
     return int(sum(int(m.sum()) for m in masks.values()))
 
 
