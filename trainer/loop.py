@@ -427,11 +427,13 @@ class Trainer:
         spec = dataset.element_spec
         if not isinstance(spec, tuple) or len(spec) != 2:
             raise ValueError(f"the training dataset must yield batched (x, y) pairs, got elements of {spec}")
-        if spec[0].shape.rank is not None and spec[0].shape.rank > 0 and spec[1].shape.rank == 0:
+        first = tf.nest.flatten(spec[0])[0]  # inputs may be a dict of tensors (e.g. keras_hub models)
+        if first.shape.rank is not None and first.shape.rank > 0 and spec[1].shape.rank == 0:
             raise ValueError("the training dataset yields single examples, not batches: batch it with "
                              "dataset.batch(n), or pass NumPy arrays with batch_size")
         expected = getattr(self.model, "input_shape", None)
-        if isinstance(expected, tuple) and all(isinstance(d, (int, type(None))) for d in expected):
+        if (isinstance(spec[0], tf.TensorSpec) and isinstance(expected, tuple)
+                and all(isinstance(d, (int, type(None))) for d in expected)):
             got = tuple(spec[0].shape)[1:]
             want = tuple(expected)[1:]
             if len(got) != len(want) or any(g is not None and w is not None and g != w for g, w in zip(got, want)):
