@@ -51,7 +51,8 @@ class Regrower:
 
         Args:
           grads: raw (unmasked) gradients, one per variable: tensors,
-            ``tf.IndexedSlices`` (made dense) or ``None`` (stored as 0).
+            ``tf.IndexedSlices`` (made dense) or ``None`` (stored as 0);
+            non-finite entries (a skipped step) are stored as 0.
           variables: the model variables, in the same order.
         """
         for grad, variable in zip(grads, variables):
@@ -59,7 +60,7 @@ class Regrower:
             if buffer is not None:
                 dense = tf.zeros(buffer.shape, tf.float32) if grad is None else tf.cast(
                     tf.convert_to_tensor(grad), tf.float32)
-                buffer.assign(dense)
+                buffer.assign(tf.where(tf.math.is_finite(dense), dense, tf.zeros_like(dense)))  # a skipped step
 
     def apply(self, path: str, update: Any, slots: List[tf.Variable], spec: RegrowSpec, step: int,
               gradient: Optional[Any] = None) -> Dict[str, Any]:
