@@ -1,4 +1,10 @@
-"""Shared fixtures. MNIST tests read $TRAINER_DATA_DIR/mnist.npz (CI points it at the real data)."""
+"""Shared fixtures. MNIST tests read $TRAINER_DATA_DIR/mnist.npz (CI points it at the real data).
+
+The suite runs in pytest-xdist workers (``-n auto --dist loadgroup`` in pyproject.toml): every test must
+be independent of the others (its own tmp_path, no fixed ports, no state left in the process). Modules
+whose tests copy one expensive module-scoped run carry ``pytestmark = pytest.mark.xdist_group(...)`` so that
+run is made once, in one worker.
+"""
 
 import os
 
@@ -11,6 +17,23 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+
+
+MAX_WORKERS = 4  # each worker imports TensorFlow (about 1.5 GB) and many tests start CLI subprocesses of their own
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may run on, at most MAX_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cpus))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort): the longest work starts early and the workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture
