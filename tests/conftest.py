@@ -1,9 +1,9 @@
 """Shared fixtures. MNIST tests read $TRAINER_DATA_DIR/mnist.npz (CI points it at the real data).
 
-The suite runs in pytest-xdist workers (``-n auto --dist loadgroup`` in pyproject.toml): every test must
-be independent of the others (its own tmp_path, no fixed ports, no state left in the process). Modules
-whose tests copy one expensive module-scoped run carry ``pytestmark = pytest.mark.xdist_group(...)`` so that
-run is made once, in one worker.
+The suite runs in pytest-xdist workers (``-n auto`` in pyproject.toml): every test must be independent
+of the others (its own tmp_path, no fixed ports, no state left in the process). Each test is a unit of
+work of its own, slow ones first, except in ONE_WORKER_MODULES: the tests of such a module share one
+expensive module-scoped run, so they all go to one worker, which makes that run once.
 """
 
 import os
@@ -29,6 +29,28 @@ def pytest_xdist_auto_num_workers(config):
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return max(1, min(MAX_WORKERS, cpus))
+
+
+# Modules whose tests share an expensive module-scoped fixture (a training run they read or copy). Split
+# over workers, or interleaved with other modules' tests in one worker, that fixture would be made again
+# each time (pytest tears a module's fixtures down when the next test is from another module).
+ONE_WORKER_MODULES = {"tests/test_rundir.py", "tests/test_summaries.py", "tests/test_plot_run.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Units of work: one test each, or a whole module of ONE_WORKER_MODULES (largest units first).
+
+    xdist's own ``--dist loadgroup`` would do this with ``xdist_group`` marks, but pytest-xdist 3.8 renames
+    the grouped tests through ``item._nodeid``, which pytest 9 no longer reads, so its groups are ignored.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return Scheduler(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
