@@ -1,4 +1,10 @@
-"""Shared fixtures. MNIST tests read $TRAINER_DATA_DIR/mnist.npz (CI points it at the real data)."""
+"""Shared fixtures. MNIST tests read $TRAINER_DATA_DIR/mnist.npz (CI points it at the real data).
+
+The suite runs in pytest-xdist workers (``-n auto`` in pyproject.toml): every test must be independent
+of the others (its own tmp_path, no fixed ports, no state left in the process). Each test is a unit of
+work of its own, slow ones first, except in ONE_WORKER_MODULES: the tests of such a module share one
+expensive module-scoped run, so they all go to one worker, which makes that run once.
+"""
 
 import os
 
@@ -11,6 +17,45 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
+
+
+MAX_WORKERS = 4  # each worker imports TensorFlow (about 1.5 GB) and many tests start CLI subprocesses of their own
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may run on, at most MAX_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cpus))
+
+
+# Modules whose tests share an expensive module-scoped fixture (a training run they read or copy). Split
+# over workers, or interleaved with other modules' tests in one worker, that fixture would be made again
+# each time (pytest tears a module's fixtures down when the next test is from another module).
+ONE_WORKER_MODULES = {"tests/test_rundir.py", "tests/test_summaries.py", "tests/test_plot_run.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Units of work: one test each, or a whole module of ONE_WORKER_MODULES (largest units first).
+
+    xdist's own ``--dist loadgroup`` would do this with ``xdist_group`` marks, but pytest-xdist 3.8 renames
+    the grouped tests through ``item._nodeid``, which pytest 9 no longer reads, so its groups are ignored.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return Scheduler(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort): the longest work starts early and the workers finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

@@ -110,7 +110,8 @@ def test_sparse_mlp_on_mnist_writes_report_with_zero_drift(tmp_path, mnist_dir):
 
 
 def test_run_in_process_returns_report(tmp_path):
-    cfg = compose_cfg(["trainer.max_steps=5", "export.keras=false", "+experiment=sparse_mlp", "data=digits"])
+    cfg = compose_cfg(["trainer.max_steps=5", "export.keras=false", "+experiment=sparse_mlp", "data=digits",
+                       "trainer.jit_compile=false"])  # the MNIST test above runs this experiment's XLA step
     report = run(cfg, run_dir=str(tmp_path))
     assert report["steps"] == 5
     assert report["frozen_exact"] is True

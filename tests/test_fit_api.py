@@ -1,4 +1,8 @@
-"""Trainer.fit / evaluate / predict as a Keras user calls them: arrays, validation, repeated calls, early stopping."""
+"""Trainer.fit / evaluate / predict as a Keras user calls them: arrays, validation, repeated calls, early stopping.
+
+The trainers here keep the default 100 steps per execution but compile without XLA: these tests are about
+the API, and XLA's compile time was most of theirs (the README examples run the default XLA step).
+"""
 
 import io
 import re
@@ -32,7 +36,7 @@ def make_trainer(lr=1e-2, freeze=True):
     if freeze:
         registry.freeze("fc1/kernel", elements={"random": 0.5, "seed": 0}, value="zero")
     return Trainer(model, keras.optimizers.Adam(lr), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                   metrics=["accuracy"], registry=registry)
+                   metrics=["accuracy"], registry=registry, jit_compile=False)
 
 
 def batched(x, y, batch=64):

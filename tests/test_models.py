@@ -2,7 +2,10 @@
 Embedding and BatchNormalization layers, nested models included.
 
 Every test trains a few steps and checks frozen elements by exact equality,
-and that the elements left trainable did move.
+and that the elements left trainable did move. The layer tests train without
+XLA (compiling costs more than their six steps); the embedding and transformer
+tests keep the Trainer's default XLA step, so gathered rows, attention and
+compact updates are checked compiled as well.
 """
 
 import keras
@@ -45,10 +48,11 @@ def subclassed():
     return model
 
 
-def train(model, registry, x, y, steps=6, optimizer=None, batch=8):
+def train(model, registry, x, y, steps=6, optimizer=None, batch=8, jit_compile=False):
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
     trainer = Trainer(model, optimizer or keras.optimizers.AdamW(0.02, weight_decay=0.1),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry)
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry,
+                      jit_compile=jit_compile)
     trainer.fit(ds, epochs=100, max_steps=steps)
     assert trainer.step == steps
     return trainer
@@ -144,7 +148,7 @@ def test_embedding_rows_frozen_in_a_functional_model():
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(model(x))
     assert isinstance(tape.gradient(loss, variables)[0], tf.IndexedSlices)  # the sparse gradient path
-    train(model, registry, x, y, optimizer=keras.optimizers.Adam(0.05))
+    train(model, registry, x, y, optimizer=keras.optimizers.Adam(0.05), jit_compile=True)
     np.testing.assert_array_equal(table.numpy()[:6], before[:6])
     assert np.all(table.numpy()[6:] != before[6:])
     assert registry.exact()
@@ -272,7 +276,7 @@ def test_transformer_patches_every_kernel_frozen_exactly_attention_included(upda
     masks = {p: registry.trainable_mask(p) for p in registry.covered_paths()}
     before = values(model)
     x, y = data(seed=1, n=32, shape=(8, 8))
-    train(model, registry, x, y, steps=6)
+    train(model, registry, x, y, steps=6, jit_compile=True)
     after = values(model)
     for path, trainable in masks.items():
         np.testing.assert_array_equal(after[path][~trainable].view(np.uint32), before[path][~trainable].view(np.uint32))
@@ -293,7 +297,7 @@ def test_transformer_tokens_embedding_rows_frozen():
     before = values(model)["tokens/embeddings"]
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 12, size=(32, 6)).astype(np.int32), rng.integers(0, 3, size=32).astype(np.int32)
-    train(model, registry, x, y, steps=5)
+    train(model, registry, x, y, steps=5, jit_compile=True)
     after = values(model)["tokens/embeddings"]
     np.testing.assert_array_equal(after[:4].view(np.uint32), before[:4].view(np.uint32))
     assert np.all(after[4:] != before[4:])

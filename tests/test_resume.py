@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from tests.conftest import REPO
 
-COMMON = ["trainer.deterministic=true", "trainer.epochs=30", "trainer.checkpoint_every_n_steps=25",
+COMMON = ["trainer.deterministic=true", "trainer.epochs=6", "trainer.checkpoint_every_n_steps=25",
           "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "export.keras=false",
           "log.summary_every_n_steps=50"]
 
@@ -64,12 +64,14 @@ def wait_for_checkpoint(run_dir, proc, min_step, timeout=240):
 @pytest.mark.parametrize("extra", [[], ["trainer.steps_per_execution=5", "trainer.jit_compile=true"]],
                          ids=["plain", "xla_spe5"])
 def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
+    # 6 epochs of 21 steps, checkpoints every 25; killed after the checkpoint of step 50, with 76 steps to go.
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(cli([f"hydra.run.dir={straight}", *COMMON, *extra]), cwd=REPO, env=env(), check=True,
-                   capture_output=True, timeout=600)
+    with open(tmp_path / "straight.log", "w") as out:  # the uninterrupted reference, beside the killed run
+        reference = subprocess.Popen(cli([f"hydra.run.dir={straight}", *COMMON, *extra]), cwd=REPO, env=env(),
+                                     stdout=out, stderr=subprocess.STDOUT)
     proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *COMMON, *extra]), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(str(killed), proc, min_step=100)
+    wait_for_checkpoint(str(killed), proc, min_step=50)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -78,6 +80,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "restored" in resumed.stderr + resumed.stdout
+    assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     path_a, a = final_state(str(straight))
     path_b, b = final_state(str(killed))
     assert os.path.basename(path_a) == os.path.basename(path_b)  # same final step
@@ -96,7 +99,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
 @pytest.mark.slow
 def test_sigint_finishes_step_writes_checkpoint_and_interrupted_report(tmp_path):
     run_dir = tmp_path / "run"
-    args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=2000", "trainer.checkpoint_every_n_steps=100000"]
+    args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=2000", "trainer.checkpoint_every_n_steps=100000",
+            "trainer.log_every_n_steps=20"]
     proc = subprocess.Popen(cli(args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_log(run_dir, proc, "train | step")
     proc.send_signal(signal.SIGINT)
