@@ -131,6 +131,7 @@ class Trainer:
         self.epoch = 0
         self.stop_requested = False
         self._train_fn: Dict[bool, Callable] = {}
+        self._steps: Dict[bool, Callable] = {}
         self._structure = None
         self._eval_fn = None
         self.timing: Dict[str, float] = {}
@@ -265,7 +266,7 @@ class Trainer:
 
         return train_k
 
-    def _make_train_function(self, capture: bool = False):
+    def _make_step(self, capture: bool = False):
         """The train step, one function for one replica or several (as Keras' ``train_step`` under ``strategy.run``).
 
         forward -> loss -> gradients -> ``registry.update_gradients`` (in each
@@ -277,9 +278,8 @@ class Trainer:
         any replica skips (or stops) the step on all of them. One replica:
         the whole step is one XLA program (``jit_compile``); several: each
         replica's half is, traced per replica (:func:`per_replica_function`).
-        With ``capture``, the last step of each execution also stores the
-        summed raw gradients for the registry's RigL updates
-        (``registry.capture_gradients``).
+        With ``capture``, the step also stores the summed raw gradients for
+        the registry's RigL updates (``registry.capture_gradients``).
         """
         variables = self.registry.trainable_variables()
         strategy, several = self.strategy, self.replicas > 1
@@ -288,30 +288,27 @@ class Trainer:
         def sum_replicas(value):
             return strategy.reduce(SUM, value, axis=None) if several else value
 
-        def make_step(keep_raw):
-            def replica_step(x, y, count):
-                return self._replica_step(x, y, count, variables, capture=keep_raw)
+        def replica_step(x, y, count):
+            return self._replica_step(x, y, count, variables, capture=capture)
 
-            if several:
-                replica_step = per_replica_function(replica_step, jit_compile=self.jit_compile)
+        if several:
+            replica_step = per_replica_function(replica_step, jit_compile=self.jit_compile)
 
-            def step(x, y):
-                self.batches.assign_add(1)
-                count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
-                grads, y_pred, loss_sum, raw = strategy.run(replica_step, args=(x, y, count))
-                grads = [None if g is None else sum_replicas(g) for g in grads]
-                loss = sum_replicas(loss_sum) / tf.cast(count, tf.float32)
-                if keep_raw:
-                    self.registry.capture_gradients([None if g is None else sum_replicas(g) for g in raw], variables)
-                finite, norm = self._check(loss, grads)
-                return self._apply_or_skip(finite, norm, grads, variables, loss, count,
-                                           concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
+        def step(x, y):
+            self.batches.assign_add(1)
+            count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
+            grads, y_pred, loss_sum, raw = strategy.run(replica_step, args=(x, y, count))
+            grads = [None if g is None else sum_replicas(g) for g in grads]
+            loss = sum_replicas(loss_sum) / tf.cast(count, tf.float32)
+            if capture:
+                self.registry.capture_gradients([None if g is None else sum_replicas(g) for g in raw], variables)
+            finite, norm = self._check(loss, grads)
+            return self._apply_or_skip(finite, norm, grads, variables, loss, count,
+                                       concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
 
-            if not several:
-                step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
-            return step
-
-        return self._execution(make_step(False), make_step(True) if capture else None)
+        if not several:
+            step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+        return step
 
     @property
     def train_functions(self) -> Dict[bool, Callable]:
@@ -324,11 +321,17 @@ class Trainer:
         return dict(self._train_fn) if self._structure == self.registry.structure_version else {}
 
     def _train_function(self, capture: bool = False):
-        """The compiled execution (with ``capture``: its last step keeps RigL's gradients), built once each."""
+        """The compiled execution (with ``capture``: its last step keeps RigL's gradients), built once each.
+
+        Both executions share the plain step (one trace, one XLA compilation).
+        """
         if self._structure != self.registry.structure_version:
-            self._train_fn, self._structure = {}, self.registry.structure_version
+            self._train_fn, self._steps, self._structure = {}, {}, self.registry.structure_version
+        for kind in {False, capture}:
+            if kind not in self._steps:
+                self._steps[kind] = self._make_step(kind)
         if capture not in self._train_fn:
-            self._train_fn[capture] = self._make_train_function(capture)
+            self._train_fn[capture] = self._execution(self._steps[False], self._steps[True] if capture else None)
         return self._train_fn[capture]
 
     def masked_gradients(self, x, y) -> List[tuple]:
