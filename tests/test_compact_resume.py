@@ -12,16 +12,18 @@ from tests.conftest import REPO
 from tests.test_distribute import run_cli
 from tests.test_resume import cli, env, final_state, wait_for_checkpoint
 
-COMMON = ["trainer.deterministic=true", "trainer.epochs=8", "trainer.checkpoint_every_n_steps=25",
+COMMON = ["trainer.deterministic=true", "trainer.epochs=6", "trainer.checkpoint_every_n_steps=25",
           "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "freeze.update=compact",
           "export.keras=false", "log.summary_every_n_steps=50"]
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_in_compact_mode_is_bit_exact(tmp_path):
+    # 6 epochs of 21 steps, checkpoints every 25; killed after the checkpoint of step 50, with 76 steps to go.
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(cli([f"hydra.run.dir={straight}", *COMMON]), cwd=REPO, env=env(), check=True,
-                   capture_output=True, timeout=600)
+    with open(tmp_path / "straight.log", "w") as out:  # the uninterrupted reference, beside the killed run
+        reference = subprocess.Popen(cli([f"hydra.run.dir={straight}", *COMMON]), cwd=REPO, env=env(), stdout=out,
+                                     stderr=subprocess.STDOUT)
     proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *COMMON]), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(str(killed), proc, min_step=50)
@@ -32,6 +34,7 @@ def test_sigkill_then_resume_in_compact_mode_is_bit_exact(tmp_path):
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "restored" in resumed.stderr + resumed.stdout
+    assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     path_a, a = final_state(str(straight))
     path_b, b = final_state(str(killed))
     assert os.path.basename(path_a) == os.path.basename(path_b)

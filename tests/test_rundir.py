@@ -9,6 +9,7 @@ in the run directory.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -132,6 +133,14 @@ def test_crafted_index_never_reaches_outside_checkpoints(run_copy, tmp_path):
 
 
 # ------------------------------------------------------------------ finding 2: one process per run directory
+def cli_together(*arg_lists):
+    """Runs ``python -m trainer`` with each argument list at the same time; their results, in order."""
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in arg_lists]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
 @pytest.mark.slow
 def test_second_process_is_refused_and_a_dead_holder_is_stale(run_copy):
     holder = subprocess.Popen([sys.executable, "-m", "trainer", f"resume={run_copy}", *BASE, "trainer.epochs=5000",
@@ -141,13 +150,15 @@ def test_second_process_is_refused_and_a_dead_holder_is_stale(run_copy):
         while not (run_copy / "run.lock").exists() or not (run_copy / "run.lock").read_text().strip():
             assert time.time() < deadline and holder.poll() is None
             time.sleep(0.05)
+        # Stopped, the holder is still alive and keeps its flock, but leaves the CPUs to the two refused runs.
+        os.kill(holder.pid, signal.SIGSTOP)
         refusal = (f"Error: RunDirError: run directory {run_copy} is in use by process {holder.pid} (lock {run_copy}/run.lock); "
                    "wait for it to end, or start this run in another hydra.run.dir")
-        fresh = cli([f"hydra.run.dir={run_copy}", *BASE])
-        again = cli([f"resume={run_copy}", *BASE, "trainer.epochs=5000"])
+        fresh, again = cli_together([f"hydra.run.dir={run_copy}", *BASE], [f"resume={run_copy}", *BASE, "trainer.epochs=5000"])
         for proc in (fresh, again):
             assert proc.returncode == 2, proc.stderr[-2000:]
             assert error_line(proc) == refusal
+        assert holder.poll() is None
     finally:
         holder.kill()
         holder.wait()
