@@ -1,16 +1,12 @@
 """Compact updates end to end: SIGKILL + resume is bit-exact, and MirroredStrategy over 2 CPUs is exact."""
 
 import json
-import os
-import signal
-import subprocess
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
 from tests.test_distribute import run_cli
-from tests.test_resume import cli, env, final_state, wait_for_checkpoint
+from tests.test_resume import kill_and_resume
 
 COMMON = ["trainer.deterministic=true", "trainer.epochs=6", "trainer.checkpoint_every_n_steps=25",
           "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "freeze.update=compact",
@@ -20,25 +16,8 @@ COMMON = ["trainer.deterministic=true", "trainer.epochs=6", "trainer.checkpoint_
 @pytest.mark.slow
 def test_sigkill_then_resume_in_compact_mode_is_bit_exact(tmp_path):
     # 6 epochs of 21 steps, checkpoints every 25; killed after the checkpoint of step 50, with 76 steps to go.
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    with open(tmp_path / "straight.log", "w") as out:  # the uninterrupted reference, beside the killed run
-        reference = subprocess.Popen(cli([f"hydra.run.dir={straight}", *COMMON]), cwd=REPO, env=env(), stdout=out,
-                                     stderr=subprocess.STDOUT)
-    proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *COMMON]), cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(str(killed), proc, min_step=50)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not (killed / "report.json").exists()
-    resumed = subprocess.run(cli([f"resume={killed}", *COMMON]), cwd=REPO, env=env(), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "restored" in resumed.stderr + resumed.stdout
-    assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    path_a, a = final_state(str(straight))
-    path_b, b = final_state(str(killed))
-    assert os.path.basename(path_a) == os.path.basename(path_b)
-    assert sorted(a) == sorted(b)
+    a, b = kill_and_resume(tmp_path, COMMON)
+    killed = tmp_path / "killed"
     indices = [k for k in a if k.startswith("registry/indices/")]
     assert len(indices) == 3 and not any(k.startswith("registry/masks/") for k in a)  # the 3 kernels, compact
     # The compact values are saved once, where the checkpoint meets them first: as the optimizer's variables.

@@ -60,24 +60,26 @@ def wait_for_checkpoint(run_dir, proc, min_step, timeout=240):
     raise AssertionError("no checkpoint in time")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["trainer.steps_per_execution=5", "trainer.jit_compile=true"]],
-                         ids=["plain", "xla_spe5"])
-def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
-    # 6 epochs of 21 steps, checkpoints every 25; killed after the checkpoint of step 50, with 76 steps to go.
+def kill_and_resume(tmp_path, args, min_step=50):
+    """Runs ``args`` straight (``straight/``) and, beside it, killed by SIGKILL after the checkpoint of ``min_step``
+    then resumed (``killed/``); returns both final checkpoints' tensors ``(straight, killed)``, by key.
+
+    Asserts that the kill landed mid-run, that the resume restored a checkpoint and that both runs end at the
+    same step with the same checkpoint keys.
+    """
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     with open(tmp_path / "straight.log", "w") as out:  # the uninterrupted reference, beside the killed run
-        reference = subprocess.Popen(cli([f"hydra.run.dir={straight}", *COMMON, *extra]), cwd=REPO, env=env(),
-                                     stdout=out, stderr=subprocess.STDOUT)
-    proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *COMMON, *extra]), cwd=REPO, env=env(),
+        reference = subprocess.Popen(cli([f"hydra.run.dir={straight}", *args]), cwd=REPO, env=env(), stdout=out,
+                                     stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *args]), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(str(killed), proc, min_step=50)
+    wait_for_checkpoint(str(killed), proc, min_step=min_step)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "report.json").exists()  # it really died mid-run
-    resumed = subprocess.run(cli([f"resume={killed}", *COMMON, *extra]), cwd=REPO, env=env(),
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cli([f"resume={killed}", *args]), cwd=REPO, env=env(), capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "restored" in resumed.stderr + resumed.stdout
     assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
@@ -85,6 +87,16 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
     path_b, b = final_state(str(killed))
     assert os.path.basename(path_a) == os.path.basename(path_b)  # same final step
     assert sorted(a) == sorted(b)
+    return a, b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["trainer.steps_per_execution=5", "trainer.jit_compile=true"]],
+                         ids=["plain", "xla_spe5"])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
+    # 6 epochs of 21 steps, checkpoints every 25; killed after the checkpoint of step 50, with 76 steps to go.
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    a, b = kill_and_resume(tmp_path, [*COMMON, *extra])
     assert sum(k.startswith("optimizer/_variables/") for k in a) >= 12  # AdamW slots of 6 variables
     assert any(k.startswith(("registry/masks/", "registry/indices/")) for k in a)  # dense or compact state
     assert "registry/rule_state/.ATTRIBUTES/py_state" in a

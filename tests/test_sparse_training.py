@@ -10,7 +10,6 @@ of a drop-fraction schedule is bit-exact.
 
 import json
 import os
-import signal
 import subprocess
 
 import keras
@@ -22,7 +21,7 @@ from tensorboard.util import tensor_util
 
 from tests.conftest import REPO
 from tests.test_regrow import oracle_rigl
-from tests.test_resume import cli, env, final_state, wait_for_checkpoint
+from tests.test_resume import env, kill_and_resume
 from trainer import MaskRegistry, Trainer
 from trainer.callbacks import Callback
 from trainer.masks import FreezeConfigError
@@ -309,21 +308,8 @@ def test_sigkill_then_resume_in_the_middle_of_a_rigl_schedule_is_bit_exact(tmp_p
               "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "export.keras=false",
               "+freeze.rules.sparse.regrow={method:rigl,drop_fraction:{kind:cosine,initial:0.3,end_step:150},"
               "update_every_n_steps:20}", "freeze.rules.sparse.rescale_trainable=false"]
+    a, b = kill_and_resume(tmp_path, common)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(cli([f"hydra.run.dir={straight}", *common]), cwd=REPO, env=env(), check=True,
-                   capture_output=True, timeout=600)
-    proc = subprocess.Popen(cli([f"hydra.run.dir={killed}", *common]), cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(str(killed), proc, min_step=50)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not (killed / "report.json").exists()
-    resumed = subprocess.run(cli([f"resume={killed}", *common]), cwd=REPO, env=env(), capture_output=True,
-                             text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    path_a, a = final_state(str(straight))
-    path_b, b = final_state(str(killed))
-    assert os.path.basename(path_a) == os.path.basename(path_b) and sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     indices = [k for k in a if k.startswith("registry/indices/")]

@@ -17,7 +17,6 @@ between executions.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time

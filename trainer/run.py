@@ -22,7 +22,6 @@ import threading
 from typing import Any, Dict, List, Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
