@@ -80,6 +80,31 @@ def test_stop_raises_naming_the_step_and_keeps_the_last_good_state():
     assert stopping.registry.exact()
 
 
+def test_unchecked_applies_every_update_and_still_keeps_frozen_elements():
+    """The ablation policy: no guard in the step, so a NaN batch is applied, yet the registry keeps every frozen bit."""
+    rng = np.random.default_rng(0)
+    c0, c1 = batches(rng, 2)
+    bad = (np.full((8, 4), np.nan, np.float32), c0[1])
+    trainer = trainer_for("unchecked")
+    frozen_before = {path: bits for path, bits in frozen_bits(trainer).items()}
+    trainer.fit(dataset([c0, c1, bad]), epochs=1)
+    assert trainer.step == 3 and trainer.skipped_steps == 0
+    kernel = trainer.model.get_layer("fc1").kernel.numpy()
+    trainable = trainer.registry.trainable_mask(trainer.model.get_layer("fc1").kernel.path)
+    assert np.isnan(kernel[trainable]).all()  # the NaN update was applied to every trainable element
+    assert frozen_bits(trainer) == frozen_before and trainer.registry.exact()
+    assert float(trainer.grad_norm.numpy()) == 0.0  # no gradient norm is computed in the step
+
+
+def frozen_bits(trainer):
+    out = {}
+    for layer in ("fc1", "out"):
+        kernel = trainer.model.get_layer(layer).kernel
+        frozen = ~trainer.registry.trainable_mask(kernel.path)
+        out[layer] = kernel.numpy()[frozen].view(np.uint32).tobytes()
+    return out
+
+
 def test_input_shape_mismatch_is_refused_before_training():
     trainer = trainer_for("stop")
     wrong = tf.data.Dataset.from_tensor_slices((np.zeros((8, 5), np.float32), np.zeros(8, np.int32))).batch(4)
@@ -138,7 +163,7 @@ def test_missing_mnist_says_what_to_pass(monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("trainer.batch_size=-5", "trainer.batch_size must be a positive integer, got -5"),
     ("trainer.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
-    ("trainer.nan_policy=ignore", "trainer.nan_policy must be 'stop' or 'skip_step'"),
+    ("trainer.nan_policy=ignore", "trainer.nan_policy must be 'stop', 'skip_step' or 'unchecked'"),
 ])
 def test_bad_config_fails_before_anything_is_written(tmp_path, override, message):
     (tmp_path / "report.json").write_text('{"earlier": true}')

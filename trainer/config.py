@@ -143,8 +143,8 @@ def check_config(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value}")
-    if t.nan_policy not in ("stop", "skip_step"):
-        raise ConfigError(f"trainer.nan_policy must be 'stop' or 'skip_step', got {t.nan_policy!r}")
+    if t.nan_policy not in ("stop", "skip_step", "unchecked"):
+        raise ConfigError(f"trainer.nan_policy must be 'stop', 'skip_step' or 'unchecked', got {t.nan_policy!r}")
     update = cfg.freeze["update"]  # item access: DictConfig.update is a method
     if update not in ("auto", "dense", "compact"):
         raise ConfigError(f"freeze.update must be one of ['auto', 'dense', 'compact'], got {update!r}")

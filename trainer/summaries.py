@@ -181,7 +181,7 @@ class TensorBoard(Callback):
                     tf.summary.scalar(name, value)
             tf.summary.scalar("learning_rate", current_learning_rate(trainer.optimizer))
             grad_norm = getattr(trainer, "grad_norm", None)
-            if grad_norm is not None:
+            if grad_norm is not None and getattr(trainer, "nan_policy", None) != "unchecked":
                 tf.summary.scalar("gradient_norm", float(grad_norm.numpy()))
             rates = self.throughput.measure(trainer)
             if not math.isnan(rates["seconds_per_step"]):

@@ -602,25 +602,20 @@ class MaskRegistry(tf.Module):
         return out
 
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: Sequence[Any],
-                        variables: Sequence[keras.Variable], *, keep_if: Any = None) -> None:
+                        variables: Sequence[keras.Variable]) -> None:
         """One optimizer update from :meth:`update_gradients`; frozen elements are never changed.
 
         Dense updates restore every frozen element after the optimizer (after
         weight decay and momentum, which move elements whatever their
         gradient); compact updates scatter the compact values into the model
         variable. Works in a replica or cross-replica context of a strategy.
+        To skip a non-finite step, call it in one branch of a ``tf.cond``
+        (as :class:`trainer.Trainer` does).
 
         Args:
           optimizer: the optimizer given to :meth:`attach_optimizer`.
           grads: the output of :meth:`update_gradients`.
           variables: the model variables, in the same order.
-          keep_if: optional scalar bool tensor; where it is ``False`` every
-            variable the optimizer wrote (the variables it updates, compact
-            ones included, and its slots and step) is selected back to its
-            value before the update (``tf.where``, bit-exact) before compact
-            values are written back, so the step changes nothing and needs no
-            ``tf.cond``. Only ``[k]`` compact variables, not their model
-            variables, are copied for this.
         """
         pairs, held = [], []
         for grad, variable in zip(grads, variables):
@@ -628,20 +623,10 @@ class MaskRegistry(tf.Module):
             target = update.optimizer_variable if update is not None else variable
             pairs.append((grad, target))
             held.append((update, update.hold()) if update is not None and grad is not None else None)
-        written = []
-        if keep_if is not None:  # a dense update's held copy serves as its "before" (one copy, one select)
-            released = {id(item[0].optimizer_variable) for item in held if item is not None and item[1] is not None}
-            seen = set(released)
-            for v in (*(target for grad, target in pairs if grad is not None), *optimizer.variables):
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    written.append((v, tf.convert_to_tensor(v)))  # read before the update (program order)
         optimizer.apply_gradients(pairs)
-        for v, old in written:
-            v.assign(tf.where(keep_if, tf.convert_to_tensor(v), old))
         for item in held:
             if item is not None:
-                item[0].release(item[1], keep_if)
+                item[0].release(item[1])
         for covered in self._refs.covered.values():
             if covered.update is not None and covered.update.mode == "pinned":
                 covered.update.restore()  # the forward pass moved it (e.g. BatchNorm statistics)

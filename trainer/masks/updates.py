@@ -95,10 +95,9 @@ class DenseUpdate:
         """The variable's value before the optimizer runs."""
         return tf.identity(self.variable.value)
 
-    def release(self, held, keep_if: Any = None) -> None:
-        """Sets every frozen element back to its value in ``held`` (every element, where ``keep_if`` is False)."""
-        keep = self.mask if keep_if is None else tf.logical_and(self.mask, keep_if)
-        on_every_copy(self.variable, lambda v, m, h: v.assign(tf.where(m, v, h)), keep, held)
+    def release(self, held) -> None:
+        """Sets every frozen element back to its value in ``held``."""
+        on_every_copy(self.variable, lambda v, m, h: v.assign(tf.where(m, v, h)), self.mask, held)
 
     def memory_bytes(self) -> int:
         return int(np.prod(self.mask.shape, dtype=np.int64))
@@ -186,11 +185,8 @@ class CompactUpdate:
     def hold(self) -> None:
         return None
 
-    def release(self, held: Any = None, keep_if: Any = None) -> None:
-        """Writes the compact values into the model variable's trainable elements, in place.
-
-        ``keep_if`` is not needed here: the caller has already selected the compact values back.
-        """
+    def release(self, held: Any = None) -> None:
+        """Writes the compact values into the model variable's trainable elements, in place."""
         shape = self.shape
 
         strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
