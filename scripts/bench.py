@@ -17,6 +17,8 @@ the masked cases; ``K`` = ``--steps-per-execution``, XLA on unless stated):
   Keras resolves to no XLA on a CPU-only TensorFlow) and ``steps_per_execution=1``.
 - ``trainer_dense``: :class:`trainer.Trainer`, no rules.
 - ``trainer_masked``: :class:`trainer.Trainer`, the mask (``value="zero"``).
+- ``trainer_{dense,masked}_unchecked``: the same with ``nan_policy="unchecked"``: the step
+  without its non-finite guard (the guard's cost, ``guarded_vs_unchecked``).
 - ``keras_constraint``: ``model.fit`` with a ``kernel_constraint`` that multiplies by the mask.
 - ``keras_masked_layer``: ``model.fit`` with a ``Dense`` subclass that multiplies its kernel
   by the mask (a non-trainable variable) in ``call``.
@@ -394,10 +396,12 @@ class KerasFitCase(StepCase):
 class TrainerCase(StepCase):
     """:class:`trainer.Trainer` with (``masked``) or without freeze rules."""
 
-    def __init__(self, *args, masked: bool, hidden, input_shape, classes, ds, defaults: bool = False, **kwargs):
+    def __init__(self, *args, masked: bool, hidden, input_shape, classes, ds, defaults: bool = False,
+                 nan_policy: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
         self.masked, self.hidden, self.input_shape, self.classes, self.ds = masked, hidden, input_shape, classes, ds
         self.defaults = defaults  # Trainer(...) without steps_per_execution / jit_compile: what a user gets
+        self.nan_policy = nan_policy  # "unchecked": the guard ablation (Trainer's public option)
 
     def _build(self) -> None:
         import keras
@@ -424,7 +428,7 @@ class TrainerCase(StepCase):
         self.registry = registry
         speed = {} if self.defaults else dict(steps_per_execution=self.k, jit_compile=bool(self.jit))
         self.trainer = Trainer(model, keras.optimizers.Adam(LR), _loss(), metrics=["accuracy"],
-                               registry=registry, **speed)
+                               registry=registry, nan_policy=self.nan_policy, **speed)
         if (self.trainer.steps_per_execution, self.trainer.jit_compile) != (self.k, bool(self.jit)):
             raise RuntimeError(f"{self.name}: the trainer runs K={self.trainer.steps_per_execution}, "
                                f"jit_compile={self.trainer.jit_compile}, not the case's {self.settings()}")
@@ -793,6 +797,10 @@ def build_cases(args, x, y, classes) -> List[Case]:
                                             variant="dense", k=1, jit="auto")),
         ("trainer_dense", "trainer", dict(desc="trainer, no rules", masked=False, k=k, jit=True)),
         ("trainer_masked", "trainer", dict(desc="trainer, 90% random zero mask", masked=True, k=k, jit=True)),
+        ("trainer_dense_unchecked", "trainer", dict(desc="trainer, no rules, nan_policy='unchecked' (no guard)",
+                                                    masked=False, k=k, jit=True, nan_policy="unchecked")),
+        ("trainer_masked_unchecked", "trainer", dict(desc="trainer, mask, nan_policy='unchecked' (no guard)",
+                                                     masked=True, k=k, jit=True, nan_policy="unchecked")),
         ("keras_constraint", "keras", dict(desc="model.fit, kernel_constraint *mask", variant="constraint", k=k,
                                            jit=True)),
         ("keras_masked_layer", "keras", dict(desc="model.fit, Dense subclass kernel*mask", variant="masked_layer",
@@ -803,7 +811,8 @@ def build_cases(args, x, y, classes) -> List[Case]:
     specs.append(("trainer_defaults", "trainer", dict(desc="trainer, mask, Trainer(...) at its defaults",
                                                       masked=True, defaults=True, **defaults)))
     if args.quick:  # the smoke run keeps the cases that the ratios need
-        specs = [spec for spec in specs if spec[0] not in ("keras_fit_default", "trainer_defaults")]
+        specs = [spec for spec in specs if spec[0] not in ("keras_fit_default", "trainer_defaults",
+                                                           "trainer_dense_unchecked", "trainer_masked_unchecked")]
     reason = tfmot_available() if not args.no_tfmot else "--no-tfmot"
     if reason is None:
         specs.append(("tfmot", "tfmot", dict(desc="tfmot prune_low_magnitude, ConstantSparsity(0.9)", k=k,
@@ -892,6 +901,9 @@ def summarize(cases: List[Case], args, machine, loads) -> Dict[str, Any]:
         "trainer_vs_constraint": _ratio(by_name, "trainer_masked", "keras_constraint"),
         "trainer_vs_tfmot": _ratio(by_name, "trainer_masked", "tfmot"),
         "trainer_dense_vs_keras_fit": _ratio(by_name, "trainer_dense", "keras_fit"),
+        # the guard's cost: the step with it over the step without (nan_policy="unchecked")
+        "guarded_vs_unchecked": _ratio(by_name, "trainer_masked", "trainer_masked_unchecked"),
+        "dense_guarded_vs_unchecked": _ratio(by_name, "trainer_dense", "trainer_dense_unchecked"),
         "trainer_vs_keras_fit_default": _ratio(by_name, "trainer_masked", "keras_fit_default"),
         "trainer_defaults_vs_keras_fit_defaults": _ratio(by_name, "trainer_defaults", "keras_fit_default"),
         "trainer_vs_masked_layer": _ratio(by_name, "trainer_masked", "keras_masked_layer"),
