@@ -251,6 +251,7 @@ def test_sft_and_lora_keys_are_part_of_the_resume_fingerprint():
     assert fingerprint["model.lora_rank"] == 2
 
 
+@pytest.mark.slow
 def test_study_runs_each_run_in_a_subprocess_and_keeps_its_peak_rss(tmp_path):
     import sft_study
 
