@@ -7,9 +7,18 @@ input pipeline is not what is measured). The masked cases call
 ``registry.freeze("*/kernel", elements={"random": f, "seed": 0}, value="current")``
 with ``MaskRegistry(model, update=...)`` and train with :class:`trainer.Trainer`.
 With ``--transformer``, two more cases: the ``transformer`` of ``trainer.models``
-at BERT-base's encoder size with a 30,522-token embedding (108.6M parameters),
+at BERT-base's encoder size with a 30,522-token embedding (108.5M parameters),
 on sequences of 16 tokens at batch 8 (longer ones take minutes per step on 2
-cores), Keras ``fit`` dense against the trainer at 99.5 % of every kernel frozen.
+cores), Keras ``fit`` dense against the trainer at 99.5 % of every kernel frozen
+(``transformer_995_auto``: embeddings, biases and layer norms train densely),
+and three more on the same model: ``transformer_995_backbone_auto`` (99.5 % of
+every backbone variable frozen, ``freeze("*", exclude="out/*", ...)``, 0.5 % of
+the backbone trains), ``transformer_lora`` (``trainer.models.enable_lora`` of
+the rank whose adapter count is nearest to 0.5 % of the backbone, at least 1,
+on the blocks' attention and MLP projections, the rest of the backbone frozen
+by a rule, the head dense) and ``transformer_dense`` (the trainer with no rule:
+dense fine-tuning through the same loop). ``trainable`` is each case's count of
+trainable elements (the head included).
 
 Every case runs in its own subprocess, because peak RSS is a per-process
 maximum: ``peak_growth_mib`` is the peak RSS (``VmHWM``) at the end less the
@@ -46,10 +55,15 @@ K = 20
 # embedding, 108.6M parameters; short sequences and a small batch, or a step takes minutes on 2 cores.
 SEQUENCE = 16
 T_BATCH = 8
-# name: (frozen fraction or None for Keras fit, update mode); "transformer_*": the BERT-base-sized encoder
+LORA_BUDGET = 0.005  # transformer_lora: the rank nearest to this fraction of the backbone (99.5 % frozen)
+# name: (frozen fraction or None, update mode: None for Keras fit, "trainer" for the trainer with no rule, "lora");
+# "transformer_*": the BERT-base-sized encoder
 CASES = {
     "transformer_keras_fit": (None, None),
     "transformer_995_auto": (0.995, "auto"),
+    "transformer_995_backbone_auto": (0.995, "auto"),
+    "transformer_lora": (None, "lora"),
+    "transformer_dense": (None, "trainer"),
     "keras_fit": (None, None),
     "trainer_99_auto": (0.99, "auto"),
     "trainer_99_dense": (0.99, "dense"),
@@ -85,7 +99,7 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     if name.startswith("transformer"):
-        from trainer.models import transformer
+        from trainer.models import enable_lora, transformer
 
         model = transformer((SEQUENCE,), 10, vocab_size=30522, dim=768, depth=12, heads=12, mlp_dim=3072)
         x = rng.integers(0, 30522, size=(T_BATCH, SEQUENCE)).astype(np.int32)
@@ -99,14 +113,25 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
         y = rng.integers(0, 10, size=BATCH).astype(np.int32)
         first_kernel = "mlp/fc0/kernel"
     params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    backbone = int(sum(np.prod(v.shape) for v in model.trainable_variables if not v.path.startswith("out/")))
     ds = tf.data.Dataset.from_tensors((x, y))
+    out: Dict[str, Any] = {"case": name, "params": params, "backbone": backbone, "frozen_fraction": frozen,
+                           "update": update}
+    if update == "lora":  # the rank whose adapter count is nearest to 0.5 % of the backbone (at least 1)
+        enabled = enable_lora(model, rank=1)
+        per_rank = int(sum(np.prod(v.shape) for v in model.trainable_variables if "lora_kernel" in v.path))
+        rank = max(1, int(round(LORA_BUDGET * backbone / per_rank)))
+        if rank != 1:
+            keras.utils.set_random_seed(0)
+            model = transformer((SEQUENCE,), 10, vocab_size=30522, dim=768, depth=12, heads=12, mlp_dim=3072)
+            enabled = enable_lora(model, rank=rank)
+        out.update(lora_rank=rank, lora_layers=len(enabled))
     rss_built = _status_mib("VmRSS")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     optimizer = keras.optimizers.AdamW(1e-4, weight_decay=1e-2)
     times: List[float] = []
     steps_asked = K * (1 + executions)
-    out: Dict[str, Any] = {"case": name, "params": params, "frozen_fraction": frozen, "update": update}
-    if frozen is None:
+    if update is None:
         class Timer(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
                 times.append(time.perf_counter())
@@ -114,15 +139,21 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
         model.compile(optimizer=optimizer, loss=loss, jit_compile=True, steps_per_execution=K)
         model.fit(ds.repeat(), steps_per_epoch=steps_asked, epochs=1, verbose=0, callbacks=[Timer()])
         out["steps"] = int(optimizer.iterations.numpy())
+        out["trainable"] = params
     else:
         start = time.perf_counter()
-        registry = MaskRegistry(model, update=update)
-        registry.freeze("*/kernel", elements={"random": frozen, "seed": 0}, value="current")
+        registry = MaskRegistry(model, update="auto" if update in ("lora", "trainer") else update)
+        if update == "lora":  # the rest of the backbone stays at its values; the adapters and the head train
+            registry.freeze("*", exclude=["out/*", "*lora_kernel*"], non_trainable="skip", value="current")
+        elif update != "trainer":
+            select, exclude = ("*", ["out/*"]) if name == "transformer_995_backbone_auto" else ("*/kernel", None)
+            registry.freeze(select, exclude=exclude, elements={"random": frozen, "seed": 0}, value="current")
         out["setup_s"] = time.perf_counter() - start
         out["memory_bytes"] = int(sum(registry.memory_bytes().values()))
         out["update_modes"] = sorted(set(registry.update_modes().values()))
+        out["trainable"] = int(sum(int(m.sum()) for m in registry.trainable_masks().values()))
         kernel = next(v for v in model.variables if v.path == first_kernel)  # its first row: a direct bit check
-        row_frozen = ~registry.trainable_mask(kernel.path)[0]
+        row_frozen = ~registry.trainable_mask(kernel.path)[0] if kernel.trainable else np.ones(kernel.shape[1], bool)
         row_before = kernel.numpy()[0][row_frozen].copy()
 
         class Timer(Callback):
@@ -183,6 +214,7 @@ def run_all(args) -> Dict[str, Any]:
         first = results[0]
         cases[name] = {
             "params": first["params"], "frozen_fraction": first["frozen_fraction"], "update": first["update"],
+            "trainable": first.get("trainable"), "lora_rank": first.get("lora_rank"),
             "update_modes": first.get("update_modes"),
             "ms_per_step": _median([r["ms_per_step"] for r in results]),
             "peak_growth_mib": _median([r["peak_growth_mib"] for r in results]),
@@ -204,6 +236,13 @@ def run_all(args) -> Dict[str, Any]:
                                                           "ms_per_step")
     ratios["transformer_peak_rss_growth_vs_keras_fit"] = _ratio(rounds, "transformer_995_auto",
                                                                 "transformer_keras_fit", "peak_growth_mib")
+    for case in ("transformer_995_backbone_auto", "transformer_lora", "transformer_dense"):
+        for key, short in (("ms_per_step", "step_time"), ("peak_growth_mib", "peak_rss_growth")):
+            ratios[f"{case}_{short}_vs_keras_fit"] = _ratio(rounds, case, "transformer_keras_fit", key)
+    ratios["transformer_995_backbone_step_time_vs_lora"] = _ratio(rounds, "transformer_995_backbone_auto",
+                                                                  "transformer_lora", "ms_per_step")
+    ratios["transformer_995_backbone_peak_rss_growth_vs_lora"] = _ratio(rounds, "transformer_995_backbone_auto",
+                                                                        "transformer_lora", "peak_growth_mib")
     for f in ("90", "50"):
         for other in ("dense", "compact"):
             ratios[f"scale_{f}_auto_vs_{other}"] = _ratio(rounds, f"trainer_{f}_auto", f"trainer_{f}_{other}",
@@ -224,13 +263,14 @@ def run_all(args) -> Dict[str, Any]:
 
 def format_table(summary: Dict[str, Any]) -> str:
     """A Markdown table of the scale cases."""
-    lines = ["| case | update | ms/step | peak RSS growth MiB | registry set-up s | steps as asked | frozen exact |",
-             "|---|---|---:|---:|---:|---|---|"]
+    lines = ["| case | update | trainable | ms/step | peak RSS growth MiB | registry set-up s | steps as asked | "
+             "frozen exact |", "|---|---|---:|---:|---:|---:|---|---|"]
     for name, c in summary["cases"].items():
         setup = "-" if c["setup_s"] is None else f"{c['setup_s']:.2f}"
         modes = ",".join(c["update_modes"] or []) or "-"
-        lines.append(f"| {name} | {modes} | {c['ms_per_step']:.1f} | {c['peak_growth_mib']:.0f} | {setup} | "
-                     f"{c['steps_equal_asked']} | {c['frozen_exact']} |")
+        trainable = "-" if c.get("trainable") is None else f"{c['trainable']:,}"
+        lines.append(f"| {name} | {modes} | {trainable} | {c['ms_per_step']:.1f} | {c['peak_growth_mib']:.0f} | "
+                     f"{setup} | {c['steps_equal_asked']} | {c['frozen_exact']} |")
     return "\n".join(lines)
 
 

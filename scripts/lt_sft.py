@@ -35,10 +35,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("lt_sft")
 
 
-def _compose(overrides: Sequence[str]):
-    from hydra import compose
+def compose(overrides: Sequence[str]):
+    """The run's config: ``hydra.compose`` of ``config`` with ``overrides`` (inside ``initialize_config_dir``)."""
+    from hydra import compose as hydra_compose
 
-    return compose(config_name="config", overrides=list(overrides))
+    return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def write_w0(overrides: Sequence[str], path: str) -> str:
@@ -50,7 +51,7 @@ def write_w0(overrides: Sequence[str], path: str) -> str:
         from trainer.run import build
 
         keras.backend.clear_session()
-        _, model, _, _ = build(_compose([*overrides, "sft.method=null"]))
+        _, model, _, _ = build(compose([*overrides, "sft.method=null"]))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         export_weights(model, path)
     return path
@@ -67,7 +68,7 @@ def run_phase(overrides: Sequence[str], run_dir: str) -> Dict:
 
     from trainer.run import run
 
-    cfg = _compose(overrides)
+    cfg = compose(overrides)
     os.makedirs(run_dir, exist_ok=True)
     keras.backend.clear_session()
     result = run(cfg, run_dir=run_dir)

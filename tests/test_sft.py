@@ -249,3 +249,50 @@ def test_sft_and_lora_keys_are_part_of_the_resume_fingerprint():
                                                "model.lora_rank=2"]))
     assert fingerprint["sft.method"] == "fish" and fingerprint["sft.k"] == 0.01
     assert fingerprint["model.lora_rank"] == 2
+
+
+@pytest.mark.slow
+def test_study_runs_each_run_in_a_subprocess_and_keeps_its_peak_rss(tmp_path):
+    import sft_study
+
+    spec = {"kind": "phase", "overrides": ["model.hidden=[16]", "trainer.max_steps=3", "log.progress=lines"],
+            "run_dir": str(tmp_path / "run")}
+    measured = sft_study.run_measured(spec)
+    assert measured["peak_rss_mib"] > 50  # the child's own ru_maxrss (TensorFlow alone is more)
+    with open(tmp_path / "run" / "report.json") as f:
+        assert json.load(f)["steps"] == 3
+    assert sft_study.run_measured(spec) == measured  # done: not run again, the kept peak is returned
+
+
+def test_study_lora_rank_table_and_plot_summarize_over_seeds(tmp_path):
+    import sft_study
+
+    assert sft_study.lora_rank(0.001, {"backbone": 71296, "lora_per_rank": 2656}) == 1  # at least 1
+    assert sft_study.lora_rank(0.1, {"backbone": 71296, "lora_per_rank": 2656}) == 3  # 7,130 / 2,656 = 2.68
+    rows = []
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        for key, method, budgets in (("fish_0.005", "fish", [0.005]), ("lora_r1", "lora", [0.005, 0.05])):
+            rows.append({"seed": seed, "method": method, "budget": budgets[0], "budgets": budgets, "key": key,
+                         "rank": 1 if method == "lora" else None, "trainable": 10, "trainable_percent": 0.5,
+                         "task_b_accuracy": acc, "task_a_accuracy_after_b": 0.9, "wall_seconds": 10.0,
+                         "ms_per_step": None, "peak_rss_mib": 1000.0 + seed, "stored_kib": 4.0,
+                         "frozen_exact": True})
+    summary = {e["key"]: e for e in sft_study.summarize(rows)}
+    assert summary["fish_0.005"]["seeds"] == [0, 1]
+    assert summary["fish_0.005"]["task_b_accuracy"] == pytest.approx(0.6)
+    assert summary["fish_0.005"]["task_b_accuracy_std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert summary["fish_0.005"]["ms_per_step"] is None
+    text = sft_study.table(rows)
+    assert "| fish | 0.5 % |" in text and "| lora | 0.5 % / 5 % (rank 1) |" in text
+    assert "60.00 ± 14.14" in text and "1000 ± 1" in text
+    sft_study.plot(rows, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_bench_scale_table_has_the_trainable_count():
+    import bench_scale
+
+    assert {"transformer_lora", "transformer_dense", "transformer_995_backbone_auto"} <= set(bench_scale.CASES)
+    case = {"update_modes": ["compact"], "trainable": 444682, "ms_per_step": 1.0, "peak_growth_mib": 2.0,
+            "setup_s": None, "steps_equal_asked": True, "frozen_exact": True}
+    assert "| transformer_lora | compact | 444,682 |" in bench_scale.format_table({"cases": {"transformer_lora": case}})
