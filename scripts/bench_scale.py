@@ -99,7 +99,7 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     if name.startswith("transformer"):
-        from trainer.models import enable_lora, transformer
+        from trainer.models import enable_lora, lora_elements_per_rank, nearest_lora_rank, transformer
 
         model = transformer((SEQUENCE,), 10, vocab_size=30522, dim=768, depth=12, heads=12, mlp_dim=3072)
         x = rng.integers(0, 30522, size=(T_BATCH, SEQUENCE)).astype(np.int32)
@@ -118,13 +118,8 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
     out: Dict[str, Any] = {"case": name, "params": params, "backbone": backbone, "frozen_fraction": frozen,
                            "update": update}
     if update == "lora":  # the rank whose adapter count is nearest to 0.5 % of the backbone (at least 1)
-        enabled = enable_lora(model, rank=1)
-        per_rank = int(sum(np.prod(v.shape) for v in model.trainable_variables if "lora_kernel" in v.path))
-        rank = max(1, int(round(LORA_BUDGET * backbone / per_rank)))
-        if rank != 1:
-            keras.utils.set_random_seed(0)
-            model = transformer((SEQUENCE,), 10, vocab_size=30522, dim=768, depth=12, heads=12, mlp_dim=3072)
-            enabled = enable_lora(model, rank=rank)
+        rank = nearest_lora_rank(LORA_BUDGET * backbone, lora_elements_per_rank(model))
+        enabled = enable_lora(model, rank=rank)
         out.update(lora_rank=rank, lora_layers=len(enabled))
     rss_built = _status_mib("VmRSS")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -55,15 +55,13 @@ def backbone_sizes(task_a_overrides: Sequence[str]) -> Dict[str, int]:
     """``{"backbone": elements outside out/*, "lora_per_rank": adapter elements of rank 1}`` of the Transformer."""
     import keras
 
-    from trainer.models import enable_lora
+    from trainer.models import lora_elements_per_rank
     from trainer.run import build
 
     keras.backend.clear_session()
     _, model, _, _ = build(lt_sft.compose(task_a_overrides))
     backbone = sum(int(np.prod(v.shape)) for v in model.trainable_variables if not v.path.startswith("out/"))
-    enable_lora(model, rank=1)
-    per_rank = sum(int(np.prod(v.shape)) for v in model.trainable_variables if "lora_kernel" in v.path)
-    return {"backbone": backbone, "lora_per_rank": per_rank}
+    return {"backbone": backbone, "lora_per_rank": lora_elements_per_rank(model)}
 
 
 def task_a_accuracy_after_b(task_a_dir: str, run_dir: str) -> float:
@@ -148,7 +146,9 @@ def run_measured(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def lora_rank(budget: float, sizes: Dict[str, int]) -> int:
     """The LoRA rank whose adapter count is nearest to ``budget`` of the backbone, at least 1."""
-    return max(1, int(round(budget * sizes["backbone"] / sizes["lora_per_rank"])))
+    from trainer.models import nearest_lora_rank
+
+    return nearest_lora_rank(budget * sizes["backbone"], sizes["lora_per_rank"])
 
 
 def study(out: str, seeds: Sequence[int], budgets: Sequence[float], task_a_steps: int,

@@ -296,3 +296,16 @@ def test_bench_scale_table_has_the_trainable_count():
     case = {"update_modes": ["compact"], "trainable": 444682, "ms_per_step": 1.0, "peak_growth_mib": 2.0,
             "setup_s": None, "steps_equal_asked": True, "frozen_exact": True}
     assert "| transformer_lora | compact | 444,682 |" in bench_scale.format_table({"cases": {"transformer_lora": case}})
+
+
+@pytest.mark.parametrize("vocab, layers", [(None, None), (50, ["tokens", "pos", "block1_attn/query", "block1_mlp1"])])
+def test_lora_elements_per_rank_is_the_adapter_count_that_enable_lora_adds(vocab, layers):
+    from trainer.models import enable_lora, lora_elements_per_rank, nearest_lora_rank, transformer
+
+    keras.utils.set_random_seed(0)
+    model = transformer((8,) if vocab else (8, 8), 10, vocab_size=vocab, dim=16, depth=1, heads=2, mlp_dim=32)
+    per_rank = lora_elements_per_rank(model, layers)
+    enable_lora(model, rank=3, layers=layers)
+    adapters = sum(int(np.prod(v.shape)) for v in model.trainable_variables if "lora_" in v.path)
+    assert adapters == 3 * per_rank
+    assert nearest_lora_rank(2.4 * per_rank, per_rank) == 2 and nearest_lora_rank(1, per_rank) == 1

@@ -203,3 +203,35 @@ def enable_lora(model: keras.Model, *, rank: int, layers: Optional[Sequence[str]
         layer.enable_lora(rank, lora_alpha=alpha)
     return [layer.path for layer in chosen]
 
+
+def lora_elements_per_rank(model: keras.Model, layers: Optional[Sequence[str]] = None) -> int:
+    """The adapter elements one unit of LoRA rank adds on the chosen layers (before :func:`enable_lora`).
+
+    Keras's factors of a kernel (or embedding table) of shape ``(..., out)``
+    are ``(..., rank)`` and ``(rank, out)``, so each layer adds
+    ``prod(shape[:-1]) + out`` elements per unit of rank.
+
+    Args:
+      model: a built Keras model without LoRA.
+      layers: globs over layer paths, as for :func:`enable_lora`.
+
+    Raises:
+      ValueError: a pattern that matches nothing.
+    """
+    total = 0
+    for layer in lora_layers(model, list(layers) if layers is not None else list(TRANSFORMER_LORA_LAYERS)):
+        shape = tuple(int(d) for d in (layer.embeddings if hasattr(layer, "embeddings") else layer.kernel).shape)
+        inner = 1
+        for d in shape[:-1]:
+            inner *= d
+        total += inner + shape[-1]
+    return total
+
+
+def nearest_lora_rank(elements: float, per_rank: int) -> int:
+    """The LoRA rank whose adapter count (``rank * per_rank``) is nearest to ``elements``, at least 1.
+
+    Used to compare LoRA with sparse fine-tuning at a trainable budget.
+    """
+    return max(1, int(round(elements / per_rank)))
+
