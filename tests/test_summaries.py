@@ -284,3 +284,16 @@ def test_summary_table_and_plain_lines(caplog):
     with caplog.at_level(logging.INFO, logger="trainer"):
         print_summary(result, stream=io.StringIO())
     assert "summary | frozen: 266,200 frozen elements in 3 variables, all bit-exact" in caplog.text
+
+
+def test_an_unchecked_run_writes_no_gradient_norm(tmp_path):
+    """nan_policy=unchecked computes no norm in the step, so TensorBoard gets no (stale) gradient_norm."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "freeze=random_90", "trainer.max_steps=10", "log.summary_every_n_steps=5", "log.progress=lines",
+            "trainer.nan_policy=unchecked", "export.keras=false",
+        ])
+    report = run(cfg, run_dir=str(tmp_path))
+    assert report["status"] == "completed"
+    train = set(load(tmp_path / "tb" / "train").Tags()[ea.TENSORS])
+    assert {"loss", "learning_rate"} <= train and "gradient_norm" not in train
