@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from trainer.inputs import array_batches
+
 DATA_DIR_ENV = "TRAINER_DATA_DIR"
 log = logging.getLogger("trainer")
 
@@ -221,14 +223,15 @@ def select_classes(splits: Splits, classes) -> Splits:
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
                  drop_remainder: bool = False) -> tf.data.Dataset:
-    """A ``tf.data`` pipeline: from arrays -> cache -> shuffle (seeded, reshuffled each epoch) -> batch -> prefetch.
+    """A ``tf.data`` pipeline of ``(x, y)`` batches: a seeded order reshuffled each epoch -> gather -> prefetch.
+
+    Each batch is gathered from the arrays by index
+    (:func:`trainer.inputs.array_batches`), so the examples are held once and
+    not copied through a shuffle buffer.
 
     Raises:
       DataError: ``batch_size`` is not a positive integer.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).cache()
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return array_batches((x, y), batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder)
