@@ -418,10 +418,10 @@ class TrainerCase(StepCase):
         clock = self.clock
 
         class TrainerClock(Callback):
-            def on_train_begin(self, trainer):
-                self.base = trainer.step
+            def on_train_begin(self, state):
+                self.base = state.step
 
-            def on_execution_end(self, trainer, step_before, step, logs):
+            def on_execution_end(self, state, step_before, step, logs):
                 clock.mark(step - self.base)
 
         self.callback = TrainerClock()

@@ -152,7 +152,7 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
         row_before = kernel.numpy()[0][row_frozen].copy()
 
         class Timer(Callback):
-            def on_execution_end(self, trainer, step_before, step, logs):
+            def on_execution_end(self, state, step_before, step, logs):
                 times.append(time.perf_counter())
 
         trainer = Trainer(model, optimizer, loss, registry=registry, steps_per_execution=K, jit_compile=True)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from tests.conftest import REPO
 from trainer import MaskRegistry, Trainer
 from trainer.data import DataError, check_arrays, load_mnist
-from trainer.loop import NonFiniteLossError
+from trainer.controller import NonFiniteLossError
 
 
 def env(**extra):

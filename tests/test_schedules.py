@@ -37,26 +37,26 @@ class Recorder(Callback):
     ones step ``s - 1`` ran with (the registry is updated before each execution).
     """
 
-    def __init__(self):
+    def __init__(self, trainer):
         self.records = {}
+        self.trainer = trainer  # for its compiled functions, which hooks are not given
 
-    def on_train_begin(self, trainer):
-        self.records[trainer.step] = self._snapshot(trainer)
+    def on_train_begin(self, state):
+        self.records[state.step] = self._snapshot(state)
 
-    def on_execution_end(self, trainer, step_before, step, logs):
-        self.records[step] = self._snapshot(trainer)
+    def on_execution_end(self, state, step_before, step, logs):
+        self.records[step] = self._snapshot(state)
 
-    @staticmethod
-    def _snapshot(trainer):
-        registry = trainer.registry
-        fn = trainer.train_functions.get(False)
+    def _snapshot(self, state):
+        registry = state.registry
+        fn = self.trainer.train_functions.get(False)
         return {
-            "weights": {v.path: v.numpy().copy() for v in trainer.model.variables},
+            "weights": {v.path: v.numpy().copy() for v in state.model.variables},
             "frozen": {p: ~m for p, m in registry.trainable_masks().items()},
             "version": registry.structure_version,
             "train_fn": id(fn) if fn is not None else None,
             "traces": fn.experimental_get_tracing_count() if fn is not None else 0,
-            "slots": {v.name: v.numpy().copy() for v in trainer.optimizer.variables if "_kernel_" in v.name},
+            "slots": {v.name: v.numpy().copy() for v in state.optimizer.variables if "_kernel_" in v.name},
         }
 
 
@@ -64,7 +64,7 @@ def fit(model, registry, steps, optimizer=None, epochs=10):
     trainer = Trainer(model, optimizer or keras.optimizers.Adam(0.01),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry,
                       steps_per_execution=1)  # a record after every step
-    recorder = Recorder()
+    recorder = Recorder(trainer)
     trainer.fit(dataset(), epochs=epochs, max_steps=steps, callbacks=[recorder])
     return trainer, recorder.records
 
@@ -296,7 +296,7 @@ def test_rules_switch_at_their_step_with_several_steps_per_execution():
     seen = {}
 
     class Record(Callback):
-        def on_execution_end(self, trainer, step_before, step, logs):
+        def on_execution_end(self, state, step_before, step, logs):
             seen[step] = kernel.numpy().copy()
 
     trainer.fit(ds, epochs=1, callbacks=[Record()])

@@ -49,15 +49,17 @@ def data(n=160, seed=0):
 class Recorder(Callback):
     """Masks, weights, slots and the compiled functions after every execution."""
 
-    def __init__(self):
+    def __init__(self, trainer):
         self.records = {}
+        self.trainer = trainer  # for its compiled functions, which hooks are not given
 
-    def on_execution_end(self, trainer, step_before, step, logs):
+    def on_execution_end(self, state, step_before, step, logs):
         self.records[step] = {
-            "masks": trainer.registry.trainable_masks(),
-            "weights": {v.path: v.numpy().copy() for v in trainer.model.trainable_variables},
-            "events": list(trainer.regrow_events),
-            "functions": {k: (id(f), f.experimental_get_tracing_count()) for k, f in trainer.train_functions.items()},
+            "masks": state.registry.trainable_masks(),
+            "weights": {v.path: v.numpy().copy() for v in state.model.trainable_variables},
+            "events": list(state.regrow_events),
+            "functions": {k: (id(f), f.experimental_get_tracing_count())
+                          for k, f in self.trainer.train_functions.items()},
         }
 
 
@@ -72,7 +74,7 @@ def test_regrow_keeps_density_moves_masks_only_at_updates_and_never_retraces(met
                     regrow=dict(REGROW, method=method))
     start = registry.trainable_masks()
     trainer = Trainer(model, keras.optimizers.Adam(0.02), LOSS, registry=registry, steps_per_execution=3)
-    recorder = Recorder()
+    recorder = Recorder(trainer)
     x, y = data()
     trainer.fit(x, y, batch_size=16, epochs=5, callbacks=[recorder])  # 10 steps an epoch, 50 steps
     previous = start

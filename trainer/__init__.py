@@ -4,8 +4,9 @@ from trainer.logs import import_tensorflow_quietly
 
 import_tensorflow_quietly()  # TensorFlow's native start-up lines off (unless log.verbose=true / TRAINER_VERBOSE=1)
 
+from trainer.controller import LoopState  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.masks import FreezeConfigError, FreezeRule, MaskRegistry  # noqa: E402
 
-__all__ = ["FreezeConfigError", "FreezeRule", "MaskRegistry", "Trainer"]
+__all__ = ["FreezeConfigError", "FreezeRule", "MaskRegistry", "LoopState", "Trainer"]
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
 """The outer loop's hooks: what runs between compiled executions.
 
 The compiled train step never logs, checkpoints or writes summaries; the
-eager outer loop in :class:`trainer.Trainer` calls these hooks between
-executions (as Orbit's controller does).
+eager outer loop (:class:`trainer.controller.Controller`) calls these hooks
+between executions, as Orbit's controller does, with a
+:class:`~trainer.controller.LoopState`: where the run stands and the objects
+a hook may read or save, not the trainer.
 """
 
 from __future__ import annotations
@@ -20,24 +22,25 @@ log = logging.getLogger("trainer")
 class Callback:
     """Base class for outer-loop hooks; override what you need.
 
-    ``step`` is the optimizer step (``optimizer.iterations``) after the
-    execution; ``logs`` maps metric names (``"loss"``, ``"accuracy"``, and
+    ``state`` is a :class:`~trainer.controller.LoopState` taken when the hook
+    is called; ``step`` is the optimizer step (``optimizer.iterations``) after
+    the execution; ``logs`` maps metric names (``"loss"``, ``"accuracy"``, and
     ``"val_loss"`` ... after validation) to Python floats. A callback that
     draws progress sets ``display = True``; ``fit`` then adds no bar of its own.
     """
 
     display = False
 
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, state) -> None:
         """Before the first execution (after a checkpoint restore, if any)."""
 
-    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, float]) -> None:
+    def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, float]) -> None:
         """After each compiled execution of ``step - step_before`` steps."""
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, float]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, float]) -> None:
         """After an epoch's last step and its validation (``epoch`` counts from 1)."""
 
-    def on_train_end(self, trainer, step: int, logs: Dict[str, float], status: str) -> None:
+    def on_train_end(self, state, step: int, logs: Dict[str, float], status: str) -> None:
         """Once at the end; ``status`` is ``"completed"``, ``"interrupted"`` or ``"failed"``."""
 
 
@@ -64,10 +67,10 @@ class Throughput:
         self._step = 0
         self._examples = 0
 
-    def start(self, trainer) -> None:
-        """Starts the clock at the trainer's current step and example count."""
+    def start(self, state) -> None:
+        """Starts the clock at the state's step and example count."""
         self._last, self._busy = time.perf_counter(), 0.0
-        self._step, self._examples = trainer.step, int(trainer.examples.numpy())
+        self._step, self._examples = state.step, state.examples
 
     def tick(self) -> None:
         """Counts the time since the previous tick or resume as training time."""
@@ -80,14 +83,14 @@ class Throughput:
         """Restarts the clock without counting the time since the previous tick (evaluation)."""
         self._last = time.perf_counter()
 
-    def measure(self, trainer, *, reset: bool = True) -> Dict[str, float]:
+    def measure(self, state, *, reset: bool = True) -> Dict[str, float]:
         """Rates since the previous measure (or start); ``reset`` restarts the window.
 
         Returns:
           ``{"examples_per_second", "steps_per_second", "seconds_per_step"}``
           (floats; ``seconds_per_step`` is ``nan`` when no step ran).
         """
-        step, examples = trainer.step, int(trainer.examples.numpy())
+        step, examples = state.step, state.examples
         busy = max(self._busy, 1e-9)
         steps, seen = step - self._step, examples - self._examples
         if reset:
@@ -114,20 +117,20 @@ class LogLines(Callback):
         self.every_n_steps = every_n_steps
         self.throughput = Throughput()
 
-    def on_train_begin(self, trainer) -> None:
-        self.throughput.start(trainer)
+    def on_train_begin(self, state) -> None:
+        self.throughput.start(state)
 
-    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, Any]) -> None:
         self.throughput.tick()
         if not crossed(step_before, step, self.every_n_steps):
             return
-        rates = self.throughput.measure(trainer)
-        parts = [f"train | step {step}", f"epoch {trainer.epoch + 1}", f"steps/sec {rates['steps_per_second']:.1f}",
+        rates = self.throughput.measure(state)
+        parts = [f"train | step {step}", f"epoch {state.epoch + 1}", f"steps/sec {rates['steps_per_second']:.1f}",
                  f"examples/sec {rates['examples_per_second']:.0f}"]
         parts += [f"{k} {v:.4f}" for k, v in logs.items()]
         log.info(" | ".join(parts))
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         log.info("epoch %d | step %d | %s", epoch, step, " | ".join(f"{k} {v:.4f}" for k, v in logs.items()))
         self.throughput.resume()
 
@@ -186,28 +189,28 @@ class EarlyStopping(Callback):
         self._wait = 0
         self._best_values = None
 
-    def on_train_begin(self, trainer) -> None:
+    def on_train_begin(self, state) -> None:
         self.best, self.best_epoch, self.stopped_epoch, self._wait, self._best_values = None, 0, 0, 0, None
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         value = _monitored(self.monitor, logs)
         if _improves(self.mode, value, self.best, self.min_delta):
             self.best, self.best_epoch, self._wait = value, epoch, 0
             if self.restore_best_weights:
-                self._best_values = [v.numpy() for v in trainer.model.variables]
+                self._best_values = [v.numpy() for v in state.model.variables]
             return
         self._wait += 1
         if self._wait > self.patience:
             self.stopped_epoch = epoch
-            trainer.stop_training = True
+            state.request_stop()
             log.info("early stopping after epoch %d: %s has not improved on %.4f (epoch %d) for %d epochs",
                      epoch, self.monitor, self.best, self.best_epoch, self._wait)
 
-    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+    def on_train_end(self, state, step: int, logs: Dict[str, Any], status: str) -> None:
         if self.restore_best_weights and self._best_values is not None and self.best_epoch:
-            for variable, value in zip(trainer.model.variables, self._best_values):
+            for variable, value in zip(state.model.variables, self._best_values):
                 variable.assign(value)
-            trainer.registry.reproject()
+            state.registry.reproject()
             log.info("restored the weights of epoch %d (%s %.4f)", self.best_epoch, self.monitor, self.best)
 
 
@@ -231,12 +234,12 @@ class BestWeights(Callback):
         self.best: Optional[float] = None
         self.best_epoch = 0
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         value = _monitored(self.monitor, logs)
         if not _improves(self.mode, value, self.best, 0.0):
             return
         self.best, self.best_epoch = value, epoch
         tmp = self.path + ".tmp.npz"
-        np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in trainer.model.variables})
+        np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in state.model.variables})
         os.replace(tmp, self.path)
         log.info("epoch %d: %s improved to %.4f, weights written to %s", epoch, self.monitor, value, self.path)

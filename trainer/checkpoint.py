@@ -49,27 +49,18 @@ def _rng_state() -> Dict[str, Any]:
 RECORD_KEY = "run_record/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-def make_checkpoint(trainer, record: Optional[tf.Variable] = None) -> tf.train.Checkpoint:
-    """A ``tf.train.Checkpoint`` of a :class:`~trainer.Trainer`'s whole training state.
+def make_checkpoint(state, record: Optional[tf.Variable] = None) -> tf.train.Checkpoint:
+    """A ``tf.train.Checkpoint`` of a run's whole training state.
 
     Args:
-      trainer: the trainer whose model, optimizer, registry and counters are saved.
+      state: a :class:`~trainer.controller.LoopState` (``trainer.state()``):
+        its ``checkpoint_objects`` (model, optimizer, registry, counters, the
+        running epoch's metrics) are saved, with the Keras random generators.
       record: an optional scalar ``tf.string`` variable saved as ``run_record``
         (the run's fingerprint, history and segments as JSON).
     """
     extra = {"run_record": record} if record is not None else {}
-    return tf.train.Checkpoint(
-        model=trainer.model,
-        optimizer=trainer.optimizer,
-        registry=trainer.registry,
-        skipped_steps=trainer.skipped,
-        examples_seen=trainer.examples,
-        batches_drawn=trainer.batches,
-        # the running means of the epoch in progress, so a resumed epoch logs what an uninterrupted one does
-        train_metrics=[v for metric in (trainer.train_loss, *trainer.train_metrics) for v in metric.variables],
-        **extra,
-        **_rng_state(),
-    )
+    return tf.train.Checkpoint(**state.checkpoint_objects, **extra, **_rng_state())
 
 
 def checkpoint_is_readable(path: str) -> Optional[str]:
@@ -138,7 +129,8 @@ class Checkpointing(Callback):
       directory: the ``checkpoints/`` directory.
       every_n_steps: the save interval in optimizer steps.
       keep: how many checkpoints ``CheckpointManager`` keeps.
-      record: called at each save with ``(trainer, status)``; returns a JSON-able
+      record: called at each save with ``(state, status)`` (a
+        :class:`~trainer.controller.LoopState`); returns a JSON-able
         dict stored in the checkpoint as ``run_record`` (``status`` is
         ``"running"`` except in the save at the end of training).
     """
@@ -156,19 +148,22 @@ class Checkpointing(Callback):
         self._pending = False
         self._saved: Optional[Tuple[int, str]] = None
 
-    def _manager(self, trainer) -> tf.train.CheckpointManager:
+    def _manager(self, state) -> tf.train.CheckpointManager:
         if self.manager is None:
             if self.record is not None:
                 with tf.init_scope():
                     self._record_var = tf.Variable("", dtype=tf.string, trainable=False, name="run_record")
             self.manager = tf.train.CheckpointManager(
-                make_checkpoint(trainer, self._record_var), self.directory, max_to_keep=self.keep,
-                step_counter=trainer.optimizer.iterations,
+                make_checkpoint(state, self._record_var), self.directory, max_to_keep=self.keep,
+                step_counter=state.optimizer.iterations,
             )
         return self.manager
 
-    def restore_now(self, trainer) -> Optional[str]:
-        """Restores the latest good checkpoint into ``trainer`` (once); returns its path or ``None``.
+    def restore_now(self, state) -> Optional[str]:
+        """Restores the latest good checkpoint into ``state``'s objects (once); returns its path or ``None``.
+
+        ``state`` is ``trainer.state()`` (a :class:`~trainer.controller.LoopState`);
+        its ``step`` is from before the restore.
 
         The ``checkpoint`` index is rebuilt from the ``ckpt-*.index`` files up
         to the restored one first, so a cut, empty or crafted index neither
@@ -186,37 +181,38 @@ class Checkpointing(Callback):
         if bad:
             log.warning("checkpoint %s is unreadable (%s); falling back to %s", bad[0][0], bad[0][1], path)
         write_index(self.directory, int(path.rsplit("-", 1)[1]))
-        manager = self._manager(trainer)
+        manager = self._manager(state)
         manager.checkpoint.restore(path).assert_existing_objects_matched()
         self.restored_from, self.restored_record = path, record
-        trainer.registry.after_restore()
-        self._saved = (trainer.step, "restored")
-        log.info("restored %s at step %d", self.restored_from, trainer.step)
+        state.registry.after_restore()
+        step = int(state.optimizer.iterations.numpy())
+        self._saved = (step, "restored")
+        log.info("restored %s at step %d", self.restored_from, step)
         return self.restored_from
 
-    def save(self, trainer, status: str = "running") -> str:
+    def save(self, state, status: str = "running") -> str:
         """Writes a checkpoint at the current step (with the record, if any); returns its path."""
-        manager = self._manager(trainer)
+        manager = self._manager(state)
         if self._record_var is not None:
-            self._record_var.assign(json.dumps(self.record(trainer, status)))
-        path = manager.save(checkpoint_number=trainer.step)
-        self._saved, self._pending = (trainer.step, status), False
+            self._record_var.assign(json.dumps(self.record(state, status)))
+        path = manager.save(checkpoint_number=state.step)
+        self._saved, self._pending = (state.step, status), False
         log.info("checkpoint %s", path)
         return path
 
-    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, Any]) -> None:
         if crossed(step_before, step, self.every_n_steps):
-            if step % trainer.steps_per_epoch == 0:
+            if step % state.steps_per_epoch == 0:
                 self._pending = True  # on_epoch_end follows at once: save there, with the epoch's row
             else:
-                self.save(trainer)
+                self.save(state)
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         if self._pending:
-            self.save(trainer)
+            self.save(state)
 
-    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+    def on_train_end(self, state, step: int, logs: Dict[str, Any], status: str) -> None:
         if status == "failed":
             return  # keep the last good checkpoint as the latest
         if self._saved != (step, status):  # the last save is earlier, or recorded another status
-            self.save(trainer, status)
+            self.save(state, status)

@@ -88,7 +88,7 @@ def user_errors() -> tuple:
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
     from trainer.data import DataError
-    from trainer.loop import NonFiniteLossError
+    from trainer.controller import NonFiniteLossError
     from trainer.masks import FreezeConfigError
     from trainer.resume import ResumeError
     from trainer.rundir import RunDirError
@@ -101,7 +101,7 @@ def hint_for(error: BaseException) -> str:
     """One line of advice for a user error."""
     from trainer.config import ConfigError
     from trainer.data import DataError
-    from trainer.loop import NonFiniteLossError
+    from trainer.controller import NonFiniteLossError
     from trainer.masks import FreezeConfigError
     from trainer.resume import ResumeError
     from trainer.rundir import RunDirError

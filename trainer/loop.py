@@ -10,8 +10,10 @@ One step function serves one replica or several
 (``strategy.run``). Which update a variable uses is the registry's plan,
 not the step's. ``steps_per_execution``
 steps run inside one ``tf.function`` (``for _ in tf.range(k)``, ``k`` a
-Tensor, as in Orbit and Keras); hooks (summaries, checkpoints, logs) run
-between executions.
+Tensor, as in Orbit and Keras). The eager outer loop around the executions
+(epochs, validation, hooks for summaries, checkpoints and logs) is
+:class:`trainer.controller.Controller`; hooks see a
+:class:`~trainer.controller.LoopState`, not the trainer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import keras
@@ -28,15 +29,12 @@ import tensorflow as tf
 
 from trainer import inputs
 from trainer.callbacks import Callback
+from trainer.controller import Controller, LoopState
 from trainer.masks import MaskRegistry
 
 log = logging.getLogger("trainer")
 
 NAN_POLICIES = ("stop", "skip_step", "unchecked")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or a gradient was NaN or infinite (``nan_policy="stop"``)."""
 
 
 def _metric(spec: Any) -> keras.metrics.Metric:
@@ -68,7 +66,7 @@ class Trainer:
         execution always ends at an epoch's end and at ``max_steps``).
       jit_compile: compile the step with XLA (default on, as measured in
         README "Speed"; pass ``False`` for a model with ops XLA cannot compile).
-      nan_policy: ``"stop"`` raises :class:`NonFiniteLossError` naming the
+      nan_policy: ``"stop"`` raises :class:`~trainer.controller.NonFiniteLossError` naming the
         step; ``"skip_step"`` drops that update (no weight, slot or step change)
         and counts it in :attr:`skipped_steps`; ``"unchecked"`` has no guard
         and no gradient norm in the step (every update is applied, NaN
@@ -129,8 +127,13 @@ class Trainer:
             # resumed run skips this many to continue the same data order.
             self.batches = tf.Variable(0, dtype=tf.int64, trainable=False, name="batches_drawn", aggregation=first)
         self.train_iterator = None
-        self.epoch = 0
-        self.stop_requested = False
+        # Where the run stands, set by the controller during fit() (LoopState gives them to hooks).
+        self.epoch, self.epoch_first_step, self.epochs_done = 0, 0, 0
+        self.steps_per_epoch: Optional[int] = None
+        self.total_steps: Optional[int] = None
+        self.final_epoch: Optional[int] = None
+        # SIGINT/SIGTERM (run.py) ask for an interrupted stop; request_stop() (early stopping) a completed one.
+        self.stop_requested, self.stop_training = False, False
         self._train_fn: Dict[bool, Callable] = {}
         self._steps: Dict[bool, Callable] = {}
         self._structure = None
@@ -141,8 +144,8 @@ class Trainer:
         # How the last fit() ended: "completed", "interrupted" (stop_requested
         # before the last step) or "failed" (it raised); None before any fit().
         self.status: Optional[str] = None
-        # fit() across calls: the dataset behind train_iterator, epochs done, early stop.
-        self._train_source, self._epochs_done, self._predict_fn, self.stop_training = None, 0, None, False
+        # fit() across calls: the dataset behind train_iterator.
+        self._train_source, self._predict_fn = None, None
 
     # ---------------------------------------------------------------- state
     @property
@@ -475,9 +478,6 @@ class Trainer:
         self._train_source = train_ds
         return self.train_iterator
 
-    def _epoch_of(self, step: int) -> int:
-        return self._epoch_base + (step - self._epoch_origin) // self.steps_per_epoch
-
     def fit(
         self,
         x: Any,
@@ -533,7 +533,8 @@ class Trainer:
             cardinality, which must then be known.
           callbacks: outer-loop hooks (:mod:`trainer.callbacks`:
             ``EarlyStopping``, ``BestWeights``, ``LogLines``; ``ProgressBar``
-            in :mod:`trainer.progress`).
+            in :mod:`trainer.progress`), each called with a
+            :class:`~trainer.controller.LoopState`.
           verbose: ``"auto"`` shows a progress bar when standard output is a
             terminal and the ``CI`` variable is unset; ``True`` always,
             ``False`` never. Ignored when ``callbacks`` already hold a display.
@@ -566,101 +567,110 @@ class Trainer:
                                           or not 0 <= initial_epoch < epochs):
             raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}), got {initial_epoch!r}")
         self._check_inputs(train_ds)
-        callbacks = list(callbacks)
-        if not any(getattr(cb, "display", False) for cb in callbacks):
-            display = default_display(verbose)
-            if display is not None:
-                callbacks.insert(0, display)
-        self.steps_per_epoch = steps_per_epoch
-        self.stop_training = False
-        for cb in callbacks:
-            cb.on_train_begin(self)  # a checkpoint restore happens here
         step = self.step
         if initial_epoch is None:  # `epochs` more epochs from here
-            self._epoch_origin, self._epoch_base = step, self._epochs_done
+            origin, base = step, self.epochs_done
             total = step + epochs * steps_per_epoch
         else:  # Keras' resume form: epochs counted from optimizer step 0
             if not initial_epoch * steps_per_epoch <= step <= epochs * steps_per_epoch:
-                for cb in callbacks:
-                    cb.on_train_end(self, step, {}, "failed")
                 raise ValueError(
                     f"initial_epoch={initial_epoch} with epochs={epochs} covers optimizer steps "
                     f"[{initial_epoch * steps_per_epoch}, {epochs * steps_per_epoch}] at {steps_per_epoch} steps "
                     f"per epoch, but the trainer is at step {step}: restore a checkpoint of that epoch first, "
                     "raise epochs, or leave initial_epoch out to train `epochs` more epochs from here")
-            self._epoch_origin, self._epoch_base = 0, 0
+            origin, base = 0, 0
             total = epochs * steps_per_epoch
         if max_steps is not None:
             total = min(total, max_steps)
-        self.total_steps = total
-        self.final_epoch = self._epoch_of(max(total - 1, self._epoch_origin)) + 1
-        iterator = self._iterator_for(train_ds)
-        history: List[Dict[str, float]] = []
-        logs: Dict[str, float] = {}
-        status = self.status = "failed"
-        start = time.perf_counter()
-        first_done: Optional[float] = None
-        steps_at_first = step
-        skipped_in_a_row = 0
-        self.epoch = self._epoch_of(step)
-        try:
-            while step < total and not self.stop_requested and not self.stop_training:
-                self.epoch = self._epoch_of(step)
-                self.registry.update(step, self.epoch)
-                epoch_end = self._epoch_origin + (self.epoch - self._epoch_base + 1) * steps_per_epoch
-                self.epoch_first_step = epoch_end - steps_per_epoch
-                k = min(self.steps_per_execution, epoch_end - step, total - step)
-                switch = self.registry.next_update_step(step)
-                if switch is not None:  # end the execution where a rule switches or re-selects
-                    k = min(k, switch - step)
-                train_fn = self._train_function(capture=self.registry.gradients_due(step + k))
-                train_fn(iterator, tf.constant(k, dtype=tf.int64))
-                before, step = step, self.step
-                if bool(self.nonfinite.numpy()) and self.nan_policy == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at step {step + 1} (steps {before + 1}-{before + k} "
-                        "were in this execution); the update was not applied. Lower the learning rate, "
-                        "check the inputs, or set trainer.nan_policy=skip_step"
-                    )
-                self.regrow_events = self.registry.regrow(step)  # prune and regrow, before any hook saves
-                if first_done is None:
-                    first_done = time.perf_counter()
-                    self.timing["first_execution_seconds"] = first_done - start
-                    steps_at_first = step
-                logs = self._results(self.train_loss, self.train_metrics)
-                if self.nan_policy == "skip_step":
-                    logs["skipped_steps"] = float(self.skipped_steps)
-                for cb in callbacks:
-                    cb.on_execution_end(self, before, step, logs)
-                if step >= epoch_end:
-                    epoch_logs = dict(logs)
-                    if validation_ds is not None:
-                        epoch_logs.update({"val_" + n: v for n, v in self.evaluate(validation_ds).items()})
-                    history.append(epoch_logs)
-                    self._epochs_done = self.epoch + 1
-                    for cb in callbacks:
-                        cb.on_epoch_end(self, self.epoch + 1, step, epoch_logs)
-                    logs = epoch_logs
-                    self.train_loss.reset_state()
-                    for m in self.train_metrics:
-                        m.reset_state()
-                # Skipped steps do not advance the step counter; a run whose
-                # every batch is non-finite must still end.
-                skipped_in_a_row = skipped_in_a_row + k if step == before else 0
-                if skipped_in_a_row > steps_per_epoch:
-                    raise NonFiniteLossError(
-                        f"every step for a whole epoch of batches after step {step} was non-finite and skipped"
-                    )
-            status = "interrupted" if self.stop_requested and step < total else "completed"
-            self.status = status
-        finally:
-            end = time.perf_counter()
-            self.timing["train_seconds"] = end - start
-            if first_done is not None and step > steps_at_first:
-                self.timing["steady_steps_per_second"] = (step - steps_at_first) / max(end - first_done, 1e-9)
-            for cb in callbacks:
-                cb.on_train_end(self, step, logs, status)
-        return history
+        callbacks = list(callbacks)
+        if not any(getattr(cb, "display", False) for cb in callbacks):
+            display = default_display(verbose)
+            if display is not None:
+                callbacks.insert(0, display)
+        controller = Controller(self, callbacks, steps_per_epoch=steps_per_epoch, total=total,
+                                epoch_origin=origin, epoch_base=base)
+        self.steps_per_epoch, self.total_steps, self.stop_training = steps_per_epoch, total, False
+        self.final_epoch = controller.epoch_of(max(total - 1, origin)) + 1
+        return controller.run(self._iterator_for(train_ds), validation_ds)
+
+    # ------------------------------------------------- what the controller calls
+    def train_steps(self, iterator, k: int) -> None:
+        """Runs ``k`` train steps on ``iterator`` in one compiled execution (one ``tf.function`` call).
+
+        The execution's last step also keeps the raw gradients when the
+        registry's RigL update is due at the step the execution ends on.
+        Skipped (non-finite) steps count as steps here but do not advance
+        :attr:`step`; with ``nan_policy="stop"`` the execution ends at the
+        first one (:attr:`nonfinite_seen` tells).
+
+        Args:
+          iterator: an iterator over ``(x, y)`` batches (from a dataset that
+            repeats: it is drawn ``k`` times).
+          k: the number of steps (positive).
+        """
+        train_fn = self._train_function(capture=self.registry.gradients_due(self.step + k))
+        train_fn(iterator, tf.constant(k, dtype=tf.int64))
+
+    @property
+    def nonfinite_seen(self) -> bool:
+        """True once a step met a non-finite loss or gradient (and was not applied)."""
+        return bool(self.nonfinite.numpy())
+
+    def train_logs(self) -> Dict[str, float]:
+        """The running training metrics of the current epoch: ``{"loss": ..., <metric>: ...}``.
+
+        Under ``nan_policy="skip_step"`` also ``skipped_steps`` (the trainer's
+        total, as a float).
+        """
+        logs = self._results(self.train_loss, self.train_metrics)
+        if self.nan_policy == "skip_step":
+            logs["skipped_steps"] = float(self.skipped_steps)
+        return logs
+
+    def reset_train_metrics(self) -> None:
+        """Starts the training loss and metrics over (at an epoch's end)."""
+        self.train_loss.reset_state()
+        for m in self.train_metrics:
+            m.reset_state()
+
+    def checkpoint_objects(self) -> Dict[str, Any]:
+        """Every object an exact resume needs, by checkpoint key (see :class:`~trainer.controller.LoopState`)."""
+        return dict(
+            model=self.model,
+            optimizer=self.optimizer,
+            registry=self.registry,
+            skipped_steps=self.skipped,
+            examples_seen=self.examples,
+            batches_drawn=self.batches,
+            # the running epoch's training loss and metrics, so a mid-epoch resume logs the same epoch
+            train_metrics=[v for metric in (self.train_loss, *self.train_metrics) for v in metric.variables],
+        )
+
+    def request_stop(self) -> None:
+        """Ends ``fit`` after the current execution, with status ``"completed"`` (an early stop)."""
+        self.stop_training = True
+
+    def state(self) -> LoopState:
+        """Where the run stands now, as the hooks see it (:class:`~trainer.controller.LoopState`)."""
+        return LoopState(
+            step=self.step,
+            epoch=self.epoch,
+            epoch_first_step=self.epoch_first_step,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            final_epoch=self.final_epoch,
+            examples=int(self.examples.numpy()),
+            skipped_steps=self.skipped_steps,
+            gradient_norm=None if self.nan_policy == "unchecked" else float(self.grad_norm.numpy()),
+            regrow_events=tuple(self.regrow_events),
+            timing=dict(self.timing),
+            model=self.model,
+            optimizer=self.optimizer,
+            registry=self.registry,
+            checkpoint_objects=self.checkpoint_objects(),
+            masked_gradients=self.masked_gradients,
+            request_stop=self.request_stop,
+        )
 
 
 def per_replica_function(fn: Callable, *, jit_compile: bool) -> Callable:

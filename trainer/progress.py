@@ -78,20 +78,20 @@ class ProgressBar(Callback):
             handler.setStream(stream)
         self._swapped = []
 
-    def _start_epoch(self, trainer, step_before: int) -> None:
-        first = trainer.epoch_first_step
+    def _start_epoch(self, state, step_before: int) -> None:
+        first = state.epoch_first_step
         # Every column fits an 80-column terminal: a short bar, compact times,
         # and metrics that drop the rate when the line would not fit.
         self.progress = Progress(
-            TextColumn(f"epoch {trainer.epoch + 1}/{trainer.final_epoch}"), BarColumn(bar_width=12),
+            TextColumn(f"epoch {state.epoch + 1}/{state.final_epoch}"), BarColumn(bar_width=12),
             MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(compact=True),
             TextColumn("{task.fields[stats]}"), console=self.console,
         )
         self.progress.start()
         self._redirect_logging()
-        total = min(trainer.steps_per_epoch, trainer.total_steps - first)
+        total = min(state.steps_per_epoch, state.total_steps - first)
         self.task = self.progress.add_task("train", total=total, completed=step_before - first, stats="")
-        self._fixed_width = len(f"epoch {trainer.epoch + 1}/{trainer.final_epoch}") + 12 + 2 * len(str(total)) + 1 \
+        self._fixed_width = len(f"epoch {state.epoch + 1}/{state.final_epoch}") + 12 + 2 * len(str(total)) + 1 \
             + 7 + 5 + 5  # bar, "n/m", elapsed, remaining, column gaps
 
     def _end_epoch(self) -> None:
@@ -100,23 +100,23 @@ class ProgressBar(Callback):
             self._restore_logging()
         self.progress = None
 
-    def on_train_begin(self, trainer) -> None:
-        self.throughput.start(trainer)
+    def on_train_begin(self, state) -> None:
+        self.throughput.start(state)
 
-    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, Any]) -> None:
         self.throughput.tick()
         if self.progress is None:
-            self._start_epoch(trainer, step_before)
-        rate = self.throughput.measure(trainer, reset=False)["examples_per_second"]
+            self._start_epoch(state, step_before)
+        rate = self.throughput.measure(state, reset=False)["examples_per_second"]
         stats = fit_stats(logs, rate, self.console.width - self._fixed_width)
-        self.progress.update(self.task, completed=step - trainer.epoch_first_step, stats=stats)
+        self.progress.update(self.task, completed=step - state.epoch_first_step, stats=stats)
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         self._end_epoch()
-        self.throughput.start(trainer)  # the next epoch's rate leaves this evaluation out
+        self.throughput.start(state)  # the next epoch's rate leaves this evaluation out
         log.info("epoch %d | step %d | %s", epoch, step, " | ".join(f"{k} {v:.4f}" for k, v in logs.items()))
 
-    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+    def on_train_end(self, state, step: int, logs: Dict[str, Any], status: str) -> None:
         self._end_epoch()
 
 

@@ -116,29 +116,29 @@ class RunRecord(Callback):
         self.previous_segments = [dict(s, status="killed" if s.get("status") == "running" else s.get("status"))
                                   for s in record.get("segments", [])]
 
-    def on_train_begin(self, trainer) -> None:
-        self.start_step = trainer.step
-        self.start_examples = int(trainer.examples.numpy())
+    def on_train_begin(self, state) -> None:
+        self.start_step = state.step
+        self.start_examples = state.examples
         self.fit_started = time.perf_counter()
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         self.history.append(dict(logs))
 
-    def segment(self, trainer, status: str) -> Dict[str, Any]:
+    def segment(self, state, status: str) -> Dict[str, Any]:
         """This process's row: steps from/to, wall and training seconds, examples, status, accepted changes."""
         now = time.perf_counter()
-        train_seconds = trainer.timing.get("train_seconds") if status != "running" else None
+        train_seconds = state.timing.get("train_seconds") if status != "running" else None
         if train_seconds is None:
             train_seconds = now - self.fit_started if self.fit_started is not None else 0.0
-        return {"start_step": self.start_step, "end_step": trainer.step, "status": status,
+        return {"start_step": self.start_step, "end_step": state.step, "status": status,
                 "wall_seconds": now - self.started, "train_seconds": train_seconds,
-                "examples": int(trainer.examples.numpy()) - self.start_examples,
+                "examples": state.examples - self.start_examples,
                 "config_changes": self.config_changes}
 
-    def snapshot(self, trainer, status: str = "running") -> Dict[str, Any]:
+    def snapshot(self, state, status: str = "running") -> Dict[str, Any]:
         """The whole record (fingerprint, history, segments with this one last) as a JSON-able dict."""
         return {"fingerprint": self.fingerprint, "history": self.previous_history + self.history,
-                "segments": self.previous_segments + [self.segment(trainer, status)]}
+                "segments": self.previous_segments + [self.segment(state, status)]}
 
 
 def totals(segments: List[Dict[str, Any]]) -> Dict[str, Any]:

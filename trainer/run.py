@@ -250,13 +250,18 @@ def _plan_table(registry: MaskRegistry) -> None:
 
 
 class TestEachEpoch(Callback):
-    """Evaluates the test set after every epoch, adding ``test_loss`` / ``test_accuracy`` to the epoch's logs."""
+    """Evaluates the test set after every epoch, adding ``test_loss`` / ``test_accuracy`` to the epoch's logs.
 
-    def __init__(self, dataset: tf.data.Dataset):
-        self.dataset = dataset
+    Args:
+      trainer: the trainer whose ``evaluate`` runs.
+      dataset: the batched test dataset.
+    """
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
-        logs.update({"test_" + k: v for k, v in trainer.evaluate(self.dataset).items()})
+    def __init__(self, trainer: Trainer, dataset: tf.data.Dataset):
+        self.trainer, self.dataset = trainer, dataset
+
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        logs.update({"test_" + k: v for k, v in self.trainer.evaluate(self.dataset).items()})
 
 
 def early_stopping_summary(history) -> Optional[Dict[str, Any]]:
@@ -446,7 +451,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
     checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"), every_n_steps=int(t.checkpoint_every_n_steps),
                                   keep=int(t.keep_checkpoints), record=record.snapshot)
     if resume:
-        if checkpointing.restore_now(trainer) is None:  # checked before; the files went away since
+        if checkpointing.restore_now(trainer.state()) is None:  # checked before; the files went away since
             raise ResumeError(f"resume: {run_dir!r} has no checkpoints/ckpt-*.index to continue from")
         record.restore(checkpointing.restored_record)
     write_records(cfg, run_dir, registry, record.fingerprint, resume)
@@ -463,7 +468,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
     if cfg.log.profile_steps:
         callbacks.append(Profile(os.path.join(run_dir, "tb", "train"), list(cfg.log.profile_steps)))
     if cfg.log.test_every_epoch:
-        callbacks.insert(0, TestEachEpoch(test_ds))
+        callbacks.insert(0, TestEachEpoch(trainer, test_ds))
     callbacks += early_stopping_callbacks(cfg, run_dir, has_validation=val_ds is not None)
 
     status, error = "failed", None
@@ -499,7 +504,7 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
     tensorboard.close()
     rows = reports.audit(registry)
     exact = registry.exact()
-    whole = record.snapshot(trainer, status)
+    whole = record.snapshot(trainer.state(), status)
     history, segments = whole["history"], whole["segments"]
     totals = reports.totals(segments)
     result = {
@@ -508,7 +513,7 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
         "test_loss": test["loss"],
         "steps": trainer.step,
         "trainable_elements": trainable_elements(registry),
-        "epochs": trainer.step / trainer.steps_per_epoch if getattr(trainer, "steps_per_epoch", None) else 0,
+        "epochs": trainer.step / trainer.steps_per_epoch if trainer.steps_per_epoch else 0,
         "wall_seconds": totals["wall_seconds"],
         "examples_per_second": totals["examples_per_second"],
         "steady_steps_per_second": trainer.timing.get("steady_steps_per_second"),

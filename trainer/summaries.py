@@ -156,42 +156,41 @@ class TensorBoard(Callback):
     def _masks_snapshot(self, registry) -> int:
         return hash(tuple(sorted((p, m.tobytes()) for p, m in registry.trainable_masks().items())))
 
-    def write_masks(self, trainer, step: int, force: bool = False) -> bool:
+    def write_masks(self, state, step: int, force: bool = False) -> bool:
         """Writes ``masks/<path>/trainable`` images of every trainable variable of rank >= 2.
 
         Skipped (returns False) when no mask changed since the last write,
         unless ``force``.
         """
-        snapshot = self._masks_snapshot(trainer.registry)
+        snapshot = self._masks_snapshot(state.registry)
         if not force and snapshot == self._mask_version:
             return False
         self._mask_version = snapshot
         with self.train_writer.as_default(step=step):
-            for path, mask in trainer.registry.trainable_masks().items():
+            for path, mask in state.registry.trainable_masks().items():
                 if mask.ndim >= 2:
                     tf.summary.image(f"masks/{path}/trainable", mask_image(mask), max_outputs=1)
         return True
 
-    def write_scalars(self, trainer, step: int, logs: Mapping[str, Any]) -> None:
+    def write_scalars(self, state, step: int, logs: Mapping[str, Any]) -> None:
         """Train metrics, learning rate, gradient norm, throughput and the mask statistics at ``step``."""
         self._scalars_at = step
         with self.train_writer.as_default(step=step):
             for name, value in logs.items():
                 if not name.startswith(("val_", "test_")):
                     tf.summary.scalar(name, value)
-            tf.summary.scalar("learning_rate", current_learning_rate(trainer.optimizer))
-            grad_norm = getattr(trainer, "grad_norm", None)
-            if grad_norm is not None and getattr(trainer, "nan_policy", None) != "unchecked":
-                tf.summary.scalar("gradient_norm", float(grad_norm.numpy()))
-            rates = self.throughput.measure(trainer)
+            tf.summary.scalar("learning_rate", current_learning_rate(state.optimizer))
+            if state.gradient_norm is not None:  # None: nan_policy="unchecked" computes no norm
+                tf.summary.scalar("gradient_norm", state.gradient_norm)
+            rates = self.throughput.measure(state)
             if not math.isnan(rates["seconds_per_step"]):
                 tf.summary.scalar("examples_per_second", rates["examples_per_second"])
                 tf.summary.scalar("seconds_per_step", rates["seconds_per_step"])
-            rows = audit.variable_rows(trainer.registry)  # one audit serves both
-            for path, stats in variable_stats(trainer.registry, rows).items():
+            rows = audit.variable_rows(state.registry)  # one audit serves both
+            for path, stats in variable_stats(state.registry, rows).items():
                 for stat, value in stats.items():
                     tf.summary.scalar(f"masks/{path}/{stat}", value)
-            for stat, value in model_stats(trainer.registry, rows).items():
+            for stat, value in model_stats(state.registry, rows).items():
                 tf.summary.scalar(f"model/{stat}", value)
 
     def write_regrowth(self, events: Sequence[Mapping[str, Any]], registry) -> None:
@@ -203,16 +202,16 @@ class TensorBoard(Callback):
                     tf.summary.scalar(f"regrow/{event['path']}/{stat}", float(event[stat]))
                 tf.summary.scalar(f"regrow/{event['path']}/density", event["active"] / size)
 
-    def write_histograms(self, trainer, step: int) -> None:
+    def write_histograms(self, state, step: int) -> None:
         """Histograms of each trainable variable's trainable elements and of its masked gradient there."""
         self._histograms_at = step
-        registry = trainer.registry
+        registry = state.registry
         grads = {}
         if self.gradient_batch is not None:
             x, y = self.gradient_batch
-            grads = {v.path: g for v, g in trainer.masked_gradients(x, y) if g is not None}
+            grads = {v.path: g for v, g in state.masked_gradients(x, y) if g is not None}
         with self.train_writer.as_default(step=step):
-            for v in trainer.model.trainable_variables:
+            for v in state.model.trainable_variables:
                 trainable = registry.trainable_mask(v.path)
                 if not trainable.any():
                     continue
@@ -220,41 +219,41 @@ class TensorBoard(Callback):
                 if v.path in grads:
                     tf.summary.histogram(f"gradients/{v.path}", np.asarray(grads[v.path].numpy())[trainable])
 
-    def write_hparams(self, trainer) -> None:
+    def write_hparams(self, state) -> None:
         """This run's HParams session record (its hyperparameters) in ``tb/hparams``."""
-        with self.hparams_writer.as_default(step=trainer.step):
+        with self.hparams_writer.as_default(step=state.step):
             hp.hparams(self.hparams)
         self.hparams_writer.flush()
 
     # ------------------------------------------------------------------- hooks
-    def on_train_begin(self, trainer) -> None:
-        step = trainer.step
+    def on_train_begin(self, state) -> None:
+        step = state.step
         with self.train_writer.as_default(step=step):
             for tag, text in self.texts.items():
                 tf.summary.text(tag, text)
         if self.hparams_writer is not None:
-            self.write_hparams(trainer)
-        self.write_masks(trainer, step, force=True)
+            self.write_hparams(state)
+        self.write_masks(state, step, force=True)
         self.train_writer.flush()
-        self.throughput.start(trainer)
+        self.throughput.start(state)
 
-    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, Any]) -> None:
         self.throughput.tick()
         if crossed(step_before, step, self.summary_every_n_steps):
-            self.write_scalars(trainer, step, logs)
+            self.write_scalars(state, step, logs)
         if crossed(step_before, step, self.histogram_every_n_steps):
-            self.write_histograms(trainer, step)
-        events = getattr(trainer, "regrow_events", None)
+            self.write_histograms(state, step)
+        events = state.regrow_events
         if events:
-            self.write_regrowth(events, trainer.registry)
-        if trainer.registry.is_dynamic():
+            self.write_regrowth(events, state.registry)
+        if state.registry.is_dynamic():
             # Rules that switch: an image per change. Prune and regrow moves masks every few
             # steps: an image at most every histogram_every_n_steps.
-            regrowing = any(rule.regrow is not None for rule in trainer.registry.rules)
+            regrowing = any(rule.regrow is not None for rule in state.registry.rules)
             if not regrowing or crossed(step_before, step, self.histogram_every_n_steps):
-                self.write_masks(trainer, step)
+                self.write_masks(state, step)
 
-    def on_epoch_end(self, trainer, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
         with self.train_writer.as_default(step=step):
             tf.summary.scalar("epoch", epoch)
         with self.val_writer.as_default(step=step):
@@ -265,13 +264,13 @@ class TensorBoard(Callback):
         self.val_writer.flush()
         self.throughput.resume()
 
-    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+    def on_train_end(self, state, step: int, logs: Dict[str, Any], status: str) -> None:
         if self._scalars_at != step:
-            self.write_scalars(trainer, step, logs)
+            self.write_scalars(state, step, logs)
         if self._histograms_at != step:
-            self.write_histograms(trainer, step)
+            self.write_histograms(state, step)
         self._final.update({f"train/{k}": float(v) for k, v in logs.items() if not k.startswith(("val_", "test_"))})
-        self._final["model/sparsity"] = model_stats(trainer.registry)["sparsity"]
+        self._final["model/sparsity"] = model_stats(state.registry)["sparsity"]
         self.train_writer.flush()
         self.val_writer.flush()
 
@@ -345,14 +344,14 @@ class Profile(Callback):
             tf.profiler.experimental.stop()
             self.active, self.done = False, True
 
-    def on_train_begin(self, trainer) -> None:
-        self._maybe_start(trainer.step)
+    def on_train_begin(self, state) -> None:
+        self._maybe_start(state.step)
 
-    def on_execution_end(self, trainer, step_before: int, step: int, logs: Dict[str, Any]) -> None:
+    def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, Any]) -> None:
         if self.active and step >= self.stop:
             self._stop()
         else:
             self._maybe_start(step)
 
-    def on_train_end(self, trainer, step: int, logs: Dict[str, Any], status: str) -> None:
+    def on_train_end(self, state, step: int, logs: Dict[str, Any], status: str) -> None:
         self._stop()
