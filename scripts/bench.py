@@ -19,6 +19,9 @@ the masked cases; ``K`` = ``--steps-per-execution``, XLA on unless stated):
 - ``trainer_masked``: :class:`trainer.Trainer`, the mask (``value="zero"``).
 - ``trainer_{dense,masked}_unchecked``: the same with ``nan_policy="unchecked"``: the step
   without its non-finite guard (the guard's cost, ``guarded_vs_unchecked``).
+- ``trainer_masked_cond_guard``: the masked trainer with ``guard="cond"`` (the update in a
+  ``tf.cond``) instead of the select guard that ``guard="auto"`` takes for compact updates
+  (``select_vs_cond_guard``).
 - ``keras_constraint``: ``model.fit`` with a ``kernel_constraint`` that multiplies by the mask.
 - ``keras_masked_layer``: ``model.fit`` with a ``Dense`` subclass that multiplies its kernel
   by the mask (a non-trainable variable) in ``call``.
@@ -397,11 +400,12 @@ class TrainerCase(StepCase):
     """:class:`trainer.Trainer` with (``masked``) or without freeze rules."""
 
     def __init__(self, *args, masked: bool, hidden, input_shape, classes, ds, defaults: bool = False,
-                 nan_policy: str = "stop", **kwargs):
+                 nan_policy: str = "stop", guard: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.masked, self.hidden, self.input_shape, self.classes, self.ds = masked, hidden, input_shape, classes, ds
         self.defaults = defaults  # Trainer(...) without steps_per_execution / jit_compile: what a user gets
         self.nan_policy = nan_policy  # "unchecked": the guard ablation (Trainer's public option)
+        self.guard = guard  # "cond" / "select": which guard (Trainer's public option)
 
     def _build(self) -> None:
         import keras
@@ -428,7 +432,7 @@ class TrainerCase(StepCase):
         self.registry = registry
         speed = {} if self.defaults else dict(steps_per_execution=self.k, jit_compile=bool(self.jit))
         self.trainer = Trainer(model, keras.optimizers.Adam(LR), _loss(), metrics=["accuracy"],
-                               registry=registry, nan_policy=self.nan_policy, **speed)
+                               registry=registry, nan_policy=self.nan_policy, guard=self.guard, **speed)
         if (self.trainer.steps_per_execution, self.trainer.jit_compile) != (self.k, bool(self.jit)):
             raise RuntimeError(f"{self.name}: the trainer runs K={self.trainer.steps_per_execution}, "
                                f"jit_compile={self.trainer.jit_compile}, not the case's {self.settings()}")
@@ -801,6 +805,8 @@ def build_cases(args, x, y, classes) -> List[Case]:
                                                     masked=False, k=k, jit=True, nan_policy="unchecked")),
         ("trainer_masked_unchecked", "trainer", dict(desc="trainer, mask, nan_policy='unchecked' (no guard)",
                                                      masked=True, k=k, jit=True, nan_policy="unchecked")),
+        ("trainer_masked_cond_guard", "trainer", dict(desc="trainer, mask, guard='cond' (update in a tf.cond)",
+                                                      masked=True, k=k, jit=True, guard="cond")),
         ("keras_constraint", "keras", dict(desc="model.fit, kernel_constraint *mask", variant="constraint", k=k,
                                            jit=True)),
         ("keras_masked_layer", "keras", dict(desc="model.fit, Dense subclass kernel*mask", variant="masked_layer",
@@ -812,7 +818,8 @@ def build_cases(args, x, y, classes) -> List[Case]:
                                                       masked=True, defaults=True, **defaults)))
     if args.quick:  # the smoke run keeps the cases that the ratios need
         specs = [spec for spec in specs if spec[0] not in ("keras_fit_default", "trainer_defaults",
-                                                           "trainer_dense_unchecked", "trainer_masked_unchecked")]
+                                                           "trainer_dense_unchecked", "trainer_masked_unchecked",
+                                                           "trainer_masked_cond_guard")]
     reason = tfmot_available() if not args.no_tfmot else "--no-tfmot"
     if reason is None:
         specs.append(("tfmot", "tfmot", dict(desc="tfmot prune_low_magnitude, ConstantSparsity(0.9)", k=k,
@@ -904,6 +911,7 @@ def summarize(cases: List[Case], args, machine, loads) -> Dict[str, Any]:
         # the guard's cost: the step with it over the step without (nan_policy="unchecked")
         "guarded_vs_unchecked": _ratio(by_name, "trainer_masked", "trainer_masked_unchecked"),
         "dense_guarded_vs_unchecked": _ratio(by_name, "trainer_dense", "trainer_dense_unchecked"),
+        "select_vs_cond_guard": _ratio(by_name, "trainer_masked", "trainer_masked_cond_guard"),
         "trainer_vs_keras_fit_default": _ratio(by_name, "trainer_masked", "keras_fit_default"),
         "trainer_defaults_vs_keras_fit_defaults": _ratio(by_name, "trainer_defaults", "keras_fit_default"),
         "trainer_vs_masked_layer": _ratio(by_name, "trainer_masked", "keras_masked_layer"),

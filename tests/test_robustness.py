@@ -37,27 +37,34 @@ def dataset(items):
     return tf.data.Dataset.from_tensor_slices((xs, ys)).batch(8)
 
 
-def trainer_for(policy):
+def trainer_for(policy, guard="auto", update="auto"):
     model = small_model()
-    registry = MaskRegistry(model)
+    registry = MaskRegistry(model, update=update)
     registry.freeze("*/kernel", elements={"random": 0.5, "seed": 1}, value="current")
     trainer = Trainer(model, keras.optimizers.AdamW(0.01, weight_decay=0.1),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry,
-                      nan_policy=policy)
+                      nan_policy=policy, guard=guard)
     return trainer
+
+
+# Both guards on both kinds of update: the select undoes compact [k] variables, biases, slots and the step
+# counter and restores dense updates in their release; the cond never runs the update.
+GUARD_CASES = [("select", "compact"), ("select", "dense"), ("cond", "compact"), ("cond", "dense")]
 
 
 def state(trainer):
     return [v.numpy().copy() for v in trainer.model.variables] + [v.numpy().copy() for v in trainer.optimizer.variables]
 
 
-def test_skip_step_drops_the_nonfinite_update_entirely():
+@pytest.mark.parametrize("guard,update", GUARD_CASES)
+def test_skip_step_drops_the_nonfinite_update_entirely(guard, update):
     rng = np.random.default_rng(0)
     c0, c1, c2, c3 = batches(rng, 4)
     bad = (np.full((8, 4), np.nan, np.float32), c0[1])
-    reference = trainer_for("stop")
+    reference = trainer_for("stop", guard, update)
     reference.fit(dataset([c0, c1, c2, c3, c0]), epochs=1)
-    skipping = trainer_for("skip_step")
+    skipping = trainer_for("skip_step", guard, update)
+    assert skipping.guard_in_use == guard and set(skipping.registry.update_modes().values()) == {update}
     skipping.fit(dataset([c0, c1, bad, c2, c3]), epochs=1)
     assert skipping.step == 5 and skipping.skipped_steps == 1
     for a, b in zip(state(reference), state(skipping)):
@@ -65,13 +72,14 @@ def test_skip_step_drops_the_nonfinite_update_entirely():
     assert skipping.registry.exact()
 
 
-def test_stop_raises_naming_the_step_and_keeps_the_last_good_state():
+@pytest.mark.parametrize("guard,update", GUARD_CASES)
+def test_stop_raises_naming_the_step_and_keeps_the_last_good_state(guard, update):
     rng = np.random.default_rng(0)
     c0, c1, c2 = batches(rng, 3)
     bad = (c2[0] * np.float32(np.inf), c2[1])
-    reference = trainer_for("stop")
+    reference = trainer_for("stop", guard, update)
     reference.fit(dataset([c0, c1]), epochs=1)
-    stopping = trainer_for("stop")
+    stopping = trainer_for("stop", guard, update)
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         stopping.fit(dataset([c0, c1, bad, c2]), epochs=1)
     assert stopping.step == 2
@@ -94,6 +102,58 @@ def test_unchecked_applies_every_update_and_still_keeps_frozen_elements():
     assert np.isnan(kernel[trainable]).all()  # the NaN update was applied to every trainable element
     assert frozen_bits(trainer) == frozen_before and trainer.registry.exact()
     assert float(trainer.grad_norm.numpy()) == 0.0  # no gradient norm is computed in the step
+
+
+def test_guard_auto_follows_the_plan_and_a_bad_guard_is_refused():
+    assert trainer_for("stop", "auto", "compact").guard_in_use == "select"
+    assert trainer_for("stop", "auto", "dense").guard_in_use == "cond"
+    assert trainer_for("skip_step", "cond", "compact").guard_in_use == "cond"
+    assert trainer_for("unchecked", "select", "compact").guard_in_use is None
+    with pytest.raises(ValueError) as error:
+        trainer_for("stop", "where")
+    assert str(error.value) == "guard must be one of ['auto', 'select', 'cond'], got 'where'"
+
+
+def all_bits(model, optimizer):
+    return [v.numpy().tobytes() for v in model.variables] + [v.numpy().tobytes() for v in optimizer.variables]
+
+
+@pytest.mark.parametrize("update", ["compact", "dense"])
+def test_apply_gradients_apply_if_false_writes_nothing(update):
+    """registry.apply_gradients(apply_if=False) leaves every weight, slot and the step bit-exact; True applies."""
+    model = small_model()
+    registry = MaskRegistry(model, update=update)
+    registry.freeze("fc1/kernel", elements={"random": 0.5, "seed": 1}, value="zero")
+    optimizer = keras.optimizers.AdamW(0.01, weight_decay=0.1)
+    registry.attach_optimizer(optimizer)
+    variables = registry.trainable_variables()
+    x, y = np.ones((8, 4), np.float32), np.zeros(8, np.int32)
+
+    @tf.function(jit_compile=True)
+    def step(apply_if):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, model(x), from_logits=True))
+        grads = registry.update_gradients(tape.gradient(loss, variables), variables)
+        registry.apply_gradients(optimizer, grads, variables, apply_if=apply_if)
+
+    step(tf.constant(True))
+    before = all_bits(model, optimizer)
+    step(tf.constant(False))
+    assert all_bits(model, optimizer) == before
+    step(tf.constant(True))
+    assert int(optimizer.iterations.numpy()) == 2 and all_bits(model, optimizer) != before
+    assert registry.exact()
+
+
+def test_apply_gradients_apply_if_needs_a_built_optimizer():
+    model = small_model()
+    registry = MaskRegistry(model)
+    variables = registry.trainable_variables()
+    with pytest.raises(ValueError) as error:
+        registry.apply_gradients(keras.optimizers.SGD(0.1), [tf.zeros_like(v) for v in variables], variables,
+                                 apply_if=tf.constant(True))
+    assert str(error.value) == ("apply_gradients(apply_if=...) needs a built optimizer: call "
+                                "registry.attach_optimizer(optimizer) first")
 
 
 def frozen_bits(trainer):

@@ -4,8 +4,9 @@ The step is, in this order: forward pass under ``tf.GradientTape`` -> loss
 (plus ``model.losses``) -> gradients of the not-fully-frozen variables ->
 ``registry.update_gradients`` (masked for a dense update, gathered ``[k]`` for
 a compact one) -> ``registry.apply_gradients`` (the optimizer, then frozen
-elements restored or the compact values scattered back), in the ``finite``
-branch of one ``tf.cond``: a non-finite loss or gradient writes nothing.
+elements restored or the compact values scattered back), guarded so that a
+non-finite loss or gradient writes nothing (``Trainer(guard=...)``: select
+back what the optimizer wrote, or one ``tf.cond``).
 One step function serves one replica or several
 (``strategy.run``). Which update a variable uses is the registry's plan,
 not the step's. ``steps_per_execution``
@@ -35,6 +36,7 @@ from trainer.masks import MaskRegistry
 log = logging.getLogger("trainer")
 
 NAN_POLICIES = ("stop", "skip_step", "unchecked")
+GUARDS = ("auto", "select", "cond")
 
 
 def _metric(spec: Any) -> keras.metrics.Metric:
@@ -71,12 +73,21 @@ class Trainer:
         and counts it in :attr:`skipped_steps`; ``"unchecked"`` has no guard
         and no gradient norm in the step (every update is applied, NaN
         included): for ablations of the guard's cost only.
+      guard: how a non-finite step is kept from writing (``nan_policy``
+        ``"stop"`` or ``"skip_step"``): ``"select"`` always runs the update
+        and selects back what the optimizer wrote
+        (``registry.apply_gradients(apply_if=finite)``), ``"cond"`` runs the
+        update in one branch of a ``tf.cond``; ``"auto"`` (default) takes
+        ``"select"`` when some variable has a compact update (it then copies
+        only the ``[k]`` trainable entries and slots) and ``"cond"`` otherwise
+        (a select would copy every weight and slot of a dense update). Both
+        are bit-exact; they differ in speed and memory (README "Speed").
       strategy: a ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy``);
         the model, optimizer and registry must have been created in its
         scope. Each dataset batch is the *global* batch, split across replicas.
 
     Raises:
-      ValueError: a bad ``steps_per_execution`` or ``nan_policy``, or a
+      ValueError: a bad ``steps_per_execution``, ``nan_policy`` or ``guard``, or a
         registry made for another model.
     """
 
@@ -91,12 +102,15 @@ class Trainer:
         steps_per_execution: int = 100,
         jit_compile: bool = True,
         nan_policy: str = "stop",
+        guard: str = "auto",
         strategy: Optional[tf.distribute.Strategy] = None,
     ):
         if isinstance(steps_per_execution, bool) or not isinstance(steps_per_execution, int) or steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be a positive integer, got {steps_per_execution!r}")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {list(NAN_POLICIES)}, got {nan_policy!r}")
+        if guard not in GUARDS:
+            raise ValueError(f"guard must be one of {list(GUARDS)}, got {guard!r}")
         if registry is not None and registry.model is not model:
             raise ValueError("the registry was made for another model: build it with MaskRegistry(model)")
         self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
@@ -108,6 +122,7 @@ class Trainer:
         self.steps_per_execution = steps_per_execution
         self.jit_compile = bool(jit_compile)
         self.nan_policy = nan_policy
+        self.guard = guard
         # Metrics live outside the strategy: under several replicas they are
         # updated in cross-replica context with the gathered global batch.
         self.train_metrics = [_metric(m) for m in metrics]
@@ -228,23 +243,44 @@ class Trainer:
             finite = tf.logical_and(finite, tf.math.is_finite(norm))
         return finite, norm
 
+    @property
+    def guard_in_use(self) -> Optional[str]:
+        """The non-finite guard the step uses now: ``"select"``, ``"cond"``, or ``None`` (``nan_policy="unchecked"``).
+
+        ``guard="auto"`` resolves by the registry's current plan (a prune or
+        regrow update may change it; the step is rebuilt then).
+        """
+        if self.nan_policy == "unchecked":
+            return None
+        if self.guard != "auto":
+            return self.guard
+        return "select" if "compact" in self.registry.update_modes().values() else "cond"
+
     def _apply_or_skip(self, finite, norm, grads, variables, loss, count, y, y_pred):
         """Applies the update gradients (frozen elements never change) if ``finite``, else changes nothing.
 
-        One ``tf.cond`` per step: the update, the metrics and the counters
-        run only in its ``finite`` branch, so a non-finite step writes no
-        weight, slot or optimizer step (bit-exact) and costs no update. This
-        was measured against selecting every written variable back
-        (``tf.where`` after an update that always runs): on a dense Adam
-        update of LeNet-300-100 under XLA, on one core, the select guard cost
-        34 % of the step and this one 12 %, nearly all of it the check's
-        reduction over every gradient element (README "Speed"). With
-        ``nan_policy="unchecked"`` there is neither (for ablations).
+        The non-finite guard (:attr:`guard_in_use`): ``"select"`` runs the
+        update always and selects back what the optimizer wrote when the step
+        is not finite, so the update does not wait for the check's reduction
+        over every gradient element; ``"cond"`` runs it in the finite branch
+        of a ``tf.cond``. Either way a non-finite step writes no weight, slot
+        or optimizer step (bit-exact), and the metrics and counters are
+        updated in a ``tf.cond`` of their own. Measured on LeNet-300-100 with
+        90 % compact (README "Speed"): the select let the masked step run at
+        Keras ``fit``'s rate where the cond cost about 20 %; on a dense
+        update the two cost the same time, and the select's copy of every
+        weight and slot costs memory, hence ``"auto"``. With
+        ``nan_policy="unchecked"`` there is no guard (for ablations).
         Returns ``finite``.
         """
+        guard = self.guard_in_use
+
         def apply():
             # dense: restore frozen elements; compact: scatter the [k] values
-            self.registry.apply_gradients(self.optimizer, grads, variables)
+            self.registry.apply_gradients(self.optimizer, grads, variables,
+                                          apply_if=finite if guard == "select" else None)
+
+        def record():
             if norm is not None:
                 self.grad_norm.assign(norm)
             self.train_loss.update_state(loss, sample_weight=tf.cast(count, tf.float32))
@@ -258,9 +294,13 @@ class Trainer:
             self.nonfinite.assign(True)
             return tf.constant(False)
 
-        if self.nan_policy == "unchecked":
-            return apply()
-        return tf.cond(finite, apply, skip)
+        if guard is None:
+            apply()
+            return record()
+        if guard == "select":
+            apply()
+            return tf.cond(finite, record, skip)
+        return tf.cond(finite, lambda: (apply(), record())[1], skip)
 
     def _execution(self, step, last=None):
         """``k`` steps in one ``tf.function``: ``for _ in tf.range(k): step(next(iterator))`` (Orbit's shape).

@@ -37,7 +37,7 @@ from trainer.masks.regrow_updates import Regrower
 from trainer.masks.rules import FreezeRule
 from trainer.masks.slots import slots_by_path, zero_slot_elements
 from trainer.masks.state import RuleStateTrackable
-from trainer.masks.updates import UPDATE_MODES, choose_mode, make_update
+from trainer.masks.updates import UPDATE_MODES, choose_mode, keep_or_undo, make_update
 from trainer.masks.variables import index_variables, select_variables
 
 # ``update="auto"`` uses a compact update where at most this fraction of a variable trains
@@ -602,31 +602,56 @@ class MaskRegistry(tf.Module):
         return out
 
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: Sequence[Any],
-                        variables: Sequence[keras.Variable]) -> None:
+                        variables: Sequence[keras.Variable], *, apply_if: Optional[tf.Tensor] = None) -> None:
         """One optimizer update from :meth:`update_gradients`; frozen elements are never changed.
 
         Dense updates restore every frozen element after the optimizer (after
         weight decay and momentum, which move elements whatever their
         gradient); compact updates scatter the compact values into the model
         variable. Works in a replica or cross-replica context of a strategy.
-        To skip a non-finite step, call it in one branch of a ``tf.cond``
-        (as :class:`trainer.Trainer` does).
 
         Args:
           optimizer: the optimizer given to :meth:`attach_optimizer`.
           grads: the output of :meth:`update_gradients`.
           variables: the model variables, in the same order.
+          apply_if: ``None``, or a scalar bool tensor: when it is ``False``
+            the call writes nothing (bit-exact) although the optimizer runs:
+            every variable the optimizer writes (compact ``[k]`` variables,
+            uncovered variables, slots, ``iterations``) is selected back to
+            its value before the update (``tf.where``) before the compact
+            values are scattered, and dense updates restore every element
+            (the non-finite guard of :class:`trainer.Trainer` without a
+            ``tf.cond``; it holds a copy of what the optimizer writes for the
+            length of the step). The alternative is to call this method in one
+            branch of a ``tf.cond``.
+
+        Raises:
+          ValueError: ``apply_if`` with an optimizer that is not built yet
+            (call :meth:`attach_optimizer` first: an unbuilt optimizer's
+            slots are not known before the update).
         """
-        pairs, held = [], []
+        if apply_if is not None and not optimizer.built:
+            raise ValueError("apply_gradients(apply_if=...) needs a built optimizer: call "
+                             "registry.attach_optimizer(optimizer) first")
+        pairs, held, selected = [], [], []
         for grad, variable in zip(grads, variables):
             update, full = self._update_of(variable)
             target = update.optimizer_variable if update is not None else variable
             pairs.append((grad, target))
             held.append((update, update.hold()) if update is not None and grad is not None else None)
+            if apply_if is not None and grad is not None and (update is None or update.mode != "dense"):
+                selected.append(target)  # a dense update's release restores it from what it holds
+        if apply_if is not None:
+            chosen = {id(v) for v in selected}
+            selected += [v for v in optimizer.variables if id(v) not in chosen]
+            before = [tf.identity(v.value) for v in selected]
         optimizer.apply_gradients(pairs)
+        if apply_if is not None:
+            for variable, value in zip(selected, before):
+                keep_or_undo(variable, apply_if, value)
         for item in held:
             if item is not None:
-                item[0].release(item[1])
+                item[0].release(item[1], apply_if)
         for covered in self._refs.covered.values():
             if covered.update is not None and covered.update.mode == "pinned":
                 covered.update.restore()  # the forward pass moved it (e.g. BatchNorm statistics)

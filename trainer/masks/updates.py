@@ -23,7 +23,7 @@ Under a ``tf.distribute`` strategy the write-back runs on every replica's copy
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import keras
 import numpy as np
@@ -49,6 +49,14 @@ def on_every_copy(variable, fn, *args) -> None:
             update(target.distribute_strategy)
         return
     fn(target, *args)
+
+
+def keep_or_undo(variable, keep: tf.Tensor, before: tf.Tensor) -> None:
+    """Sets ``variable`` (every replica's copy) back to ``before`` unless ``keep`` (a scalar bool tensor).
+
+    ``tf.where(keep, variable, before)``: bit-exact either way.
+    """
+    on_every_copy(variable, lambda v, k, b: v.assign(tf.where(k, v, b)), keep, before)
 
 
 def _dense(grad):
@@ -95,9 +103,10 @@ class DenseUpdate:
         """The variable's value before the optimizer runs."""
         return tf.identity(self.variable.value)
 
-    def release(self, held) -> None:
-        """Sets every frozen element back to its value in ``held``."""
-        on_every_copy(self.variable, lambda v, m, h: v.assign(tf.where(m, v, h)), self.mask, held)
+    def release(self, held, keep: Optional[tf.Tensor] = None) -> None:
+        """Sets every frozen element back to its value in ``held`` (every element unless ``keep``, a scalar bool)."""
+        mask = self.mask if keep is None else tf.logical_and(self.mask, keep)
+        on_every_copy(self.variable, lambda v, m, h: v.assign(tf.where(m, v, h)), mask, held)
 
     def memory_bytes(self) -> int:
         return int(np.prod(self.mask.shape, dtype=np.int64))
@@ -185,8 +194,12 @@ class CompactUpdate:
     def hold(self) -> None:
         return None
 
-    def release(self, held: Any = None) -> None:
-        """Writes the compact values into the model variable's trainable elements, in place."""
+    def release(self, held: Any = None, keep: Optional[tf.Tensor] = None) -> None:
+        """Writes the compact values into the model variable's trainable elements, in place.
+
+        ``keep`` is ignored: when a step is undone, the compact variable is
+        selected back before this runs, and writing it back changes nothing.
+        """
         shape = self.shape
 
         strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
