@@ -98,3 +98,55 @@ def test_a_failed_run_writes_no_model_and_prints_no_test_accuracy(tmp_path):
     assert not (tmp_path / "model.keras").exists() and not (tmp_path / "weights.npz").exists()
     assert "accuracy" not in proc.stdout + proc.stderr.replace("no test evaluation", "")
     assert "run failed at step" in proc.stdout + proc.stderr
+
+
+SKIP_UNDER_MIRRORED = r'''
+import json, sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from trainer import MaskRegistry, Trainer
+
+guard = sys.argv[1]
+rng = np.random.default_rng(0)
+good = [(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, size=8).astype(np.int32)) for _ in range(3)]
+bad = (np.full((8, 4), np.nan, np.float32), good[0][1])
+
+
+def train(batches, policy):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        keras.utils.set_random_seed(7)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu", name="fc1"),
+                                  keras.layers.Dense(3, name="out")], name="small")
+        registry = MaskRegistry(model, update="compact")
+        registry.freeze("*/kernel", elements={"random": 0.9, "seed": 1}, value="zero")
+        trainer = Trainer(model, keras.optimizers.AdamW(0.01, weight_decay=0.1),
+                          keras.losses.SparseCategoricalCrossentropy(from_logits=True), registry=registry,
+                          nan_policy=policy, guard=guard, steps_per_execution=2, strategy=strategy)
+    xs = np.concatenate([x for x, _ in batches])
+    ys = np.concatenate([y for _, y in batches])
+    trainer.fit(tf.data.Dataset.from_tensor_slices((xs, ys)).batch(8), epochs=1)
+    bits = [v.numpy().tobytes().hex() for v in list(model.variables) + list(trainer.optimizer.variables)]
+    return trainer, bits
+
+
+# An epoch is 4 optimizer steps: the skipping run draws one batch more (the repeated dataset's first).
+reference, expected = train(good + good[:1], "stop")
+skipping, got = train(good[:2] + [bad] + good[2:], "skip_step")
+print(json.dumps({"guard": skipping.guard_in_use, "equal": got == expected, "steps": skipping.step,
+                  "skipped": skipping.skipped_steps, "exact": skipping.registry.exact()}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guard", ["select", "cond"])
+def test_mirrored_skip_step_leaves_every_copy_as_if_the_bad_batch_never_came(guard):
+    """Under MirroredStrategy (2 logical CPUs), a NaN batch changes no weight, slot or step on any copy."""
+    proc = subprocess.run([sys.executable, "-c", SKIP_UNDER_MIRRORED, guard], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"guard": guard, "equal": True, "steps": 4, "skipped": 1, "exact": True}
