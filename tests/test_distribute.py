@@ -120,7 +120,8 @@ def train(batches, policy):
     with strategy.scope():
         keras.utils.set_random_seed(7)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu", name="fc1"),
-                                  keras.layers.Dense(3, name="out")], name="small")
+                                  keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(3, name="out")],
+                                 name="small")
         registry = MaskRegistry(model, update="compact")
         registry.freeze("*/kernel", elements={"random": 0.9, "seed": 1}, value="zero")
         trainer = Trainer(model, keras.optimizers.AdamW(0.01, weight_decay=0.1),
@@ -144,7 +145,7 @@ print(json.dumps({"guard": skipping.guard_in_use, "equal": got == expected, "ste
 @pytest.mark.slow
 @pytest.mark.parametrize("guard", ["select", "cond"])
 def test_mirrored_skip_step_leaves_every_copy_as_if_the_bad_batch_never_came(guard):
-    """Under MirroredStrategy (2 logical CPUs), a NaN batch changes no weight, slot or step on any copy."""
+    """Under MirroredStrategy (2 logical CPUs), a NaN batch changes no weight, slot, BatchNorm statistic or step."""
     proc = subprocess.run([sys.executable, "-c", SKIP_UNDER_MIRRORED, guard], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]

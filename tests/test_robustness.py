@@ -113,6 +113,34 @@ def test_guard_auto_follows_the_plan_and_a_bad_guard_is_refused():
     assert str(error.value) == "guard must be one of ['auto', 'select', 'cond'], got 'where'"
 
 
+def bn_dropout_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, name="fc1"),
+                             keras.layers.BatchNormalization(name="bn"), keras.layers.Dropout(0.3, seed=1, name="drop"),
+                             keras.layers.Dense(3, name="out")], name="bnm")
+
+
+@pytest.mark.parametrize("guard", ["select", "cond"])
+def test_a_skipped_step_undoes_what_the_forward_pass_wrote(guard):
+    """BatchNorm's moving statistics and dropout's seed state are set back too: no NaN reaches them."""
+    rng = np.random.default_rng(0)
+    good = batches(rng, 3)
+    bad = (np.full((8, 4), np.nan, np.float32), good[0][1])
+
+    def run(items, policy):
+        model = bn_dropout_model()
+        trainer = Trainer(model, keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          nan_policy=policy, guard=guard, steps_per_execution=2)
+        trainer.fit(dataset(items), epochs=1)
+        return trainer, all_bits(model, trainer.optimizer)
+
+    _, expected = run(good + good[:1], "stop")  # an epoch is 4 steps: the skipping run draws the first batch again
+    skipping, got = run(good[:2] + [bad] + good[2:], "skip_step")
+    assert skipping.skipped_steps == 1 and skipping.step == 4 and skipping.guard_in_use == guard
+    assert got == expected
+    assert np.isfinite(skipping.model.get_layer("bn").moving_mean.numpy()).all()
+
+
 def all_bits(model, optimizer):
     return [v.numpy().tobytes() for v in model.variables] + [v.numpy().tobytes() for v in optimizer.variables]
 

@@ -32,6 +32,7 @@ from trainer import inputs
 from trainer.callbacks import Callback
 from trainer.controller import Controller, LoopState
 from trainer.masks import MaskRegistry
+from trainer.masks.updates import keep_or_undo
 
 log = logging.getLogger("trainer")
 
@@ -69,8 +70,10 @@ class Trainer:
       jit_compile: compile the step with XLA (default on, as measured in
         README "Speed"; pass ``False`` for a model with ops XLA cannot compile).
       nan_policy: ``"stop"`` raises :class:`~trainer.controller.NonFiniteLossError` naming the
-        step; ``"skip_step"`` drops that update (no weight, slot or step change)
-        and counts it in :attr:`skipped_steps`; ``"unchecked"`` has no guard
+        step; ``"skip_step"`` drops that update (no weight, slot or step
+        change, and what the forward pass wrote, BatchNorm statistics and
+        dropout seed states, is set back: :func:`forward_writes`) and counts
+        it in :attr:`skipped_steps`; ``"unchecked"`` has no guard
         and no gradient norm in the step (every update is applied, NaN
         included): for ablations of the guard's cost only.
       guard: how a non-finite step is kept from writing (``nan_policy``
@@ -354,6 +357,10 @@ class Trainer:
 
         def step(x, y):
             self.batches.assign_add(1)
+            # what the forward pass writes (BatchNorm statistics, dropout seeds), kept to undo a non-finite step
+            written = [] if self.nan_policy == "unchecked" else \
+                forward_writes(self.model, strategy.experimental_local_results(x)[0])
+            before = [tf.identity(v.value) for v in written]
             count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
             grads, y_pred, loss_sum, raw = strategy.run(replica_step, args=(x, y, count))
             grads = [None if g is None else sum_replicas(g) for g in grads]
@@ -361,6 +368,8 @@ class Trainer:
             if capture:
                 self.registry.capture_gradients([None if g is None else sum_replicas(g) for g in raw], variables)
             finite, norm = self._check(loss, grads)
+            for variable, value in zip(written, before):
+                keep_or_undo(variable, finite, value)
             return self._apply_or_skip(finite, norm, grads, variables, loss, count,
                                        concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
 
@@ -711,6 +720,36 @@ class Trainer:
             masked_gradients=self.masked_gradients,
             request_stop=self.request_stop,
         )
+
+
+def forward_writes(model: keras.Model, x: Any) -> List[keras.Variable]:
+    """The model's non-trainable variables that ``model(x, training=True)`` assigns.
+
+    BatchNormalization's moving statistics and the states of dropout's seed
+    generators, for example: variables the forward pass writes before the
+    non-finite check can run, which the step sets back when it skips or stops
+    at a non-finite step. Found by tracing the call once under
+    ``keras.StatelessScope`` (which records assignments instead of making
+    them) in a graph of its own: nothing runs and nothing is written.
+    Weights that are merely non-trainable (a frozen backbone) are not
+    returned, so they cost the step nothing.
+
+    Args:
+      model: the model.
+      x: one batch of inputs (tensors or a nest of them); only shapes and
+        dtypes are used.
+    """
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), x)
+    found: List[keras.Variable] = []
+
+    def probe(inputs):
+        with keras.StatelessScope(initialize_variables=False) as scope:
+            model(inputs, training=True)
+        found.extend(v for v in model.non_trainable_variables if scope.get_current_value(v) is not None)
+        return tf.constant(0)
+
+    tf.function(probe).get_concrete_function(spec)
+    return found
 
 
 def per_replica_function(fn: Callable, *, jit_compile: bool) -> Callable:
