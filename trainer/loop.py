@@ -358,8 +358,8 @@ class Trainer:
         def step(x, y):
             self.batches.assign_add(1)
             # what the forward pass writes (BatchNorm statistics, dropout seeds), kept to undo a non-finite step
-            written = [] if self.nan_policy == "unchecked" else \
-                forward_writes(self.model, strategy.experimental_local_results(x)[0])
+            local_x = tf.nest.map_structure(lambda t: strategy.experimental_local_results(t)[0], x)
+            written = [] if self.nan_policy == "unchecked" else forward_writes(self.model, local_x)
             before = [tf.identity(v.value) for v in written]
             count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
             grads, y_pred, loss_sum, raw = strategy.run(replica_step, args=(x, y, count))
