@@ -32,7 +32,7 @@ from trainer import inputs
 from trainer.callbacks import Callback
 from trainer.controller import Controller, LoopState
 from trainer.masks import MaskRegistry
-from trainer.masks.updates import keep_or_undo
+from trainer.masks.updates import keep_where
 
 log = logging.getLogger("trainer")
 
@@ -297,13 +297,16 @@ class Trainer:
             self.nonfinite.assign(True)
             return tf.constant(False)
 
-        if guard is None:
+        def apply_and_record():
             apply()
             return record()
+
+        if guard is None:
+            return apply_and_record()
         if guard == "select":
             apply()
             return tf.cond(finite, record, skip)
-        return tf.cond(finite, lambda: (apply(), record())[1], skip)
+        return tf.cond(finite, apply_and_record, skip)
 
     def _execution(self, step, last=None):
         """``k`` steps in one ``tf.function``: ``for _ in tf.range(k): step(next(iterator))`` (Orbit's shape).
@@ -359,7 +362,7 @@ class Trainer:
             self.batches.assign_add(1)
             # what the forward pass writes (BatchNorm statistics, dropout seeds), kept to undo a non-finite step
             local_x = tf.nest.map_structure(lambda t: strategy.experimental_local_results(t)[0], x)
-            written = [] if self.nan_policy == "unchecked" else forward_writes(self.model, local_x)
+            written = [] if self.guard_in_use is None else forward_writes(self.model, local_x)
             before = [tf.identity(v.value) for v in written]
             count = sum_replicas(strategy.run(lambda t: tf.shape(t)[0], args=(y,)))
             grads, y_pred, loss_sum, raw = strategy.run(replica_step, args=(x, y, count))
@@ -369,7 +372,7 @@ class Trainer:
                 self.registry.capture_gradients([None if g is None else sum_replicas(g) for g in raw], variables)
             finite, norm = self._check(loss, grads)
             for variable, value in zip(written, before):
-                keep_or_undo(variable, finite, value)
+                keep_where(variable, finite, value)
             return self._apply_or_skip(finite, norm, grads, variables, loss, count,
                                        concat_replicas(strategy, y), concat_replicas(strategy, y_pred))
 

@@ -37,7 +37,7 @@ from trainer.masks.regrow_updates import Regrower
 from trainer.masks.rules import FreezeRule
 from trainer.masks.slots import slots_by_path, zero_slot_elements
 from trainer.masks.state import RuleStateTrackable
-from trainer.masks.updates import UPDATE_MODES, choose_mode, keep_or_undo, make_update
+from trainer.masks.updates import UPDATE_MODES, choose_mode, keep_where, make_update
 from trainer.masks.variables import index_variables, select_variables
 
 # ``update="auto"`` uses a compact update where at most this fraction of a variable trains
@@ -642,13 +642,12 @@ class MaskRegistry(tf.Module):
             if apply_if is not None and grad is not None and (update is None or update.mode != "dense"):
                 selected.append(target)  # a dense update's release restores it from what it holds
         if apply_if is not None:
-            chosen = {id(v) for v in selected}
-            selected += [v for v in optimizer.variables if id(v) not in chosen]
+            selected += optimizer.variables  # slots, iterations (the optimizer's own variables)
             before = [tf.identity(v.value) for v in selected]
         optimizer.apply_gradients(pairs)
         if apply_if is not None:
             for variable, value in zip(selected, before):
-                keep_or_undo(variable, apply_if, value)
+                keep_where(variable, apply_if, value)
         for item in held:
             if item is not None:
                 item[0].release(item[1], apply_if)

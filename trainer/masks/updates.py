@@ -51,12 +51,13 @@ def on_every_copy(variable, fn, *args) -> None:
     fn(target, *args)
 
 
-def keep_or_undo(variable, keep: tf.Tensor, before: tf.Tensor) -> None:
-    """Sets ``variable`` (every replica's copy) back to ``before`` unless ``keep`` (a scalar bool tensor).
+def keep_where(variable, keep: tf.Tensor, other: tf.Tensor) -> None:
+    """Sets ``variable`` (every replica's copy) to ``tf.where(keep, variable, other)``, bit-exact.
 
-    ``tf.where(keep, variable, before)``: bit-exact either way.
+    ``keep`` is a bool tensor of the variable's shape (a trainable-mask) or a
+    scalar (keep all or set all back, the non-finite guard).
     """
-    on_every_copy(variable, lambda v, k, b: v.assign(tf.where(k, v, b)), keep, before)
+    on_every_copy(variable, lambda v, k, o: v.assign(tf.where(k, v, o)), keep, other)
 
 
 def _dense(grad):
@@ -105,8 +106,7 @@ class DenseUpdate:
 
     def release(self, held, keep: Optional[tf.Tensor] = None) -> None:
         """Sets every frozen element back to its value in ``held`` (every element unless ``keep``, a scalar bool)."""
-        mask = self.mask if keep is None else tf.logical_and(self.mask, keep)
-        on_every_copy(self.variable, lambda v, m, h: v.assign(tf.where(m, v, h)), mask, held)
+        keep_where(self.variable, self.mask if keep is None else tf.logical_and(self.mask, keep), held)
 
     def memory_bytes(self) -> int:
         return int(np.prod(self.mask.shape, dtype=np.int64))
@@ -240,7 +240,7 @@ class PinUpdate(DenseUpdate):
 
     def restore(self) -> None:
         """Writes the pins into every frozen element."""
-        on_every_copy(self.variable, lambda v, m, p: v.assign(tf.where(m, v, p)), self.mask, self.pins)
+        keep_where(self.variable, self.mask, self.pins)
 
     def memory_bytes(self) -> int:
         return super().memory_bytes() * (1 + self.pins.dtype.size)
