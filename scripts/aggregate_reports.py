@@ -30,6 +30,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from _figures import emit_table, finish_axes, pyplot, save_figure
+
 
 def find_runs(paths: Iterable[str]) -> List[Dict[str, Any]]:
     """Every run below ``paths``: ``{"dir", "report", "config"}`` per ``report.json`` found.
@@ -184,11 +186,9 @@ def plot(rows: Sequence[Mapping[str, Any]], metric: str, path: str, *, xlabel: s
          title: str = "", published: Optional[Mapping[str, float]] = None, log_x: bool = False,
          invert_x: bool = False) -> None:
     """Writes a PNG: ``metric`` mean ± std against x, one line per series, plus published points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for s in dict.fromkeys(r["series"] for r in rows):
@@ -208,27 +208,16 @@ def plot(rows: Sequence[Mapping[str, Any]], metric: str, path: str, *, xlabel: s
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if invert_x:
         ax.invert_xaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    finish_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title)
+    save_figure(fig, path)
 
 
 def plot_history(runs: Sequence[Mapping[str, Any]], metric: str, path: str, *, series: Optional[str] = None,
                  ylabel: str = "", title: str = "") -> None:
     """Writes a PNG of a per-epoch ``history`` metric (mean ± std over runs), one line per series."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = pyplot()
 
     groups: Dict[str, List[List[float]]] = {}
     for run in runs:
@@ -244,17 +233,8 @@ def plot_history(runs: Sequence[Mapping[str, Any]], metric: str, path: str, *, s
         ax.plot(epochs, mean, marker=".", label=None if s == "None" else s)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.25)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel or metric)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    finish_axes(ax, xlabel="epoch", ylabel=ylabel or metric, title=title)
+    save_figure(fig, path)
 
 
 def parse_published(items: Sequence[str]) -> Dict[str, float]:
@@ -305,11 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         table = markdown_table(rows, args.metric, x_label=xlabel, series_label=args.series, published=published)
     wall = sum(r["wall_seconds"] for r in rows)
     table += f"\n{len(runs)} runs; training wall time (sum of report.json wall_seconds): {wall / 60:.1f} min\n"
-    print(table)
-    if args.table:
-        os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
-        with open(args.table, "w") as f:
-            f.write(table)
+    emit_table(table, args.table)
     if args.plot:
         ylabel = args.ylabel or (args.metric[0] + (" (%)" if "accuracy" in args.metric[0] else ""))
         plot(rows, args.metric[0], args.plot, xlabel=xlabel, ylabel=ylabel, title=args.title,

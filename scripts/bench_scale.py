@@ -28,7 +28,8 @@ for ``--rounds`` rounds; each number is the median over rounds. Per case:
 over ``K``; the first execution, which compiles, is not timed), ``setup_s``
 (``MaskRegistry(model)`` plus the ``freeze`` call), ``steps`` (optimizer steps
 trained, which must equal those asked) and ``frozen_exact``
-(``registry.exact()``).
+(``registry.exact()``). The memory probe, clock, medians and paired ratios are
+``_measure.py``'s, shared with ``scripts/bench.py``.
 
 Usage::
 
@@ -42,11 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional
+
+from _measure import Clock, MemoryProbe, fit_clock, median, paired_ratio, trainer_clock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 32
@@ -76,12 +78,10 @@ CASES = {
 }
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no {field} in /proc/self/status")
+def _required(value: Optional[float], field: str) -> float:
+    if value is None:
+        raise RuntimeError(f"no {field} in /proc/self/status")
+    return value
 
 
 def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str, Any]:
@@ -93,7 +93,6 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
     import tensorflow as tf
 
     from trainer import MaskRegistry, Trainer
-    from trainer.callbacks import Callback
 
     frozen, update = CASES[name]
     keras.utils.set_random_seed(0)
@@ -121,18 +120,16 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
         rank = nearest_lora_rank(LORA_BUDGET * backbone, lora_elements_per_rank(model))
         enabled = enable_lora(model, rank=rank)
         out.update(lora_rank=rank, lora_layers=len(enabled))
-    rss_built = _status_mib("VmRSS")
+    mem = MemoryProbe(reset=False)  # the peak stays this process's own
+    rss_built = _required(mem.rss(), "VmRSS")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     optimizer = keras.optimizers.AdamW(1e-4, weight_decay=1e-2)
-    times: List[float] = []
+    clock = Clock()  # marked at the end of every execution; the first one (compiling) is not timed
     steps_asked = K * (1 + executions)
     if update is None:
-        class Timer(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                times.append(time.perf_counter())
-
         model.compile(optimizer=optimizer, loss=loss, jit_compile=True, steps_per_execution=K)
-        model.fit(ds.repeat(), steps_per_epoch=steps_asked, epochs=1, verbose=0, callbacks=[Timer()])
+        model.fit(ds.repeat(), steps_per_epoch=steps_asked, epochs=1, verbose=0,
+                  callbacks=[fit_clock(keras.callbacks.Callback, clock, K)])
         out["steps"] = int(optimizer.iterations.numpy())
         out["trainable"] = params
     else:
@@ -150,22 +147,16 @@ def run_case(name: str, *, width: int, depth: int, executions: int) -> Dict[str,
         kernel = next(v for v in model.variables if v.path == first_kernel)  # its first row: a direct bit check
         row_frozen = ~registry.trainable_mask(kernel.path)[0] if kernel.trainable else np.ones(kernel.shape[1], bool)
         row_before = kernel.numpy()[0][row_frozen].copy()
-
-        class Timer(Callback):
-            def on_execution_end(self, state, step_before, step, logs):
-                times.append(time.perf_counter())
-
         trainer = Trainer(model, optimizer, loss, registry=registry, steps_per_execution=K, jit_compile=True)
-        trainer.fit(ds, epochs=1, max_steps=steps_asked, steps_per_epoch=10 ** 9, callbacks=[Timer()])
+        trainer.fit(ds, epochs=1, max_steps=steps_asked, steps_per_epoch=10 ** 9, callbacks=[trainer_clock(clock)])
         out["steps"] = trainer.step
         row_now = kernel.numpy()[0][row_frozen]
         out["frozen_bits_equal"] = bool(np.array_equal(row_now.view(np.uint32), row_before.view(np.uint32)))
         out["frozen_exact"] = bool(registry.exact())
     out["steps_asked"] = steps_asked
-    per_execution = [b - a for a, b in zip(times[:-1], times[1:])]
-    out["ms_per_step"] = 1000.0 * statistics.median(per_execution) / K
+    out["ms_per_step"] = 1000.0 * median(clock.intervals()) / K
     out["rss_built_mib"] = rss_built
-    out["peak_rss_mib"] = _status_mib("VmHWM")
+    out["peak_rss_mib"] = _required(mem.peak(), "VmHWM")
     out["peak_growth_mib"] = out["peak_rss_mib"] - rss_built
     return out
 
@@ -180,16 +171,9 @@ def _subprocess(name: str, args) -> Dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def _ratio(rounds: Dict[str, List[Dict[str, Any]]], num: str, den: str, key: str) -> Optional[float]:
     """Median over rounds of ``num[key] / den[key]`` within a round."""
-    if num not in rounds or den not in rounds:
-        return None
-    return _median([a[key] / b[key] for a, b in zip(rounds[num], rounds[den])])
+    return paired_ratio(rounds, num, den, lambda r: r[key])
 
 
 def run_all(args) -> Dict[str, Any]:
@@ -211,10 +195,10 @@ def run_all(args) -> Dict[str, Any]:
             "params": first["params"], "frozen_fraction": first["frozen_fraction"], "update": first["update"],
             "trainable": first.get("trainable"), "lora_rank": first.get("lora_rank"),
             "update_modes": first.get("update_modes"),
-            "ms_per_step": _median([r["ms_per_step"] for r in results]),
-            "peak_growth_mib": _median([r["peak_growth_mib"] for r in results]),
-            "rss_built_mib": _median([r["rss_built_mib"] for r in results]),
-            "setup_s": _median([r.get("setup_s") for r in results]),
+            "ms_per_step": median([r["ms_per_step"] for r in results]),
+            "peak_growth_mib": median([r["peak_growth_mib"] for r in results]),
+            "rss_built_mib": median([r["rss_built_mib"] for r in results]),
+            "setup_s": median([r.get("setup_s") for r in results]),
             "registry_memory_bytes": first.get("memory_bytes"),
             "steps_equal_asked": all(r["steps"] == r["steps_asked"] for r in results),
             "frozen_exact": all(r.get("frozen_exact", True) and r.get("frozen_bits_equal", True) for r in results),

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from aggregate_reports import find_runs, lookup, markdown_table, summarize  # noqa: E402
+from _figures import emit_table, pyplot, save_figure
+from aggregate_reports import find_runs, lookup, markdown_table, summarize
 
 METRICS = ("task_a_accuracy_before_b", "task_a_accuracy_after_b", "task_a_accuracy_subnetwork", "task_b_accuracy")
 
@@ -96,11 +95,7 @@ def evaluate_run(run: Mapping[str, Any], head: str = "out/") -> Dict[str, Any]:
 
 def bar_plot(rows, path: str) -> None:
     """Grouped bars: task A before / after B, task A sub-network and task B, per method (mean ± std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = {"task_a_accuracy_before_b": "task A, before B", "task_a_accuracy_after_b": "task A, after B",
               "task_a_accuracy_subnetwork": "task A, frozen sub-network", "task_b_accuracy": "task B"}
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
@@ -115,10 +110,7 @@ def bar_plot(rows, path: str) -> None:
     ax.set_ylim(0, 100)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -141,12 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if not evaluated:
         raise SystemExit(f"no task-B run (with model.init_from) under {args.dirs}")
     rows = summarize(evaluated, "name", METRICS)
-    table = markdown_table(rows, METRICS, x_label="task B run")
-    print(table)
-    if args.table:
-        os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
-        with open(args.table, "w") as f:
-            f.write(table)
+    table = emit_table(markdown_table(rows, METRICS, x_label="task B run"), args.table)
     if args.plot:
         bar_plot(rows, args.plot)
     return table

@@ -30,13 +30,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from typing import List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _study import configs, run_once
+
 log = logging.getLogger("lottery_ticket")
 
 
@@ -66,31 +66,11 @@ def round_overrides(round_: int, previous_weights: Optional[str], hidden_rate: f
 
 
 def run_one(overrides: Sequence[str], run_dir: str) -> dict:
-    """Composes ``+experiment=lottery_ticket`` with ``overrides`` and runs it in ``run_dir``.
+    """Composes ``+experiment=lottery_ticket`` with ``overrides`` and runs it in ``run_dir`` (inside ``configs()``).
 
     Returns the run's report; an existing ``report.json`` is returned without training.
     """
-    from hydra import compose
-    from omegaconf import OmegaConf
-
-    report_path = os.path.join(run_dir, "report.json")
-    if os.path.isfile(report_path):
-        with open(report_path) as f:
-            return json.load(f)
-    import keras
-
-    from trainer.run import run
-
-    cfg = compose(config_name="config", overrides=["+experiment=lottery_ticket", *overrides])
-    os.makedirs(run_dir, exist_ok=True)
-    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
-    cwd = os.getcwd()
-    os.chdir(run_dir)  # run() writes into the current directory outside a Hydra app
-    try:
-        keras.backend.clear_session()
-        return run(cfg)
-    finally:
-        os.chdir(cwd)
+    return run_once(["+experiment=lottery_ticket", *overrides], run_dir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -104,15 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. trainer.epochs=5")
     args = parser.parse_args(argv)
 
-    from hydra import initialize_config_dir
-
-    from trainer.config import register
-
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    register()
     out = os.path.abspath(args.out)
     start = time.perf_counter()
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+    with configs():
         for seed in args.seeds:
             previous = None
             for r in range(args.rounds + 1):

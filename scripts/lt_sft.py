@@ -14,7 +14,8 @@ Three steps through the public API (``hydra.compose`` + ``trainer.run``):
    the top-k elements by ``|w_dense - w0|`` among ``sft.select`` train, the
    other selected elements stay pinned at ``w0``.
 
-A step whose ``report.json`` exists is skipped, so an interrupted driver resumes.
+A step whose ``report.json`` exists is skipped, so an interrupted driver resumes
+(the Hydra start-up and the resumable run are ``_study.py``'s, shared with the other studies).
 
 Example::
 
@@ -25,21 +26,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from typing import Dict, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _study import compose, configs, run_once
+
 log = logging.getLogger("lt_sft")
-
-
-def compose(overrides: Sequence[str]):
-    """The run's config: ``hydra.compose`` of ``config`` with ``overrides`` (inside ``initialize_config_dir``)."""
-    from hydra import compose as hydra_compose
-
-    return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def write_w0(overrides: Sequence[str], path: str) -> str:
@@ -57,27 +51,9 @@ def write_w0(overrides: Sequence[str], path: str) -> str:
     return path
 
 
-def run_phase(overrides: Sequence[str], run_dir: str) -> Dict:
-    """One ordinary run of ``overrides`` in ``run_dir``; an existing ``report.json`` is returned as it is."""
-    report_path = os.path.join(run_dir, "report.json")
-    if os.path.isfile(report_path):
-        with open(report_path) as f:
-            return json.load(f)
-    import keras
-    from omegaconf import OmegaConf
-
-    from trainer.run import run
-
-    cfg = compose(overrides)
-    os.makedirs(run_dir, exist_ok=True)
-    keras.backend.clear_session()
-    result = run(cfg, run_dir=run_dir)
-    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
-    return result
-
-
 def lt_sft(overrides: Sequence[str], out: str, *, k: float, dense_steps: Optional[int] = None) -> Dict[str, Dict]:
-    """Runs the three steps (see the module docstring); returns ``{"dense": report, "sparse": report}``.
+    """Runs the three steps (see the module docstring; inside ``_study.configs()``); returns
+    ``{"dense": report, "sparse": report}``.
 
     Args:
       overrides: the run's config overrides (e.g. ``+experiment=transformer_sft``, ``seed=0``).
@@ -88,11 +64,11 @@ def lt_sft(overrides: Sequence[str], out: str, *, k: float, dense_steps: Optiona
     out = os.path.abspath(out)
     w0 = write_w0(overrides, os.path.join(out, "w0.npz"))
     start = [*overrides, f"model.init_from={w0}", "model.init_exclude=[]"]
-    dense = run_phase([*start, "sft.method=null"] + ([f"trainer.max_steps={dense_steps}"] if dense_steps else []),
-                      os.path.join(out, "dense"))
-    sparse = run_phase([*start, "sft.method=delta", f"sft.k={k!r}",
-                        f"sft.dense_weights={os.path.join(out, 'dense', 'weights.npz')}"],
-                       os.path.join(out, "sparse"))
+    dense = run_once([*start, "sft.method=null"] + ([f"trainer.max_steps={dense_steps}"] if dense_steps else []),
+                     os.path.join(out, "dense"))
+    sparse = run_once([*start, "sft.method=delta", f"sft.k={k!r}",
+                       f"sft.dense_weights={os.path.join(out, 'dense', 'weights.npz')}"],
+                      os.path.join(out, "sparse"))
     return {"dense": dense, "sparse": sparse}
 
 
@@ -105,15 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. +experiment=transformer_sft seed=0")
     args = parser.parse_args(argv)
 
-    from hydra import initialize_config_dir
-
-    from trainer.config import register
-
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    register()
     k = int(args.k) if args.k >= 1 else args.k
     started = time.perf_counter()
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+    with configs():
         reports = lt_sft(args.overrides, args.out, k=k, dense_steps=args.dense_steps)
     log.info("LT-SFT | dense test accuracy %.4f | sparse test accuracy %.4f (%d trainable) | %.1f s",
              reports["dense"]["test_accuracy"], reports["sparse"]["test_accuracy"],

@@ -29,15 +29,16 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _figures, also when loaded from its path
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator as ea  # noqa: E402
 from tensorboard.plugins.hparams import metadata as hparams_metadata  # noqa: E402
 from tensorboard.util import tensor_util  # noqa: E402
+
+from _figures import pyplot, save_figure  # noqa: E402
+
+plt = pyplot()
 
 WRITERS = ("train", "validation")
 Series = Tuple[np.ndarray, np.ndarray]  # (steps int64, values float64)
@@ -205,10 +206,7 @@ def plot_curves(runs, labels, path: str) -> Optional[str]:
         ax.legend(fontsize=7)
     if len(runs) == 1:
         fig.suptitle(runs[0]["dir"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_sparsity(runs, labels, path: str) -> Optional[str]:
@@ -231,10 +229,7 @@ def plot_sparsity(runs, labels, path: str) -> Optional[str]:
     ax.grid(axis="x", alpha=0.3)
     if any(labels):
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_accuracy_vs_sparsity(runs, labels, path: str) -> Optional[str]:
@@ -259,10 +254,7 @@ def plot_accuracy_vs_sparsity(runs, labels, path: str) -> Optional[str]:
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy against sparsity")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:

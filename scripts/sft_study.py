@@ -43,10 +43,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import lt_sft  # noqa: E402
+import lt_sft
+from _figures import emit_table, pyplot, save_figure
+from _study import REPO, compose, configs, finished, read_report, run_once
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("sft_study")
 SPARSE_METHODS = ("fish", "lt_sft", "random", "magnitude")
 
@@ -59,7 +59,7 @@ def backbone_sizes(task_a_overrides: Sequence[str]) -> Dict[str, int]:
     from trainer.run import build
 
     keras.backend.clear_session()
-    _, model, _, _ = build(lt_sft.compose(task_a_overrides))
+    _, model, _, _ = build(compose(task_a_overrides))
     backbone = sum(int(np.prod(v.shape)) for v in model.trainable_variables if not v.path.startswith("out/"))
     return {"backbone": backbone, "lora_per_rank": lora_elements_per_rank(model)}
 
@@ -101,16 +101,11 @@ def stored_bytes(run_dir: str, method: str) -> int:
 
 def _worker(spec: Dict[str, Any]) -> None:
     """One run in this process (the subprocess of :func:`run_measured`): an ordinary run or LT-SFT's two phases."""
-    from hydra import initialize_config_dir
-
-    from trainer.config import register
-
-    register()
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+    with configs():
         if spec["kind"] == "lt_sft":
             lt_sft.lt_sft(spec["overrides"], spec["run_dir"], k=spec["k"], dense_steps=spec["dense_steps"])
         else:
-            lt_sft.run_phase(spec["overrides"], spec["run_dir"])
+            run_once(spec["overrides"], spec["run_dir"])
 
 
 def run_measured(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -121,9 +116,8 @@ def run_measured(spec: Dict[str, Any]) -> Dict[str, Any]:
     rerun of the study reuses it (``None`` for a run done before without it).
     """
     run_dir = spec["run_dir"]
-    done = os.path.join(run_dir, "sparse" if spec["kind"] == "lt_sft" else "", "report.json")
     peak_path = os.path.join(run_dir, "peak_rss.json")
-    if os.path.isfile(done):
+    if finished(os.path.join(run_dir, "sparse") if spec["kind"] == "lt_sft" else run_dir):
         if os.path.isfile(peak_path):
             with open(peak_path) as f:
                 return json.load(f)
@@ -166,11 +160,10 @@ def study(out: str, seeds: Sequence[int], budgets: Sequence[float], task_a_steps
         a_over = ["+experiment=transformer_task_a", f"seed={seed}", f"trainer.max_steps={task_a_steps}",
                   "log.progress=lines"]
         a_dir = os.path.join(base, "task_a")
-        if not os.path.isfile(os.path.join(a_dir, "report.json")) and not run_missing:
+        if not finished(a_dir) and not run_missing:
             continue
         a_peak = run_measured({"kind": "phase", "overrides": a_over, "run_dir": a_dir})
-        with open(os.path.join(a_dir, "report.json")) as f:
-            a_report = json.load(f)
+        a_report = read_report(a_dir)
         log.info("seed %d task A: %.4f, %.0f s, peak %s MiB", seed, a_report["test_accuracy"],
                  a_report["wall_seconds"], a_peak["peak_rss_mib"])
         sizes = backbone_sizes(a_over)
@@ -198,7 +191,7 @@ def study(out: str, seeds: Sequence[int], budgets: Sequence[float], task_a_steps
         for run_dir, spec in runs.items():
             method, budget = spec["method"], spec["budgets"][0]
             final_dir = os.path.join(run_dir, "sparse") if method == "lt_sft" else run_dir
-            if not run_missing and not os.path.isfile(os.path.join(final_dir, "report.json")):
+            if not run_missing and not finished(final_dir):
                 continue
             started = time.perf_counter()
             if method == "lt_sft":
@@ -206,12 +199,10 @@ def study(out: str, seeds: Sequence[int], budgets: Sequence[float], task_a_steps
                                          "k": budget, "dense_steps": task_b_steps})
             else:
                 measured = run_measured({"kind": "phase", "overrides": spec["overrides"], "run_dir": run_dir})
-            with open(os.path.join(final_dir, "report.json")) as f:
-                report = json.load(f)
+            report = read_report(final_dir)
             wall = report["wall_seconds"]
             if method == "lt_sft":
-                with open(os.path.join(run_dir, "dense", "report.json")) as f:
-                    wall += json.load(f)["wall_seconds"]
+                wall += read_report(os.path.join(run_dir, "dense"))["wall_seconds"]
             masks = np.load(os.path.join(final_dir, "masks.npz"))
             head = sum(int(masks[p].size) for p in masks.files if p.startswith("out/"))
             steady = report.get("steady_steps_per_second")
@@ -284,11 +275,7 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
 
 def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
     """Task-B and task-A-after-B accuracy against the trainable percentage, one line per method, std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = summarize(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for method in sorted({e["method"] for e in summary}):
@@ -304,10 +291,7 @@ def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -327,26 +311,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one run, in this process (JSON spec)
     args = parser.parse_args(argv)
     if args.worker:
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         _worker(json.loads(args.worker))
         return
 
-    from hydra import initialize_config_dir
-
-    from trainer.config import register
-
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    register()
     started = time.perf_counter()
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+    with configs():
         rows = study(args.out, args.seeds, args.budgets, args.task_a_steps, args.task_b_steps,
                      methods=args.methods, run_missing=not args.no_run)
-    text = table(rows)
-    print(text)
+    emit_table(table(rows), args.table)
     if args.table:
-        os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
-        with open(args.table, "w") as f:
-            f.write(text)
         with open(os.path.splitext(args.table)[0] + ".json", "w") as f:
             json.dump({"runs": rows, "summary": summarize(rows)}, f, indent=1)
     if args.plot:

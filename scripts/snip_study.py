@@ -52,7 +52,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _study import REPO, compose, configs, finished, read_report
+
 log = logging.getLogger("snip_study")
 
 
@@ -81,7 +82,6 @@ def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Seq
                  batches: int, batch_size: int) -> Dict[str, Dict[str, float]]:
     """Writes ``init.npz`` and the SNIP and shuffled masks of one seed; returns their per-layer kept fractions."""
     import keras
-    from hydra import compose
 
     from trainer.data import make_dataset
     from trainer.masks.scores import global_topk_masks, gradient_scores, snip_scores
@@ -90,7 +90,7 @@ def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Seq
 
     directory = os.path.join(out, f"seed{seed}")
     os.makedirs(directory, exist_ok=True)
-    cfg = compose(config_name="config", overrides=["+experiment=snip_mlp", f"seed={seed}", *overrides])
+    cfg = compose(["+experiment=snip_mlp", f"seed={seed}", *overrides])
     keras.backend.clear_session()
     splits, model, _, _ = build(cfg)
     init_path = os.path.join(directory, "init.npz")
@@ -140,17 +140,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. trainer.epochs=5")
     args = parser.parse_args(argv)
 
-    from hydra import initialize_config_dir
-
-    from trainer.config import register
-
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    register()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     summary_path = os.path.join(out, "masks.json")
-    summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-    with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):
+    summary = {}
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+    with configs():
         for seed in args.seeds:
             needed = [os.path.join(out, f"seed{seed}", f"{k}_d{percent_tag(d)}.npz")
                       for k in ("snip", "shuffled") for d in args.densities]
@@ -172,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for seed in args.seeds:
                 tag = percent_tag(density)
                 run_dir = os.path.join(out, "runs", f"{name}_d{tag}_seed{seed}")
-                if os.path.isfile(os.path.join(run_dir, "report.json")):
+                if finished(run_dir):
                     log.info("skip %s (report.json exists)", run_dir)
                     continue
                 command = run_command(seed, name, os.path.join(out, f"seed{seed}", "init.npz"),
@@ -180,8 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                       args.overrides, rescale=args.rescale)
                 log.info("run %s", " ".join(command[1:]))
                 subprocess.run(command, check=True, cwd=REPO)
-                with open(os.path.join(run_dir, "report.json")) as f:
-                    report = json.load(f)
+                report = read_report(run_dir)
                 log.info("%s density %s seed %d | test accuracy %.4f | %.1f s", name, tag, seed,
                          report["test_accuracy"], report["wall_seconds"])
     log.info("all runs: %.1f min", (time.perf_counter() - start) / 60)

@@ -43,3 +43,22 @@ def test_quick_bench_writes_cases_ratios_and_mfu(tmp_path):
     memory = result["registry_memory"]["lenet"]
     assert memory["zero"]["within_bound"]  # a zero-pinned mask costs 1 byte per element
     assert all(row["bytes_per_element"] == 1.0 for row in memory["zero"]["variables"].values())
+
+
+def test_tfmot_worker_reports_a_failure_to_the_parent():
+    """The tfmot case's worker process (scripts/_bench_tfmot.py) answers on its protocol: a failure there
+    is raised in the benchmark's process with its cause, and closing the case ends the worker."""
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import _bench_tfmot
+    from _measure import MemoryProbe
+
+    if _bench_tfmot.tfmot_available() is None:
+        pytest.skip("tfmot is installed: the worker would train; the full benchmark covers it")
+    case = _bench_tfmot.TfmotCase("tfmot", "tfmot", model="lenet", k=2, jit=False, flops=1.0, batch=8,
+                                  data="digits", limit=64, hidden=[8])
+    try:
+        with pytest.raises(RuntimeError, match="the tfmot worker failed: ModuleNotFoundError"):
+            case.setup(2, MemoryProbe())
+    finally:
+        case.close()
+    assert case.proc.wait(timeout=30) == 0
