@@ -53,4 +53,4 @@ def check_known(given: Iterable[str], allowed: Iterable[str], *, error: Type[Exc
     allowed = list(allowed)
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise error(f"{what.format(unknown=unknown)}; allowed: {allowed if shown is None else list(shown)}")
+        raise error(f"{what.replace('{unknown}', str(unknown))}; allowed: {allowed if shown is None else list(shown)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from trainer.masks.errors import FreezeConfigError
 
@@ -124,3 +124,57 @@ class ActiveWindow:
             return (lo is None or x >= lo) and (hi is None or x < hi)
 
         return inside(step, self.start_step, self.end_step) and inside(epoch, self.start_epoch, self.end_epoch)
+
+
+def due_change(state: Any, step: int, epoch: int) -> Union[None, str, int]:
+    """What a rule's schedule does at ``step`` / ``epoch``: the window and due logic of ``MaskRegistry.update``.
+
+    Args:
+      state: a :class:`~trainer.masks.plan.RuleState` (``rule``, ``active``, ``last_update_step``).
+      step, epoch: now.
+
+    Returns:
+      ``None`` (nothing), ``"off"`` (the rule leaves its window), or the step
+      to select at: ``step`` when the rule enters its window, or the due
+      re-selection of a gradual-pruning rule (clipped to its schedule's end).
+    """
+    rule = state.rule
+    if not rule.dynamic:
+        return None
+    active = rule.window.active(step, epoch)
+    if active and not state.active:
+        return step
+    if not active and state.active:
+        return "off"
+    if active and rule.update_every_n_steps is not None:
+        end = rule.schedule.end_step if rule.schedule is not None else None
+        due = step - state.last_update_step >= rule.update_every_n_steps
+        if due and (end is None or state.last_update_step < end):
+            return min(step, end) if end is not None else step
+    return None
+
+
+def next_update_step(states: Iterable[Any], step: int) -> Optional[int]:
+    """The first step after ``step`` at which a rule's schedule (or regrowth) can change a mask.
+
+    Args:
+      states: :class:`~trainer.masks.plan.RuleState` objects.
+      step: the optimizer step now.
+
+    Returns:
+      The nearest ``start_step`` / ``end_step`` bound, due re-selection of a
+      gradual-pruning rule or prune-and-regrow update after ``step``, or
+      ``None`` when none is ahead.
+    """
+    candidates = []
+    for state in states:
+        rule, window = state.rule, state.rule.window
+        candidates += [b for b in (window.start_step, window.end_step) if b is not None and b > step]
+        if rule.regrow is not None:
+            due = rule.regrow.next_due(step)
+            candidates += [due] if due is not None else []
+        if rule.update_every_n_steps is not None and state.active and state.last_update_step is not None:
+            end = rule.schedule.end_step if rule.schedule is not None else None
+            if end is None or state.last_update_step < end:
+                candidates.append(max(state.last_update_step + rule.update_every_n_steps, step + 1))
+    return min(candidates) if candidates else None
