@@ -25,11 +25,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from trainer.masks.allocation import LayerAllocation, allocate_densities
-from trainer.masks.elements import ElementContext, load_weights, select_elements, selector_name
+from trainer.masks.elements import ElementContext, selector_name
 from trainer.masks.scores import global_topk_masks
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.rules import FreezeRule
 from trainer.masks.schedules import due_change
+from trainer.masks.selectors import load_weights, select_elements
 from trainer.masks.variables import VariableInfo, select_variables
 
 # Selectors whose choice depends on values or files at the moment the rule is applied: captured.

@@ -11,15 +11,11 @@ Usable in any ``tf.GradientTape`` loop::
     grads = registry.update_gradients(tape.gradient(loss, variables), variables)
     registry.apply_gradients(optimizer, grads, variables)  # frozen elements never change
 
-Polarity: a *trainable-mask* is ``True`` where an element may change; rules
-declare *frozen* elements. Per covered variable the plan
-(:mod:`trainer.masks.plan`) decides a dense or a compact update
-(:mod:`trainer.masks.updates`); ``update="auto"`` picks compact when at most
-:data:`COMPACT_CROSSOVER` of a variable's elements train and its mask never
-changes. The design follows RigL's ``mask_gradients`` and Optax's
-``masked``/``set_to_zero`` composition; compact updates follow the sparse
-fine-tuning literature (e.g. Ansell et al., "Composable Sparse Fine-Tuning",
-ACL 2022), where only the chosen few elements and their optimizer state exist.
+A *trainable-mask* is ``True`` where an element may change; rules declare
+*frozen* elements. Every method delegates: rules to :mod:`~trainer.masks.plan`,
+the store the step touches to :mod:`~trainer.masks.state`, the step's
+gradients and updates to :mod:`~trainer.masks.updates`, audits to
+:mod:`~trainer.masks.audit`, prune-and-regrow to :mod:`~trainer.masks.regrow_updates`.
 """
 
 from __future__ import annotations
@@ -49,9 +45,7 @@ class _Refs:
     """Plain holder, so that tf.Module tracks none of the model, the store, the planner and the regrower."""
 
     def __init__(self, model, state: MaskState, planner: Planner, initial_values):
-        self.model = model
-        self.state = state
-        self.planner = planner
+        self.model, self.state, self.planner = model, state, planner
         self.initial_values = initial_values  # a reference, read lazily
         self.regrower = Regrower()  # not checkpointed: its buffers are filled and used within one execution
 
@@ -59,25 +53,22 @@ class _Refs:
 class MaskRegistry(tf.Module):
     """Element-level freezing for the variables of one Keras model.
 
-    Creating a registry copies nothing: it indexes the model's variables.
-    Per covered variable it keeps only what its update needs on the device (a
-    bool mask, 1 byte per element, or the int32 indices and values of the
-    trainable elements), plus, on the host, the initial values of variables a
-    ``value: initial`` rule pins (read when that rule is added) and the
-    selections of ``magnitude`` / ``mask_file`` rules as packed bits.
-    Everything is keyed by ``variable.path``.
+    Creating a registry copies nothing: it indexes the model's variables. Per
+    covered variable it keeps what its update needs on the device (a bool mask,
+    or the int32 indices and values of the trainable elements), and on the host
+    the initial values ``value: initial`` pins and captured selections as packed
+    bits; everything keyed by ``variable.path``.
 
     Args:
       model: a built ``keras.Model`` (or layer).
-      initial_values: optional ``{variable path: array}`` used by
-        ``value="initial"`` instead of the values when the rule is added.
-      update: ``"auto"`` (default), ``"dense"`` or ``"compact"``: how
-        partly frozen variables are updated (see :mod:`trainer.masks.updates`).
+      initial_values: optional ``{variable path: array}`` used by ``value="initial"``
+        instead of the values when the rule is added.
+      update: ``"auto"`` (default), ``"dense"`` or ``"compact"``: how partly frozen
+        variables are updated (see :mod:`trainer.masks.updates`).
       name: the ``tf.Module`` name.
 
     Raises:
-      FreezeConfigError: the model has no variables, two share a path, or
-        ``update`` is unknown.
+      FreezeConfigError: the model has no variables, two share a path, or ``update`` is unknown.
     """
 
     def __init__(self, model: keras.layers.Layer, *, initial_values: Optional[Mapping[str, Any]] = None,
@@ -93,12 +84,7 @@ class MaskRegistry(tf.Module):
         self.compact: Dict[str, keras.Variable] = {}
         state = MaskState(index_variables(model), masks=self.masks, pins=self.pins, indices=self.indices,
                           compact=self.compact, requested=update, crossover=COMPACT_CROSSOVER)
-        planner = Planner(
-            shapes={i.path: (tuple(int(d) for d in i.variable.shape), np.dtype(i.variable.dtype))
-                    for i in state.infos},
-            read=lambda path: np.asarray(state.by_path[path].variable.numpy()),
-            trainable_now=state.trainable_now,
-        )
+        planner = Planner(shapes=state.shapes(), read=state.read, trainable_now=state.trainable_now)
         self._refs = _Refs(model, state, planner, initial_values)
         self.rule_state = RuleStateTrackable(state)
 
@@ -107,7 +93,6 @@ class MaskRegistry(tf.Module):
         """A counter bumped whenever what the compiled step sees changes (a new, replaced or dropped update)."""
         return self._refs.state.version
 
-    # ------------------------------------------------------------------ rules
     @property
     def rules(self) -> List[FreezeRule]:
         """The rules in the order they were added."""
@@ -125,28 +110,25 @@ class MaskRegistry(tf.Module):
         Args:
           select: a glob or list of globs over variable paths (``re:`` for a
             regex); a pattern also matches a trailing sub-path.
-          elements: ``"all"`` or a selector mapping such as
-            ``{"random": 0.9, "seed": 0}``, ``{"indices": [0, 2]}``,
-            ``{"slice": "[:, :10]"}``, ``{"magnitude": 0.8}``, ``{"units": [3]}``.
-          value: ``"current"``, ``"initial"``, ``"zero"`` or a number (cast
-            to each variable's dtype bit-exactly; one that overflows it is refused).
+          elements: ``"all"`` or a selector mapping, e.g. ``{"random": 0.9, "seed": 0}``,
+            ``{"indices": [0, 2]}``, ``{"slice": "[:, :10]"}``, ``{"magnitude": 0.8}``.
+          value: ``"current"``, ``"initial"``, ``"zero"`` or a number (cast to each
+            variable's dtype bit-exactly; one that overflows it is refused).
           name: the rule's name (default ``"rule<N>"``).
-          **options: ``layer_type``, ``exclude``, ``start_step``, ``end_step``,
-            ``start_epoch``, ``end_epoch``, ``update_every_n_steps``,
-            ``schedule``, ``non_trainable`` (see :class:`FreezeRule`).
+          **options: the other keys of :class:`FreezeRule` (``layer_type``, ``exclude``,
+            ``start_step``, ``end_epoch``, ``schedule``, ``non_trainable``...).
 
         Returns:
           The :class:`FreezeRule` added.
 
         Raises:
-          FreezeConfigError: the rule is malformed, matches nothing, does not
-            fit a variable, pins a value its dtype cannot hold, or pins an
-            element another rule pins differently. The registry is unchanged
-            when this is raised.
+          FreezeConfigError: the rule is malformed, matches nothing, does not fit a variable,
+            pins a value its dtype cannot hold, or pins an element another rule pins
+            differently. The registry is unchanged when this is raised.
         """
         name = name or f"rule{len(self._refs.state.rules)}"
-        # the same message as a config's unknown key, not Python's TypeError
-        check_known(options, FreezeRule.KEYS, error=FreezeConfigError, what=f"rule {name!r}: unknown key(s) {{unknown}}")
+        check_known(options, FreezeRule.KEYS, error=FreezeConfigError,  # a config's message, not a TypeError
+                    what=f"rule {name!r}: unknown key(s) {{unknown}}")
         return self.add_rule(FreezeRule.create(name, select, elements, value, **options))
 
     def add_rule(self, rule: FreezeRule) -> FreezeRule:
@@ -184,9 +166,8 @@ class MaskRegistry(tf.Module):
     def attach_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         """Builds ``optimizer`` with :meth:`optimizer_variables` and remembers it.
 
-        From now on, when a (dense) mask changes, the optimizer's slot entries
-        (momentum, velocity, ...) of the elements that changed are set to 0, so
-        nothing stale moves newly frozen elements and unfrozen ones start fresh.
+        From now on the slot entries (momentum, velocity, ...) of elements whose
+        (dense) mask changes are set to 0: nothing stale moves a frozen element.
 
         Raises:
           ValueError: the optimizer was built already on other variables while
@@ -203,10 +184,9 @@ class MaskRegistry(tf.Module):
     def update(self, step: int, epoch: int = 0) -> bool:
         """Switches scheduled rules on or off and re-selects gradual-pruning masks.
 
-        Call between compiled executions with the optimizer step (from 0) and
-        the epoch (from 0). Newly active rules capture ``"current"`` values now.
-        Compact variables are refreshed from the model first, so a write to a
-        model variable between executions (e.g. ``set_weights``) is kept.
+        Call between compiled executions with the optimizer step and the epoch
+        (from 0). Newly active rules capture ``"current"`` values now; compact
+        variables are refreshed from the model first (a ``set_weights`` is kept).
 
         Returns:
           True when any mask or pinned value changed.
@@ -220,7 +200,6 @@ class MaskRegistry(tf.Module):
         touched = self._refs.planner.advance(list(state.rules.values()), state.step, state.epoch)
         return self._apply(touched) if touched else False
 
-    # ------------------------------------------------------ prune and regrow
     def gradients_due(self, step: int) -> bool:
         """True when a RigL rule updates at optimizer ``step``: the step before it must :meth:`capture_gradients`."""
         return Regrower.gradients_due(self._refs.state.rules.values(), step)
@@ -238,22 +217,17 @@ class MaskRegistry(tf.Module):
     def regrow(self, step: int, gradients: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
         """Runs every prune-and-regrow update due at optimizer ``step`` (eagerly, between steps).
 
-        Each variable of a due ``regrow`` rule drops its smallest-``|w|``
-        active elements (to exactly 0) and grows as many (SET: at random;
-        RigL: largest ``|g|``), on the device; the optimizer slots of the
-        elements that changed are set to 0. The trainable count of every
-        variable stays the same, so a compact update keeps its ``[k]``
-        variables: their indices move, and the slots of the elements that
-        stay trainable move with them.
+        Each variable of a due rule drops its smallest-``|w|`` active elements
+        (to exactly 0) and grows as many (SET: at random; RigL: largest
+        ``|g|``) on the device, zeroing the slots of changed elements; the
+        trainable count stays, so a compact update's indices and slots move.
 
         Args:
           step: the optimizer step (``optimizer.iterations``).
-          gradients: RigL only, ``{variable path: dense gradient}``; by default
-            the gradients the last step stored with :meth:`capture_gradients`.
+          gradients: RigL only, ``{variable path: dense gradient}``; by default what :meth:`capture_gradients` kept.
 
         Returns:
-          One dict per updated variable: ``step``, ``path``, ``drop_fraction``,
-          ``dropped``, ``grown``, ``active`` (trainable elements).
+          Per updated variable: ``step``, ``path``, ``drop_fraction``, ``dropped``, ``grown``, ``active``.
 
         Raises:
           RuntimeError: called inside a ``tf.function``.
@@ -265,31 +239,25 @@ class MaskRegistry(tf.Module):
     def after_restore(self) -> None:
         """Checks the restored registry after a checkpoint restored it.
 
-        The restored masks and indices must be those the restored rule state
-        gives; the digests of ``current`` pins come from the checkpoint.
+        The restored masks and indices must be those the restored rule state gives.
 
         Raises:
-          ValueError: the restored variables disagree with the restored rule
-            state (a checkpoint of another configuration).
+          ValueError: the restored variables disagree with the restored rule state (another configuration's).
         """
         self._refs.state.check_restored(self._combine)
 
     def next_update_step(self, step: int) -> Optional[int]:
         """The first step after ``step`` at which :meth:`update` can change a mask because of a step.
 
-        That is the nearest ``start_step`` / ``end_step`` bound of a rule, the
-        next due re-selection of a gradual-pruning rule, or the next
-        prune-and-regrow update (:meth:`regrow`). A loop that runs
-        several steps per compiled call should end a call there (and at epoch
-        ends, for epoch bounds), so that rules switch at the step they name.
+        A rule's ``start_step`` / ``end_step`` bound, due re-selection or
+        :meth:`regrow` update: a loop running several steps per compiled call
+        ends a call there (and at epoch ends) so rules switch where they say.
 
         Returns:
-          An ``int`` greater than ``step``, or ``None`` when no step-based
-          change is ahead.
+          An ``int`` greater than ``step``, or ``None`` when no step-based change is ahead.
         """
         return schedules.next_update_step(self._refs.state.rules.values(), step)
 
-    # --------------------------------------------------------- compiled-step API
     def trainable_variables(self) -> List[keras.Variable]:
         """The model's trainable variables minus those frozen entirely by static rules."""
         return self._refs.state.trainable_variables()
@@ -298,14 +266,12 @@ class MaskRegistry(tf.Module):
         """Returns the gradients with every frozen element set to exactly 0, in the variables' shapes.
 
         Args:
-          grads: one gradient per variable: a dense ``tf.Tensor`` of the
-            variable's shape, a ``tf.IndexedSlices`` (e.g. an ``Embedding``
-            gradient), or ``None``.
+          grads: one gradient per variable: a dense ``tf.Tensor`` of the variable's shape,
+            a ``tf.IndexedSlices`` (e.g. an ``Embedding`` gradient), or ``None``.
           variables: the variables, in the same order.
 
         Returns:
-          A list of the same structure; gradients of uncovered variables are
-          returned unchanged.
+          A list of the same structure; gradients of uncovered variables are returned unchanged.
         """
         return step_gradients(grads, variables, self._refs.state.lookup, gathered=False)
 
@@ -317,8 +283,7 @@ class MaskRegistry(tf.Module):
           variables: the model variables, in the same order.
 
         Returns:
-          A list of the same length; the global norm of the result equals
-          that of :meth:`mask_gradients`.
+          A list of the same length; its global norm equals that of :meth:`mask_gradients`.
         """
         return step_gradients(grads, variables, self._refs.state.lookup, gathered=True)
 
@@ -326,30 +291,22 @@ class MaskRegistry(tf.Module):
                         variables: Sequence[keras.Variable], *, apply_if: Optional[tf.Tensor] = None) -> None:
         """One optimizer update from :meth:`update_gradients`; frozen elements are never changed.
 
-        Dense updates restore every frozen element after the optimizer (after
-        weight decay and momentum, which move elements whatever their
-        gradient); compact updates scatter the compact values into the model
-        variable. Works in a replica or cross-replica context of a strategy.
+        Dense updates restore every frozen element after the optimizer (weight
+        decay and momentum move elements whatever their gradient); compact ones
+        scatter their values in. Works in a replica or cross-replica context.
 
         Args:
           optimizer: the optimizer given to :meth:`attach_optimizer`.
           grads: the output of :meth:`update_gradients`.
           variables: the model variables, in the same order.
-          apply_if: ``None``, or a scalar bool tensor: when it is ``False``
-            the call writes nothing (bit-exact) although the optimizer runs:
-            every variable the optimizer writes (compact ``[k]`` variables,
-            uncovered variables, slots, ``iterations``) is selected back to
-            its value before the update (``tf.where``) before the compact
-            values are scattered, and dense updates restore every element
-            (the non-finite guard of :class:`trainer.Trainer` without a
-            ``tf.cond``; it holds a copy of what the optimizer writes for the
-            length of the step). The alternative is to call this method in one
-            branch of a ``tf.cond``.
+          apply_if: ``None``, or a scalar bool tensor: where ``False`` the call
+            writes nothing (bit-exact) although the optimizer runs (the
+            non-finite guard without a ``tf.cond``; see
+            :func:`trainer.masks.updates.apply_updates`).
 
         Raises:
-          ValueError: ``apply_if`` with an optimizer that is not built yet
-            (call :meth:`attach_optimizer` first: an unbuilt optimizer's
-            slots are not known before the update).
+          ValueError: ``apply_if`` with an optimizer not built yet (call :meth:`attach_optimizer`
+            first: an unbuilt optimizer's slots are not known before the update).
         """
         if apply_if is not None and not optimizer.built:
             raise ValueError("apply_gradients(apply_if=...) needs a built optimizer: call "
@@ -360,10 +317,9 @@ class MaskRegistry(tf.Module):
     def reproject(self) -> None:
         """Writes every rebuildable pin (zero, constant, initial) back into its frozen elements, eagerly.
 
-        The step never changes a frozen element (:meth:`apply_gradients`), so
-        this only repairs writes made outside it. A ``current`` pin is the
-        variable's own value and cannot be rebuilt: if one was changed,
-        :meth:`exact` reports it.
+        The step never changes a frozen element, so this only repairs writes made outside it.
+        A ``current`` pin is the variable's own value and cannot be rebuilt: :meth:`exact`
+        reports a changed one.
 
         Raises:
           RuntimeError: called inside a ``tf.function`` (it reads values on the host).
@@ -374,13 +330,11 @@ class MaskRegistry(tf.Module):
                                "frozen element")
         self._refs.state.reproject(self._combine)
 
-    # ------------------------------------------------------------------ audits
     def drift(self) -> Dict[str, float]:
         """Per covered variable path, the max ``|value - pinned|`` over its frozen elements.
 
-        0.0 is expected everywhere; a variable without frozen elements gives
-        0.0. NaN in a frozen element, or a changed ``current`` pin (whose size
-        is unknown: no copy is kept), gives ``inf``.
+        0.0 is expected everywhere (and without frozen elements); NaN in a frozen element,
+        or a changed ``current`` pin (no copy is kept to size it), gives ``inf``.
         """
         return audit.drift(self._refs.state, self._combine)
 
@@ -413,21 +367,19 @@ class MaskRegistry(tf.Module):
     def plan(self) -> List[Dict[str, Any]]:
         """The resolved freeze plan: one row per trainable (or pinned) variable.
 
-        Each row has ``path``, ``shape``, ``dtype``, ``frozen_elements``,
-        ``frozen_fraction``, ``value`` (the value specs of the rules covering
-        it, e.g. ``"zero"``) and ``rules`` (their names); :meth:`update_modes`
-        tells how each is updated.
+        Each row has ``path``, ``shape``, ``dtype``, ``frozen_elements``, ``frozen_fraction``,
+        ``value`` (the value specs of the rules covering it, e.g. ``"zero"``) and ``rules``
+        (their names); :meth:`update_modes` tells how each is updated.
         """
         return audit.plan_rows(self._refs.state)
 
     def memory_bytes(self) -> Dict[str, int]:
         """Bytes of per-element state the registry keeps (host and device), per covered variable path.
 
-        That is the dense mask (1 byte per element) or the compact indices and
-        values (8 bytes per trainable element in float32), the initial values
-        kept for ``value: initial`` rules, captured selections (1 bit per
-        element) and RigL's dense gradient buffers (4 bytes per element). The optimizer's slots and O(1) bookkeeping per variable (a
-        16-byte digest, Python objects) are not included.
+        The dense mask (1 byte per element) or compact indices and values (8 bytes
+        per trainable float32 element), initial values of ``value: initial`` rules,
+        captured selections (1 bit per element) and RigL's gradient buffers (4 bytes
+        per element); not the optimizer's slots nor O(1) bookkeeping.
         """
         refs = self._refs
         return audit.memory_bytes(refs.state, refs.planner.initial_values, refs.regrower.memory_bytes)

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import keras
 import tensorflow as tf
 
-from trainer.masks.regrow import RegrowSpec, rigl_update, set_update
+from trainer.masks.regrow import rigl_update, set_update
+from trainer.masks.regrow_spec import RegrowSpec
 from trainer.masks.slots import zero_slots
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Mapping, Optional, Union
 
+from trainer.masks.checks import check_known, is_whole, step_span
 from trainer.masks.errors import FreezeConfigError
 
 
@@ -36,17 +37,10 @@ class PolynomialSparsity:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise FreezeConfigError(f"schedule.{name} must be a fraction in [0, 1], got {v!r}")
-        for name in ("begin_step", "end_step"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise FreezeConfigError(f"schedule.{name} must be a non-negative integer, got {v!r}")
+        step_span("schedule", self.begin_step, self.end_step, error=FreezeConfigError)
         power = self.power
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
             raise FreezeConfigError(f"schedule.power must be a positive number (3 in Zhu & Gupta 2017), got {power!r}")
-        if self.end_step <= self.begin_step:
-            raise FreezeConfigError(
-                f"schedule.end_step ({self.end_step}) must be greater than begin_step ({self.begin_step})"
-            )
 
     def __call__(self, step: int) -> float:
         """The target sparsity (fraction of frozen elements) at ``step``.
@@ -81,9 +75,8 @@ def make_schedule(spec: Optional[Mapping[str, Any]]) -> Optional[PolynomialSpars
     if kind not in SCHEDULE_KINDS:
         raise FreezeConfigError(f"schedule.kind must be one of {list(SCHEDULE_KINDS)}, got {kind!r}")
     allowed = {f.name for f in dataclasses.fields(PolynomialSparsity)}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise FreezeConfigError(f"unknown schedule key(s) {unknown}; allowed: {sorted(allowed | {'kind'})}")
+    check_known(spec, allowed, error=FreezeConfigError, what="unknown schedule key(s) {unknown}",
+                shown=sorted(allowed | {"kind"}))
     missing = sorted({"initial_sparsity", "final_sparsity", "begin_step", "end_step"} - set(spec))
     if missing:
         raise FreezeConfigError(f"schedule is missing {missing}")
@@ -107,7 +100,7 @@ class ActiveWindow:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            if v is not None and not is_whole(v, 0):
                 raise FreezeConfigError(f"{f.name} must be a non-negative integer or null, got {v!r}")
         for lo, hi in (("start_step", "end_step"), ("start_epoch", "end_epoch")):
             a, b = getattr(self, lo), getattr(self, hi)

@@ -55,13 +55,14 @@ def zero_slots(slots: Sequence[tf.Variable], elements: Any) -> None:
     Raises:
       FreezeConfigError: a slot whose shape is not the shape of ``elements``.
     """
-    if isinstance(elements, np.ndarray) and not elements.any():
-        return
-    elements = tf.convert_to_tensor(elements)
     for slot in slots:
         if tuple(slot.shape) != tuple(elements.shape):
             raise FreezeConfigError(
                 f"slot {getattr(slot, 'path', slot.name)!r} has shape {list(tuple(slot.shape))}, "
-                f"the elements to zero have shape {elements.shape.as_list()}"
+                f"the elements to zero have shape {list(tuple(elements.shape))}"
             )
+    if isinstance(elements, np.ndarray) and not elements.any():
+        return
+    elements = tf.convert_to_tensor(elements)
+    for slot in slots:
         slot.assign(tf.where(elements, tf.zeros_like(slot), slot))

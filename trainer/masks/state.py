@@ -79,6 +79,14 @@ class MaskState:
         self.optimizer: Optional[keras.optimizers.Optimizer] = None
 
     # ------------------------------------------------------------------ reading
+    def shapes(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+        """``{path: (shape, numpy dtype)}`` of every variable (what the planner resolves rules against)."""
+        return {i.path: (tuple(int(d) for d in i.variable.shape), np.dtype(i.variable.dtype)) for i in self.infos}
+
+    def read(self, path: str) -> np.ndarray:
+        """The value of the variable ``path`` now, on the host."""
+        return np.asarray(self.by_path[path].variable.numpy())
+
     def update(self, path: str):
         """The :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` of ``path``, or ``None``."""
         variable = self.by_path[path].variable
@@ -208,7 +216,8 @@ class MaskState:
         if plan.static_full != covered.static_full:
             covered.static_full, structural = plan.static_full, True
         if plan.static_full and info.trainable:
-            return changed, self._remove(path) or structural
+            self.drop_update(path)
+            return changed, structural
         mode = self._mode(info, plan, update)
         same = update is not None and update.mode == mode
         if same and mode in ("dense", "pinned"):
