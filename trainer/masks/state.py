@@ -106,6 +106,7 @@ class MaskState:
         return {p: u for p, u in ((p, self.update(p)) for p in self.covered) if u is not None}
 
     def rules_for(self, path: str) -> List[RuleState]:
+        """The states of the rules targeting ``path``, in the order they were added."""
         return [s for s in self.rules.values() if path in s.paths]
 
     def trainable_now(self, path: str) -> Optional[np.ndarray]:
@@ -255,12 +256,15 @@ class MaskState:
         return mode
 
     def add_rule(self, state: RuleState) -> None:
+        """Stores an admitted rule's state (last in the rule order)."""
         self.rules[state.rule.name] = state
 
     def remove_rule(self, name: str) -> None:
+        """Forgets a rule whose admission failed (nothing if it is not stored)."""
         self.rules.pop(name, None)
 
     def set_clock(self, step: int, epoch: int) -> None:
+        """Sets the optimizer step and the epoch rules are resolved at."""
         self.step, self.epoch = int(step), int(epoch)
 
     def attach(self, optimizer: keras.optimizers.Optimizer) -> None:
