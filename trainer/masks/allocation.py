@@ -32,6 +32,7 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+from trainer.masks.checks import is_whole
 from trainer.masks.errors import FreezeConfigError
 
 DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk")
@@ -138,9 +139,9 @@ def _check_shapes(shapes: Any) -> Dict[str, Tuple[int, ...]]:
             dims = tuple(shape)
         except TypeError:
             raise FreezeConfigError(f"shape of {path!r} must be a sequence of positive integers, got {shape!r}") from None
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        if not all(is_whole(d, 1) for d in dims):
             raise FreezeConfigError(f"shape of {path!r} must be a sequence of positive integers, got {shape!r}")
-        out[path] = dims
+        out[path] = tuple(int(d) for d in dims)
     return out
 
 

@@ -10,7 +10,7 @@ their bit patterns) taken when they were pinned and compares that.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Mapping
 
 import numpy as np
 
@@ -52,6 +52,87 @@ def variable_exact(plan: VariablePlan, value: np.ndarray, current_digest: str) -
     if not np.array_equal(bits(value)[derivable], bits(plan.target)[derivable]):
         return False
     return not current_digest or digest(value, plan.frozen & ~plan.derivable) == current_digest
+
+
+def drift(state: Any, combine: Callable[[str], VariablePlan]) -> Dict[str, float]:
+    """Per covered variable path of a :class:`~trainer.masks.state.MaskState`: :func:`variable_drift`.
+
+    ``combine`` gives a path's :class:`VariablePlan`; a variable without frozen elements gives 0.0.
+    """
+    result = {}
+    for path, covered in state.covered.items():
+        if not covered.frozen_elements:
+            result[path] = 0.0
+            continue
+        value = np.asarray(state.by_path[path].variable.numpy())
+        result[path] = variable_drift(combine(path), value, state.digests.get(path, ""))
+    return result
+
+
+def exact(state: Any, combine: Callable[[str], VariablePlan]) -> bool:
+    """True when every frozen element of a :class:`~trainer.masks.state.MaskState` has its pin's bits."""
+    for path, covered in state.covered.items():
+        if covered.frozen_elements:
+            value = np.asarray(state.by_path[path].variable.numpy())
+            if not variable_exact(combine(path), value, state.digests.get(path, "")):
+                return False
+    return True
+
+
+def plan_rows(state: Any) -> List[Dict[str, Any]]:
+    """One row per trainable (or pinned) variable of a store: ``MaskRegistry.plan``."""
+    rows = []
+    for info in state.infos:
+        covered = state.covered.get(info.path)
+        if not info.trainable and covered is None:
+            continue
+        size = int(np.prod(info.variable.shape, dtype=np.int64))
+        frozen = covered.frozen_elements if covered is not None else 0
+        rules = list(covered.rules) if covered is not None else []
+        values = sorted({str(state.rules[r].rule.value) for r in rules})
+        rows.append({
+            "path": info.path,
+            "shape": [int(d) for d in info.variable.shape],
+            "dtype": str(info.variable.dtype),
+            "frozen_elements": frozen,
+            "frozen_fraction": frozen / size if size else 0.0,
+            "value": ", ".join(values) if values else None,
+            "rules": rules,
+        })
+    return rows
+
+
+def describe(rows: List[Dict[str, Any]], modes: Mapping[str, str]) -> str:
+    """A Markdown table of :func:`plan_rows` with each variable's update mode."""
+    lines = ["| variable | shape | frozen | fraction | value | rules | update |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['path']} | {tuple(row['shape'])} | {row['frozen_elements']:,} | "
+            f"{row['frozen_fraction']:.4f} | {row['value'] or '-'} | {', '.join(row['rules']) or '-'} | "
+            f"{modes.get(row['path'], '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_bytes(state: Any, initial: Mapping[str, np.ndarray], buffers: Callable[[str], int]) -> Dict[str, int]:
+    """Bytes of per-element state kept per covered variable: ``MaskRegistry.memory_bytes``.
+
+    Args:
+      state: the :class:`~trainer.masks.state.MaskState`.
+      initial: the initial values kept for ``value: initial`` rules, per path.
+      buffers: ``path -> bytes`` of prune-and-regrow buffers.
+    """
+    out = {}
+    for path in state.covered:
+        update = state.update(path)
+        total = update.memory_bytes() if update is not None else 0
+        total += buffers(path)
+        if path in initial:
+            total += int(initial[path].nbytes)
+        total += sum(int(s.captured[path].nbytes) for s in state.rules.values() if path in s.captured)
+        out[path] = total
+    return out
 
 
 def variable_rows(registry) -> List[Dict[str, Any]]:

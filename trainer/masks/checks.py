@@ -53,4 +53,23 @@ def check_known(given: Iterable[str], allowed: Iterable[str], *, error: Type[Exc
     allowed = list(allowed)
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise error(f"{what.format(unknown=unknown)}; allowed: {allowed if shown is None else list(shown)}")
+        raise error(f"{what.replace('{unknown}', str(unknown))}; allowed: {allowed if shown is None else list(shown)}")
+
+
+def step_span(what: str, begin_step: Any, end_step: Any, *, error: Type[Exception] = ValueError) -> None:
+    """Checks the ``begin_step`` and ``end_step`` of a schedule: non-negative integers, ``end_step > begin_step``.
+
+    Args:
+      what: the schedule's name in messages, e.g. ``"schedule"``.
+      begin_step, end_step: the values given.
+      error: the exception class raised.
+
+    Raises:
+      error: ``"<what>.<name> must be a non-negative integer, got <value!r>"``, or
+        ``"<what>.end_step (<end>) must be greater than begin_step (<begin>)"``.
+    """
+    for name, value in (("begin_step", begin_step), ("end_step", end_step)):
+        if not is_whole(value, 0):
+            raise error(f"{what}.{name} must be a non-negative integer, got {value!r}")
+    if end_step <= begin_step:
+        raise error(f"{what}.end_step ({end_step}) must be greater than begin_step ({begin_step})")

@@ -1,27 +1,26 @@
-"""Element selectors: which elements of one variable a rule freezes.
+"""Element selector specs: what a selector may name, and its validation without a variable.
 
 A selector spec is ``"all"`` or a mapping with exactly one selector key and its
 options, for example ``{"random": 0.9, "seed": 0}`` or ``{"slice": "[:, :10]"}``.
 :func:`validate_elements` checks a spec without a variable (so bad configs fail
-before a model is built); :func:`select_elements` resolves it against one
-variable and returns a boolean array of the variable's shape where ``True``
-means *frozen*. Selectors are pure NumPy functions of an :class:`ElementContext`.
+before a model is built); :func:`trainer.masks.selectors.select_elements`
+resolves it against one variable, as a pure NumPy function of an
+:class:`ElementContext`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import zlib
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from trainer.masks.allocation import DISTRIBUTIONS
+from trainer.masks.checks import check_known, is_whole
 from trainer.masks.errors import FreezeConfigError
-from trainer.masks.scores import check_n_m, n_m_mask
+from trainer.masks.scores import check_n_m
 from trainer.masks.slicing import parse_slice
-from trainer.npfiles import NpzReader, check_file, load_npy, path_is_npz
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +73,19 @@ def _fraction(value: Any, key: str) -> float:
     return float(value)
 
 
-def _int_list(value: Any, key: str) -> list:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+def int_list(value: Any, key: str) -> list:
+    """``value`` (an integer or a sequence of integers) as a list of Python ints, for ``elements.<key>``.
+
+    Raises:
+      FreezeConfigError: not integers, or one outside the int64 range.
+    """
+    if is_whole(value):
         value = [value]
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise FreezeConfigError(f"elements.{key} must be a list of integers, got {value!r}")
     out = []
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, (int, np.integer)):
+        if not is_whole(item):
             raise FreezeConfigError(f"elements.{key} must be a list of integers, got {value!r}")
         if not -2**63 <= int(item) < 2**63:
             raise FreezeConfigError(f"elements.{key} {int(item)} is out of range: an index must lie in "
@@ -121,11 +125,8 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
         )
     key = keys[0]
     allowed = set(_OPTIONS[key]) | set(_COMMON_OPTIONS) | {key}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise FreezeConfigError(
-            f"unknown option(s) {unknown} for selector {key!r}; allowed: {sorted(allowed - {key})}"
-        )
+    check_known(spec, allowed, error=FreezeConfigError, what=f"unknown option(s) {{unknown}} for selector {key!r}",
+                shown=sorted(allowed - {key}))
     if "invert" in spec and not isinstance(spec["invert"], bool):
         raise FreezeConfigError(f"elements.invert must be true or false, got {spec['invert']!r}")
     value = spec[key]
@@ -137,7 +138,7 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
         _check_allocation(spec, key)
         if key == "random" and "seed" in spec:
             seed = spec["seed"]
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            if not is_whole(seed, 0):
                 raise FreezeConfigError(f"elements.seed must be a non-negative integer, got {seed!r}")
     elif key == "magnitude_threshold":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -149,13 +150,13 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
             isinstance(v, Sequence) and not isinstance(v, str) for v in value
         ):
             for index in value:
-                _int_list(index, "indices")
+                int_list(index, "indices")
         else:
-            _int_list(value, "indices")
+            int_list(value, "indices")
     elif key == "slice":
         parse_slice(value)
     elif key in ("units", "inputs", "rows"):
-        _int_list(value, key)
+        int_list(value, key)
     elif key == "n_m":
         if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
             raise FreezeConfigError(f"elements.n_m must be [N, M] (N of every M consecutive elements train, "
@@ -203,232 +204,6 @@ def _check_allocation(spec: Mapping[str, Any], key: str) -> None:
 def selector_name(spec: Mapping[str, Any]) -> str:
     """The selector key of a normalized spec, e.g. ``"random"``."""
     return next(k for k in spec if k in _OPTIONS)
-
-
-def load_array_file(path: str, what: str, key: Optional[str] = None) -> np.ndarray:
-    """Loads a ``.npy`` array safely (checked by :mod:`trainer.npfiles`, never unpickled).
-
-    With ``key``, an ``.npz`` archive is accepted too and its array ``key``
-    is returned (e.g. a run's ``masks.npz``, keyed by variable path).
-
-    Raises:
-      FreezeConfigError: the path is missing, a directory, not a regular file
-        (FIFO, device), over the size limit, not a ``.npy`` file (or an
-        ``.npz`` without ``key``), a header claiming more data than the file
-        holds, or an object dtype.
-    """
-    expected = ".npy file saved with np.save(path, bool_array)"
-    path = check_file(path, what, FreezeConfigError, expected=expected)
-    if key is None or not path_is_npz(path):
-        return load_npy(path, what, FreezeConfigError, expected=expected)
-    with NpzReader(path, what, FreezeConfigError, expected=expected) as archive:
-        if key not in archive.files:
-            raise FreezeConfigError(
-                f"{what} {path!r} is an .npz archive without an array for variable {key!r} (it holds "
-                f"{sorted(archive.files)[:10]}); pass a run's masks.npz, whose arrays are keyed by variable "
-                "path, or one array saved with np.save(path, bool_array) (.npy)"
-            )
-        return archive.array(key)
-
-
-def load_weights(path: str, variable_path: str) -> np.ndarray:
-    """The array of ``variable_path`` in a ``weights.npz`` (``elements.weights_file``).
-
-    Raises:
-      FreezeConfigError: the file is unreadable or has no such array (the message lists what it holds).
-    """
-    with NpzReader(path, "elements.weights_file", FreezeConfigError) as data:
-        if variable_path not in data.files:
-            raise FreezeConfigError(
-                f"elements.weights_file {os.fspath(path)!r} has no array for variable {variable_path!r}; "
-                f"it holds {sorted(data.files)}"
-            )
-        return data.array(variable_path)
-
-
-def _path_seed(seed: int, path: str) -> int:
-    # A stable per-variable seed, so two kernels get different random masks.
-    return (int(seed) * 1_000_003 + zlib.crc32(path.encode("utf-8"))) % (2**32)
-
-
-def _check_shape(array: np.ndarray, ctx: ElementContext, what: str) -> np.ndarray:
-    if tuple(array.shape) != tuple(ctx.shape):
-        raise FreezeConfigError(
-            f"{what} has shape {tuple(array.shape)} but variable {ctx.path!r} has shape {tuple(ctx.shape)}; "
-            f"give an array of shape {tuple(ctx.shape)}"
-        )
-    return array
-
-
-def _smallest(magnitudes: np.ndarray, count: int) -> np.ndarray:
-    frozen = np.zeros(magnitudes.size, dtype=bool)
-    if count > 0:
-        order = np.argsort(magnitudes.reshape(-1), kind="stable")
-        frozen[order[:count]] = True
-    return frozen.reshape(magnitudes.shape)
-
-
-def _axis_selection(ctx: ElementContext, key: str, positions: list, axis: int) -> np.ndarray:
-    if not ctx.shape:
-        raise FreezeConfigError(f"elements.{key} needs a variable with at least one axis; {ctx.path!r} is a scalar")
-    axis = axis % len(ctx.shape)
-    length = ctx.shape[axis]
-    bad = [p for p in positions if not -length <= p < length]
-    if bad:
-        raise FreezeConfigError(
-            f"elements.{key} {bad} out of range for variable {ctx.path!r} of shape {tuple(ctx.shape)} "
-            f"(axis {axis} has {length} entries)"
-        )
-    frozen = np.zeros(ctx.shape, dtype=bool)
-    index = [slice(None)] * len(ctx.shape)
-    index[axis] = np.asarray(positions, dtype=np.int64)
-    frozen[tuple(index)] = True
-    return frozen
-
-
-def _input_axis(shape: tuple) -> int:
-    """The input axis of a kernel: 0 for a Dense kernel ``(in, out)`` (and a vector), ``-2`` (channels in) above."""
-    return 0 if len(shape) <= 2 else len(shape) - 2
-
-
-def _random_subset(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    """A flat bool array with exactly ``count`` of ``size`` entries True, uniformly at random.
-
-    Vectorised and O(size) at most: the smaller side (the ``count`` chosen or
-    the ``size - count`` left) is drawn, by ``Generator.choice`` without
-    replacement when it is small, else as the smallest of ``size`` uniform
-    float32 keys (``np.argpartition``).
-    """
-    small = min(count, size - count)
-    if small <= size // 20:
-        picked = rng.choice(size, small, replace=False) if small else np.empty(0, np.int64)
-    else:
-        picked = np.argpartition(rng.random(size, dtype=np.float32), small - 1)[:small]
-    chosen = np.zeros(size, dtype=bool)
-    chosen[picked] = True
-    return chosen if small == count else ~chosen
-
-
-def _select_indices(ctx: ElementContext, value: Any) -> np.ndarray:
-    frozen = np.zeros(ctx.size, dtype=bool)
-    if isinstance(value, Sequence) and value and isinstance(value[0], Sequence):
-        rows = [list(v) for v in value]
-        if any(len(r) != len(ctx.shape) for r in rows):
-            raise FreezeConfigError(
-                f"elements.indices {value!r}: each multi-dimensional index needs {len(ctx.shape)} "
-                f"entries for variable {ctx.path!r} of shape {tuple(ctx.shape)}"
-            )
-        coords = np.asarray(rows, dtype=np.int64).T
-        for axis, (c, n) in enumerate(zip(coords, ctx.shape)):
-            if ((c < 0) | (c >= n)).any():
-                raise FreezeConfigError(
-                    f"elements.indices {value!r} out of range for variable {ctx.path!r} of shape "
-                    f"{tuple(ctx.shape)} (axis {axis} has {n} entries)"
-                )
-        frozen[np.ravel_multi_index(tuple(coords), ctx.shape)] = True
-    else:
-        flat = np.asarray(_int_list(value, "indices"), dtype=np.int64)
-        bad = flat[(flat < 0) | (flat >= ctx.size)]
-        if bad.size:
-            raise FreezeConfigError(
-                f"elements.indices {bad.tolist()} out of range for variable {ctx.path!r} of shape "
-                f"{tuple(ctx.shape)} and size {ctx.size}: flat indices must lie in [0, {ctx.size - 1}]"
-            )
-        frozen[flat] = True
-    return frozen.reshape(ctx.shape)
-
-
-def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
-    key = selector_name(spec)
-    value = spec[key]
-    if key == "all":
-        return np.ones(ctx.shape, dtype=bool)
-    if key == "indices":
-        return _select_indices(ctx, value)
-    if key == "slice":
-        index = parse_slice(value)
-        frozen = np.zeros(ctx.shape, dtype=bool)
-        try:
-            frozen[index] = True
-        except IndexError as err:
-            raise FreezeConfigError(
-                f"elements.slice {value!r} does not fit variable {ctx.path!r} of shape {tuple(ctx.shape)}: {err}"
-            ) from None
-        return frozen
-    if key == "mask":
-        trainable = _check_shape(np.asarray(value), ctx, f"elements.mask for {ctx.path!r}")
-        return ~trainable.astype(bool)
-    if key == "mask_file":
-        array = load_array_file(value, "elements.mask_file", key=ctx.path)
-        if array.dtype != bool and not np.isin(array, (0, 1)).all():
-            raise FreezeConfigError(
-                f"elements.mask_file {value!r} must hold booleans or 0/1 (1 = trainable), got dtype {array.dtype}"
-            )
-        return ~_check_shape(array, ctx, f"elements.mask_file {value!r}").astype(bool)
-    if key == "random":
-        return _random_subset(ctx.size, int(round(float(value) * ctx.size)),
-                              np.random.default_rng(_path_seed(spec.get("seed", 0), ctx.path))).reshape(ctx.shape)
-    if key in ("magnitude", "magnitude_threshold"):
-        weights = ctx.value
-        if "weights_file" in spec:
-            weights = _check_shape(
-                load_weights(spec["weights_file"], ctx.path), ctx, f"weights for {ctx.path!r}"
-            )
-        magnitudes = np.abs(np.asarray(weights, dtype=np.float64))
-        if key == "magnitude_threshold":
-            return magnitudes < float(value)
-        return _smallest(magnitudes, int(round(float(value) * ctx.size)))
-    if key == "n_m":  # the N largest |w| of every M along the input axis train (Mishra et al. 2021)
-        weights = ctx.value
-        if "weights_file" in spec:
-            weights = _check_shape(load_weights(spec["weights_file"], ctx.path), ctx, f"weights for {ctx.path!r}")
-        if len(ctx.shape) < 1:
-            raise FreezeConfigError(f"elements.n_m needs a variable with at least one axis; {ctx.path!r} is a scalar")
-        axis = spec.get("axis", _input_axis(ctx.shape))
-        keep = n_m_mask(np.abs(np.asarray(weights, dtype=np.float64)), n=int(value[0]), m=int(value[1]), axis=axis,
-                        path=ctx.path)
-        return ~keep
-    if key == "units":
-        return _axis_selection(ctx, key, _int_list(value, key), -1)
-    if key == "rows":
-        return _axis_selection(ctx, key, _int_list(value, key), 0)
-    if key == "inputs":
-        # First axis of a Dense kernel (in, out); input channels (axis -2) of a conv kernel.
-        # A vector (a bias, a BatchNorm scale) has no input axis: its one axis is the units'.
-        if len(ctx.shape) < 2:
-            raise FreezeConfigError(
-                f"elements.inputs needs a kernel with an input axis; {ctx.path!r} has shape {tuple(ctx.shape)}. "
-                "Select only kernels (e.g. select: '*/kernel') or use elements.units for a vector"
-            )
-        return _axis_selection(ctx, key, _int_list(value, key), _input_axis(ctx.shape))
-    raise FreezeConfigError(f"unknown selector {key!r}; allowed: {list(SELECTORS)}")
-
-
-def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = None) -> np.ndarray:
-    """Resolves an element selector against one variable.
-
-    Args:
-      spec: an elements spec (see :func:`normalize_elements`).
-      ctx: the variable's :class:`ElementContext`.
-      fraction: for ``magnitude`` and ``random`` selectors only, a fraction
-        that replaces the spec's (used by gradual-pruning schedules and by
-        layer-wise allocations, which give each variable its own fraction).
-
-    Returns:
-      ``np.ndarray`` of dtype bool and shape ``ctx.shape``; ``True`` = frozen.
-
-    Raises:
-      FreezeConfigError: the spec does not fit this variable (indices out of
-        range, a mask or slice of the wrong shape, a missing file).
-    """
-    spec = normalize_elements(spec)
-    if fraction is not None:
-        key = selector_name(spec)
-        if key not in ("magnitude", "random"):
-            raise FreezeConfigError(f"a fraction can replace only a magnitude or random selector's, not {key!r}'s")
-        spec = dict(spec, **{key: fraction})
-    frozen = _select(spec, ctx)
-    return ~frozen if spec.get("invert", False) else frozen
 
 
 validate_elements: Callable[[Any], Dict[str, Any]] = normalize_elements

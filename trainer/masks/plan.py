@@ -20,15 +20,18 @@ variable's own value and needs no copy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from trainer.masks.allocation import LayerAllocation, allocate_densities
-from trainer.masks.elements import ElementContext, load_weights, select_elements, selector_name
+from trainer.masks.elements import ElementContext, selector_name
 from trainer.masks.scores import global_topk_masks
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.rules import FreezeRule
+from trainer.masks.schedules import due_change
+from trainer.masks.selectors import load_weights, select_elements
+from trainer.masks.variables import VariableInfo, select_variables
 
 # Selectors whose choice depends on values or files at the moment the rule is applied: captured.
 CAPTURED_SELECTORS = ("magnitude", "magnitude_threshold", "mask_file", "n_m")
@@ -118,15 +121,19 @@ class Planner:
     Args:
       shapes: ``{path: (shape, numpy dtype)}`` of every variable.
       read: ``path -> np.ndarray``, the variable's value now (called lazily).
-      initial: ``path -> np.ndarray``, the value ``value: initial`` pins to.
+      initial: ``path -> np.ndarray``, the value ``value: initial`` pins to;
+        by default :attr:`initial_values`, which :meth:`admit` fills.
+      trainable_now: ``path -> bool array or None``, the mask a regrowing
+        rule moved on the device.
     """
 
     def __init__(self, *, shapes: Dict[str, tuple], read: Callable[[str], np.ndarray],
-                 initial: Callable[[str], np.ndarray],
+                 initial: Optional[Callable[[str], np.ndarray]] = None,
                  trainable_now: Optional[Callable[[str], Optional[np.ndarray]]] = None):
         self.shapes = shapes
         self.read = read
-        self.initial = initial
+        self.initial_values: Dict[str, np.ndarray] = {}  # read when a `value: initial` rule is added
+        self.initial = initial if initial is not None else self.initial_values.__getitem__
         self.trainable_now = trainable_now
         self.fresh: Dict[tuple, np.ndarray] = {}  # (rule, path) -> packed selection, until applied
 
@@ -285,3 +292,109 @@ class Planner:
             f"{tuple(int(i) for i in index)}: {float(target[index])!r} and {float(p[index])!r}; give them "
             "the same value or make their element selections disjoint (e.g. with 'exclude' or 'invert')"
         )
+
+    def admit(self, rule: FreezeRule, infos: Sequence[VariableInfo], rules: Any, *, step: int, epoch: int,
+              update_mode: str, initial_value: Callable[[str], np.ndarray],
+              apply: Callable[[List[str]], Any]) -> RuleState:
+        """Checks a rule against its target variables, resolves it and applies it; on an error undoes all.
+
+        Args:
+          rule: the rule.
+          infos: the model's variables (:func:`~trainer.masks.variables.index_variables`).
+          rules: the store of rule states (``rules`` mapping, ``add_rule``, ``remove_rule``).
+          step, epoch: now.
+          update_mode: the registry's ``update`` (``compact`` refuses rules whose count changes).
+          initial_value: ``path -> array`` for a ``value: initial`` rule (read once, kept in
+            :attr:`initial_values`).
+          apply: ``paths -> ...``, writes the combined plans of ``paths`` (after the rule is stored).
+
+        Returns:
+          The rule's :class:`RuleState`.
+
+        Raises:
+          FreezeConfigError: the rule is refused (the message says why); nothing is left changed.
+        """
+        if rule.name in rules.rules:
+            raise FreezeConfigError(f"a rule named {rule.name!r} exists already; rule names: {list(rules.rules)}")
+        targets = select_variables(infos, rule.select, rule.layer_type, rule.exclude, rule.name)
+        paths = self._admissible(rule, targets, rules.rules.values(), update_mode)
+        state = RuleState(rule, paths)
+        added_initial = []
+        try:
+            if rule.value != "initial":  # refuse a constant the dtype cannot hold, before anything changes
+                for path in paths:
+                    self.pins(rule, path, None)
+            else:
+                added_initial = [p for p in paths if p not in self.initial_values]
+                for path in added_initial:
+                    self.initial_values[path] = initial_value(path)
+            # Resolve once against every target now so that bad specs fail before training.
+            if not rule.dynamic or rule.window.active(step, epoch):
+                self.activate(state, step)
+            else:
+                for path in paths:
+                    self.select(state, path, step)
+            rules.add_rule(state)
+            apply(paths)
+        except FreezeConfigError:
+            self.fresh.clear()
+            rules.remove_rule(rule.name)
+            for path in added_initial:
+                del self.initial_values[path]
+            raise
+        return state
+
+    def _admissible(self, rule: FreezeRule, targets: Sequence[Any], states: Any, update_mode: str) -> List[str]:
+        """The paths ``rule`` may cover, after the checks that need only its targets and the other rules."""
+        non_trainable = [t.path for t in targets if not t.trainable]
+        if non_trainable and rule.non_trainable == "error":
+            raise FreezeConfigError(
+                f"rule {rule.name!r} selects non-trainable variables {non_trainable}: gradients do not train "
+                "them, so freezing has no effect there. Narrow 'select' / add 'exclude', or set "
+                "non_trainable: skip (leave them out) or non_trainable: pin (hold them at the pinned value)"
+            )
+        if rule.non_trainable == "skip":
+            targets = [t for t in targets if t.trainable]
+            if not targets:
+                raise FreezeConfigError(f"rule {rule.name!r} selects only non-trainable variables {non_trainable}")
+        if rule.dynamic and rule.regrow is None and update_mode == "compact":
+            raise FreezeConfigError(
+                f"rule {rule.name!r} changes how many elements it freezes during training (start/end bounds or "
+                "update_every_n_steps), which update 'compact' does not support; use update 'auto' (dense where "
+                "masks change) or 'dense'"
+            )
+        paths = [t.path for t in targets]
+        for state in states:  # a variable a `regrow` rule moves is covered by that rule only
+            shared = [p for p in paths if p in state.paths]
+            if shared and (rule.regrow is not None or state.rule.regrow is not None):
+                mover = rule.name if rule.regrow is not None else state.rule.name
+                raise FreezeConfigError(
+                    f"rules {state.rule.name!r} and {rule.name!r} both cover {shared}, but {mover!r} regrows "
+                    "its elements, which needs a variable to itself; narrow 'select' or add 'exclude'"
+                )
+        if rule.regrow is not None:
+            not_float = [p for p in paths if not np.issubdtype(self.shapes[p][1], np.floating)]
+            scalars = [p for p in paths if len(self.shapes[p][0]) == 0]
+            if not_float or scalars:
+                raise FreezeConfigError(f"rule {rule.name!r}: regrow needs float variables with at least one "
+                                        f"axis, got {not_float + scalars}")
+        return paths
+
+    def advance(self, states: Sequence[RuleState], step: int, epoch: int) -> List[str]:
+        """Switches scheduled rules on or off and re-selects due gradual-pruning rules at ``step`` / ``epoch``.
+
+        Returns:
+          The paths of the variables whose rules changed (to apply), in rule order.
+        """
+        touched: List[str] = []
+        for state in states:
+            change = due_change(state, step, epoch)
+            if change is None:
+                continue
+            if change == "off":
+                state.active, state.captured = False, {}
+            else:
+                self.activate(state, change)
+                state.last_update_step = step
+            touched += [p for p in state.paths if p not in touched]
+        return touched

@@ -17,12 +17,14 @@ them. Nothing is read back to the host but three counts.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import keras
 import tensorflow as tf
 
-from trainer.masks.regrow import RegrowSpec, rigl_update, set_update
+from trainer.masks.regrow import rigl_update, set_update
+from trainer.masks.regrow_spec import RegrowSpec
+from trainer.masks.slots import zero_slots
 
 
 class Regrower:
@@ -61,6 +63,36 @@ class Regrower:
                 dense = tf.zeros(buffer.shape, tf.float32) if grad is None else tf.cast(
                     tf.convert_to_tensor(grad), tf.float32)
                 buffer.assign(tf.where(tf.math.is_finite(dense), dense, tf.zeros_like(dense)))  # a skipped step
+
+    @staticmethod
+    def gradients_due(states: Iterable[Any], step: int) -> bool:
+        """True when a RigL rule of ``states`` (:class:`~trainer.masks.plan.RuleState`) updates at ``step``."""
+        return any(s.rule.regrow is not None and s.rule.regrow.method == "rigl"
+                   and s.rule.regrow.due(step, s.last_update_step) for s in states)
+
+    def run(self, step: int, store: Any, gradients: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
+        """Every update due at ``step`` of the rules of a :class:`~trainer.masks.state.MaskState`.
+
+        Args:
+          step: the optimizer step.
+          store: the registry's store (its rule states, updates and optimizer slots).
+          gradients: RigL only, ``{variable path: dense gradient}`` instead of the buffers.
+
+        Returns:
+          One dict per updated variable (see :meth:`apply`).
+        """
+        events = []
+        for state in store.rules.values():
+            spec = state.rule.regrow
+            if spec is None or not spec.due(step, state.last_update_step):
+                continue
+            for path in state.paths:
+                update = store.update(path)
+                slots = store.slots(update.optimizer_variable)  # of the model variable, or the compact [k] one
+                events.append(self.apply(path, update, slots, spec, step,
+                                         None if gradients is None else gradients.get(path)))
+            state.last_update_step = step
+        return events
 
     def apply(self, path: str, update: Any, slots: List[tf.Variable], spec: RegrowSpec, step: int,
               gradient: Optional[Any] = None) -> Dict[str, Any]:
@@ -111,8 +143,7 @@ class Regrower:
                 update.move(new.mask, changed, slots)
             else:
                 update.mask.assign(new.mask)
-                for slot in slots:
-                    slot.assign(tf.where(changed, tf.zeros_like(slot), slot))
+                zero_slots(slots, changed)
             count = lambda m: tf.reduce_sum(tf.cast(m, tf.int64))  # noqa: E731
             return count(new.dropped), count(new.grown), count(new.mask)
 

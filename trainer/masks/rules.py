@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional
 
+from trainer.masks.checks import check_known, positive_int
 from trainer.masks.elements import normalize_elements, selector_name
 from trainer.masks.errors import FreezeConfigError
-from trainer.masks.regrow import RegrowSpec
+from trainer.masks.regrow_spec import RegrowSpec
 from trainer.masks.schedules import ActiveWindow, PolynomialSparsity, make_schedule
 from trainer.masks.values import PinnedValue, normalize_value
 from trainer.masks.variables import as_list
@@ -41,7 +42,7 @@ class FreezeRule:
         initialization, Evci et al., "Gradient Flow in Sparse Neural Networks
         and How Lottery Tickets Win", AAAI 2022). Variables with fewer than
         two axes are left alone.
-      regrow: a :class:`~trainer.masks.regrow.RegrowSpec`: the rule's
+      regrow: a :class:`~trainer.masks.regrow_spec.RegrowSpec`: the rule's
         trainable elements move by prune-and-regrow (SET, RigL) during
         training; needs ``value: zero`` and is the only rule on its variables.
     """
@@ -128,12 +129,9 @@ class FreezeRule:
                 f"rule {name!r}: update_every_n_steps and schedule need a 'magnitude' selector, "
                 f"got elements={spec!r}"
             )
-        if update_every_n_steps is not None and (
-            isinstance(update_every_n_steps, bool) or not isinstance(update_every_n_steps, int) or update_every_n_steps < 1
-        ):
-            raise FreezeConfigError(
-                f"rule {name!r}: update_every_n_steps must be a positive integer, got {update_every_n_steps!r}"
-            )
+        if update_every_n_steps is not None:
+            update_every_n_steps = positive_int(f"rule {name!r}: update_every_n_steps", update_every_n_steps,
+                                                error=FreezeConfigError)
         if not isinstance(rescale_trainable, bool):
             raise FreezeConfigError(f"rule {name!r}: rescale_trainable must be true or false, got {rescale_trainable!r}")
         if sched is not None and update_every_n_steps is None:
@@ -171,9 +169,7 @@ class FreezeRule:
         """
         if not isinstance(mapping, Mapping):
             raise FreezeConfigError(f"rule {name!r} must be a mapping with keys {list(cls.KEYS)}, got {mapping!r}")
-        unknown = sorted(set(mapping) - set(cls.KEYS))
-        if unknown:
-            raise FreezeConfigError(f"rule {name!r}: unknown key(s) {unknown}; allowed: {list(cls.KEYS)}")
+        check_known(mapping, cls.KEYS, error=FreezeConfigError, what=f"rule {name!r}: unknown key(s) {{unknown}}")
         return cls.create(name, **dict(mapping))
 
     @property

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Union
 
+from trainer.masks.checks import check_known, is_whole, step_span
 from trainer.masks.errors import FreezeConfigError
 
 
@@ -36,17 +37,10 @@ class PolynomialSparsity:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise FreezeConfigError(f"schedule.{name} must be a fraction in [0, 1], got {v!r}")
-        for name in ("begin_step", "end_step"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise FreezeConfigError(f"schedule.{name} must be a non-negative integer, got {v!r}")
+        step_span("schedule", self.begin_step, self.end_step, error=FreezeConfigError)
         power = self.power
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
             raise FreezeConfigError(f"schedule.power must be a positive number (3 in Zhu & Gupta 2017), got {power!r}")
-        if self.end_step <= self.begin_step:
-            raise FreezeConfigError(
-                f"schedule.end_step ({self.end_step}) must be greater than begin_step ({self.begin_step})"
-            )
 
     def __call__(self, step: int) -> float:
         """The target sparsity (fraction of frozen elements) at ``step``.
@@ -81,9 +75,8 @@ def make_schedule(spec: Optional[Mapping[str, Any]]) -> Optional[PolynomialSpars
     if kind not in SCHEDULE_KINDS:
         raise FreezeConfigError(f"schedule.kind must be one of {list(SCHEDULE_KINDS)}, got {kind!r}")
     allowed = {f.name for f in dataclasses.fields(PolynomialSparsity)}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise FreezeConfigError(f"unknown schedule key(s) {unknown}; allowed: {sorted(allowed | {'kind'})}")
+    check_known(spec, allowed, error=FreezeConfigError, what="unknown schedule key(s) {unknown}",
+                shown=sorted(allowed | {"kind"}))
     missing = sorted({"initial_sparsity", "final_sparsity", "begin_step", "end_step"} - set(spec))
     if missing:
         raise FreezeConfigError(f"schedule is missing {missing}")
@@ -107,7 +100,7 @@ class ActiveWindow:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            if v is not None and not is_whole(v, 0):
                 raise FreezeConfigError(f"{f.name} must be a non-negative integer or null, got {v!r}")
         for lo, hi in (("start_step", "end_step"), ("start_epoch", "end_epoch")):
             a, b = getattr(self, lo), getattr(self, hi)
@@ -124,3 +117,57 @@ class ActiveWindow:
             return (lo is None or x >= lo) and (hi is None or x < hi)
 
         return inside(step, self.start_step, self.end_step) and inside(epoch, self.start_epoch, self.end_epoch)
+
+
+def due_change(state: Any, step: int, epoch: int) -> Union[None, str, int]:
+    """What a rule's schedule does at ``step`` / ``epoch``: the window and due logic of ``MaskRegistry.update``.
+
+    Args:
+      state: a :class:`~trainer.masks.plan.RuleState` (``rule``, ``active``, ``last_update_step``).
+      step, epoch: now.
+
+    Returns:
+      ``None`` (nothing), ``"off"`` (the rule leaves its window), or the step
+      to select at: ``step`` when the rule enters its window, or the due
+      re-selection of a gradual-pruning rule (clipped to its schedule's end).
+    """
+    rule = state.rule
+    if not rule.dynamic:
+        return None
+    active = rule.window.active(step, epoch)
+    if active and not state.active:
+        return step
+    if not active and state.active:
+        return "off"
+    if active and rule.update_every_n_steps is not None:
+        end = rule.schedule.end_step if rule.schedule is not None else None
+        due = step - state.last_update_step >= rule.update_every_n_steps
+        if due and (end is None or state.last_update_step < end):
+            return min(step, end) if end is not None else step
+    return None
+
+
+def next_update_step(states: Iterable[Any], step: int) -> Optional[int]:
+    """The first step after ``step`` at which a rule's schedule (or regrowth) can change a mask.
+
+    Args:
+      states: :class:`~trainer.masks.plan.RuleState` objects.
+      step: the optimizer step now.
+
+    Returns:
+      The nearest ``start_step`` / ``end_step`` bound, due re-selection of a
+      gradual-pruning rule or prune-and-regrow update after ``step``, or
+      ``None`` when none is ahead.
+    """
+    candidates = []
+    for state in states:
+        rule, window = state.rule, state.rule.window
+        candidates += [b for b in (window.start_step, window.end_step) if b is not None and b > step]
+        if rule.regrow is not None:
+            due = rule.regrow.next_due(step)
+            candidates += [due] if due is not None else []
+        if rule.update_every_n_steps is not None and state.active and state.last_update_step is not None:
+            end = rule.schedule.end_step if rule.schedule is not None else None
+            if end is None or state.last_update_step < end:
+                candidates.append(max(state.last_update_step + rule.update_every_n_steps, step + 1))
+    return min(candidates) if candidates else None

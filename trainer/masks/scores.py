@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.masks.allocation import kept_count
+from trainer.masks.checks import is_whole, positive_int
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.slots import slots_by_path
 
@@ -84,7 +85,7 @@ def random_scores(shapes: Mapping[str, Sequence[int]], *, seed: int) -> Dict[str
     Raises:
       FreezeConfigError: ``seed`` not a non-negative integer.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_whole(seed, 0):
         raise FreezeConfigError(f"seed must be a non-negative integer, got {seed!r}")
     return {
         p: np.random.default_rng([int(seed), zlib.crc32(p.encode())]).random(tuple(s)) for p, s in shapes.items()
@@ -173,7 +174,7 @@ def topk_mask(scores: ArrayLike, count: int, *, path: str = "scores") -> np.ndar
       FreezeConfigError: NaN scores or ``count`` out of range.
     """
     array = _scores(path, scores)
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count <= array.size:
+    if not is_whole(count, 0, array.size + 1):
         raise FreezeConfigError(f"count for {path!r} must be an integer in [0, {array.size}], got {count!r}")
     keep = np.zeros(array.size, dtype=bool)
     keep[np.argsort(-array.reshape(-1), kind="stable")[: int(count)]] = True
@@ -243,7 +244,7 @@ def check_n_m(n: Any, m: Any) -> None:
       FreezeConfigError: otherwise.
     """
     for v in (n, m):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        if not is_whole(v):
             raise FreezeConfigError(f"N:M sparsity needs integers 1 <= N <= M, got N={n!r}, M={m!r}")
     if not 1 <= n <= m:
         raise FreezeConfigError(f"N:M sparsity needs integers 1 <= N <= M, got N={n!r}, M={m!r}")
@@ -275,7 +276,7 @@ def n_m_mask(scores: ArrayLike, *, n: int, m: int, axis: int = 0, path: str = "s
     """
     check_n_m(n, m)
     array = _scores(path, scores)
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -array.ndim <= axis < array.ndim:
+    if not is_whole(axis, -array.ndim, array.ndim):
         raise FreezeConfigError(
             f"N:M axis must be an integer in [{-array.ndim}, {array.ndim - 1}] for {path!r} of shape "
             f"{array.shape}, got {axis!r}"
@@ -360,8 +361,7 @@ def gradient_scores(
       FreezeConfigError: ``num_batches`` not a positive integer, the dataset
         yields fewer batches, or a batch is not ``(x, y[, sample_weight])``.
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise FreezeConfigError(f"num_batches must be a positive integer, got {num_batches!r}")
+    num_batches = positive_int("num_batches", num_batches, error=FreezeConfigError)
     variables = list(model.trainable_variables if variables is None else variables)
     if not variables:
         raise FreezeConfigError(f"model {model.name!r} has no variables to score")

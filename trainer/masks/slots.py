@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
+
+from trainer.masks.errors import FreezeConfigError
 
 
 def _slot_prefix(path: str) -> str:
@@ -35,11 +38,31 @@ def slots_by_path(optimizer: keras.optimizers.Optimizer, variables: List[keras.V
     return result
 
 
-def zero_slot_elements(slots: list, elements: np.ndarray) -> None:
-    """Sets the given elements (``True`` in a bool array of the slot's shape) of every slot to 0."""
-    if not slots or not elements.any():
-        return
-    keep = ~elements
+def zero_slots(slots: Sequence[tf.Variable], elements: Any) -> None:
+    """Sets ``elements`` of every optimizer slot to 0 in place, with ``tf.where``: the one slot zeroing.
+
+    Used when elements change state (a mask changes, an optimizer is attached
+    to frozen elements, prune-and-regrow grows or drops them, as RigL's
+    ``reset_momentum``), eagerly or inside a ``tf.function``. Other elements
+    keep their bits.
+
+    Args:
+      slots: the variable's slot variables (e.g. Adam's momentum and
+        velocity), each of the shape of ``elements``.
+      elements: bool array or tensor, ``True`` = set to 0; a NumPy array with
+        no ``True`` writes nothing.
+
+    Raises:
+      FreezeConfigError: a slot whose shape is not the shape of ``elements``.
+    """
     for slot in slots:
-        value = np.asarray(slot.numpy())
-        slot.assign(np.where(keep, value, np.zeros_like(value)))
+        if tuple(slot.shape) != tuple(elements.shape):
+            raise FreezeConfigError(
+                f"slot {getattr(slot, 'path', slot.name)!r} has shape {list(tuple(slot.shape))}, "
+                f"the elements to zero have shape {list(tuple(elements.shape))}"
+            )
+    if isinstance(elements, np.ndarray) and not elements.any():
+        return
+    elements = tf.convert_to_tensor(elements)
+    for slot in slots:
+        slot.assign(tf.where(elements, tf.zeros_like(slot), slot))

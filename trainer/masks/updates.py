@@ -23,7 +23,7 @@ Under a ``tf.distribute`` strategy the write-back runs on every replica's copy
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -64,6 +64,25 @@ def _dense(grad):
     return tf.convert_to_tensor(grad) if isinstance(grad, tf.IndexedSlices) else grad
 
 
+def mask_gradient(grad, trainable: Optional[tf.Tensor]):
+    """``grad`` with every frozen element exactly 0, in the variable's shape: the one gradient mask.
+
+    Args:
+      grad: a dense gradient of the variable's shape, or a ``tf.IndexedSlices``
+        (its rows are masked by the rows of ``trainable``; it stays sparse).
+      trainable: a bool tensor of the variable's shape (``True`` = may
+        change), or ``None`` when every element is frozen (all zeros).
+
+    Returns:
+      A tensor (or ``tf.IndexedSlices``) of ``grad``'s structure, shape and dtype.
+    """
+    if isinstance(grad, tf.IndexedSlices):
+        zeros = tf.zeros_like(grad.values)
+        values = zeros if trainable is None else tf.where(tf.gather(trainable, grad.indices), grad.values, zeros)
+        return tf.IndexedSlices(values, grad.indices, grad.dense_shape)
+    return tf.zeros_like(grad) if trainable is None else tf.where(trainable, grad, tf.zeros_like(grad))
+
+
 class DenseUpdate:
     """Masked gradients, the optimizer on the whole variable, frozen elements restored.
 
@@ -75,9 +94,14 @@ class DenseUpdate:
 
     mode = "dense"
 
-    def __init__(self, *, variable: keras.Variable, trainable: np.ndarray, name: str):
+    def __init__(self, variable: keras.Variable, mask: tf.Variable):
         self.variable = variable
-        self.mask = tf.Variable(trainable, trainable=False, name=name, dtype=tf.bool)
+        self.mask = mask
+
+    @classmethod
+    def create(cls, *, variable: keras.Variable, trainable: np.ndarray, name: str) -> "DenseUpdate":
+        """A new update with its mask variable (``tf.bool``, the variable's shape)."""
+        return cls(variable, tf.Variable(trainable, trainable=False, name=name, dtype=tf.bool))
 
     @property
     def optimizer_variable(self) -> keras.Variable:
@@ -91,12 +115,8 @@ class DenseUpdate:
         return np.asarray(self.mask.numpy())
 
     def mask_gradient(self, grad):
-        """``grad`` with frozen elements exactly 0 (IndexedSlices: rows gathered from the mask)."""
-        if isinstance(grad, tf.IndexedSlices):
-            rows = tf.gather(self.mask, grad.indices)
-            return tf.IndexedSlices(tf.where(rows, grad.values, tf.zeros_like(grad.values)), grad.indices,
-                                    grad.dense_shape)
-        return tf.where(self.mask, grad, tf.zeros_like(grad))
+        """``grad`` with frozen elements exactly 0 (see :func:`mask_gradient`)."""
+        return mask_gradient(grad, self.mask)
 
     gradient = mask_gradient
 
@@ -123,15 +143,22 @@ class CompactUpdate:
 
     mode = "compact"
 
-    def __init__(self, *, variable: keras.Variable, trainable: np.ndarray, name: str):
+    def __init__(self, variable: keras.Variable, indices: tf.Variable, compact: keras.Variable):
         self.variable = variable
         self.shape = tuple(int(d) for d in variable.shape)
-        size = int(np.prod(self.shape, dtype=np.int64))
+        self.indices = indices
+        self.compact = compact
+
+    @classmethod
+    def create(cls, *, variable: keras.Variable, trainable: np.ndarray, name: str) -> "CompactUpdate":
+        """A new update with its indices (int32; int64 past 2**31 elements) and compact ``[k]`` variables."""
+        size = int(np.prod(variable.shape, dtype=np.int64))
         dtype = np.int64 if size >= 2**31 else np.int32
         flat = np.flatnonzero(np.asarray(trainable).reshape(-1)).astype(dtype)
-        self.indices = tf.Variable(flat, trainable=False, name=name + "_indices")
+        indices = tf.Variable(flat, trainable=False, name=name + "_indices")
         values = tf.gather(tf.reshape(tf.convert_to_tensor(variable.value), [-1]), flat)
-        self.compact = keras.Variable(initializer=values.numpy(), dtype=variable.dtype, trainable=True, name=name)
+        return cls(variable, indices,
+                   keras.Variable(initializer=values.numpy(), dtype=variable.dtype, trainable=True, name=name))
 
     @property
     def optimizer_variable(self) -> keras.Variable:
@@ -176,12 +203,8 @@ class CompactUpdate:
         self.compact.assign(tf.gather(tf.reshape(tf.convert_to_tensor(self.variable.value), [-1]), new))
 
     def mask_gradient(self, grad):
-        """``grad`` with frozen elements exactly 0, in the variable's shape (IndexedSlices stay sparse)."""
-        if isinstance(grad, tf.IndexedSlices):
-            rows = tf.gather(self.dense_mask(), grad.indices)
-            return tf.IndexedSlices(tf.where(rows, grad.values, tf.zeros_like(grad.values)), grad.indices,
-                                    grad.dense_shape)
-        return tf.where(self.dense_mask(), grad, tf.zeros_like(grad))
+        """``grad`` with frozen elements exactly 0, in the variable's shape (see :func:`mask_gradient`)."""
+        return mask_gradient(grad, self.dense_mask())
 
     def gradient(self, grad):
         """The gradients of the trainable elements, ``[k]`` (an Embedding's IndexedSlices is made dense first)."""
@@ -230,9 +253,15 @@ class PinUpdate(DenseUpdate):
 
     mode = "pinned"
 
-    def __init__(self, *, variable: keras.Variable, trainable: np.ndarray, name: str):
-        super().__init__(variable=variable, trainable=trainable, name=name)
-        self.pins = tf.Variable(variable.value, trainable=False, name=name + "_pins")
+    def __init__(self, variable: keras.Variable, mask: tf.Variable, pins: tf.Variable):
+        super().__init__(variable, mask)
+        self.pins = pins
+
+    @classmethod
+    def create(cls, *, variable: keras.Variable, trainable: np.ndarray, name: str) -> "PinUpdate":
+        """A new update with its mask and pins (the variable's value now) variables."""
+        dense = DenseUpdate.create(variable=variable, trainable=trainable, name=name)
+        return cls(variable, dense.mask, tf.Variable(variable.value, trainable=False, name=name + "_pins"))
 
     def set_trainable(self, trainable: np.ndarray) -> None:
         super().set_trainable(trainable)
@@ -249,7 +278,7 @@ class PinUpdate(DenseUpdate):
 def make_update(mode: str, *, variable: keras.Variable, trainable: np.ndarray, name: str):
     """A :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` (``mode="pinned"``)."""
     cls = {"compact": CompactUpdate, "dense": DenseUpdate, "pinned": PinUpdate}[mode]
-    return cls(variable=variable, trainable=trainable, name=name)
+    return cls.create(variable=variable, trainable=trainable, name=name)
 
 
 def choose_mode(requested: str, *, trainable_fraction: float, dynamic: bool, rank: int,
@@ -266,3 +295,79 @@ def choose_mode(requested: str, *, trainable_fraction: float, dynamic: bool, ran
         return requested
     return "compact" if trainable_fraction <= crossover and not dynamic else "dense"
 
+
+
+Lookup = Callable[[str], Tuple[Any, bool]]  # variable path -> (its update or None, frozen entirely)
+
+
+def step_gradients(grads: Sequence[Any], variables: Sequence[keras.Variable], lookup: Lookup, *,
+                   gathered: bool) -> List[Any]:
+    """The gradients of ``variables`` with every frozen element exactly 0: one loop for both forms.
+
+    Args:
+      grads: one gradient per variable: a dense tensor of the variable's
+        shape, a ``tf.IndexedSlices`` or ``None``.
+      variables: the model variables, in the same order.
+      lookup: ``variable path -> (update or None, frozen entirely)``.
+      gathered: ``False``: masked, in the variables' shapes
+        (``MaskRegistry.mask_gradients``); ``True``: what each update's
+        :attr:`optimizer_variable` takes, ``[k]`` for compact updates
+        (``MaskRegistry.update_gradients``).
+
+    Returns:
+      A list of the same length; gradients of uncovered variables (and
+      ``None``) are passed through unchanged.
+    """
+    out = []
+    for grad, variable in zip(grads, variables):
+        update, full = lookup(variable.path)
+        if grad is None or (update is None and not full):
+            out.append(grad)
+        elif full:
+            out.append(mask_gradient(grad, None))
+        else:
+            out.append(update.gradient(grad) if gathered else update.mask_gradient(grad))
+    return out
+
+
+def apply_updates(optimizer: keras.optimizers.Optimizer, grads: Sequence[Any], variables: Sequence[keras.Variable],
+                  lookup: Lookup, pinned: Sequence["PinUpdate"], apply_if: Optional[tf.Tensor] = None) -> None:
+    """One optimizer update of the gradients of :func:`step_gradients` (``gathered=True``).
+
+    Each update holds what it needs before ``optimizer.apply_gradients`` and
+    releases it after (dense: frozen elements restored; compact: the ``[k]``
+    values scattered into the model variable); then every ``pinned`` update
+    writes its pins back (the forward pass moves them). With ``apply_if`` (a
+    scalar bool tensor), every variable the optimizer writes (compact ``[k]``
+    variables, uncovered variables, slots, ``iterations``) is selected back to
+    its value before the update where it is ``False``, before the compact
+    values are scattered.
+
+    Args:
+      optimizer: a built optimizer when ``apply_if`` is given.
+      grads: one per variable, from :func:`step_gradients`.
+      variables: the model variables, in the same order.
+      lookup: ``variable path -> (update or None, frozen entirely)``.
+      pinned: the :class:`PinUpdate` of every pinned non-trainable variable.
+      apply_if: ``None`` or a scalar bool tensor.
+    """
+    pairs, held, selected = [], [], []
+    for grad, variable in zip(grads, variables):
+        update, _ = lookup(variable.path)
+        target = update.optimizer_variable if update is not None else variable
+        pairs.append((grad, target))
+        held.append((update, update.hold()) if update is not None and grad is not None else None)
+        if apply_if is not None and grad is not None and (update is None or update.mode != "dense"):
+            selected.append(target)  # a dense update's release restores it from what it holds
+    if apply_if is not None:
+        selected += optimizer.variables  # slots, iterations (the optimizer's own variables)
+        before = [tf.identity(v.value) for v in selected]
+    optimizer.apply_gradients(pairs)
+    if apply_if is not None:
+        for variable, value in zip(selected, before):
+            keep_where(variable, apply_if, value)
+    for item in held:
+        if item is not None:
+            item[0].release(item[1], apply_if)
+    for update in pinned:
+        update.restore()  # the forward pass moved it (e.g. BatchNorm statistics)

@@ -67,3 +67,24 @@ def resolve_value(value: PinnedValue, current: np.ndarray, initial: np.ndarray) 
     if value == "zero":
         return np.zeros_like(current)
     return np.full_like(current, float(value))
+
+
+def rescaled(value: np.ndarray, trainable: np.ndarray) -> np.ndarray:
+    """``value`` with its trainable elements scaled by ``sqrt(fan_in / kept)`` per output unit (last axis).
+
+    ``fan_in`` is the product of all axes but the last and ``kept`` the number
+    of trainable elements of each unit (at least 1), so that a sparse kernel
+    keeps the scale of its dense initialisation; frozen elements keep their bits.
+
+    Args:
+      value: a kernel of at least two axes.
+      trainable: bool array of its shape, ``True`` = may change.
+
+    Returns:
+      A new array of ``value``'s shape and dtype.
+    """
+    shape = value.shape
+    kept = trainable.reshape(-1, shape[-1]).sum(axis=0)
+    fan_in = float(np.prod(shape[:-1]))
+    scale = np.sqrt(fan_in / np.maximum(kept, 1)).astype(value.dtype)
+    return np.where(trainable, value * scale, value)
