@@ -44,18 +44,26 @@ class Progress:
     The controller calls them as the run goes; :func:`stop_on_signals` and
     :meth:`trainer.Trainer.request_stop` ask for a stop through
     :meth:`request_stop`. :class:`trainer.Trainer` reads it (``epoch``,
-    ``status``, ``timing``, ...) and hooks get it in a :class:`LoopState`.
+    ``status``, ``timing``, ...) and hooks get it in a
+    :class:`~trainer.hooks.LoopState`.
 
     Attributes:
-      epoch, epoch_first_step, steps_per_epoch, total_steps, final_epoch,
-        timing, regrow_events: as in :class:`~trainer.hooks.LoopState` (the last call's;
-        ``None`` before any for the lengths).
-      epochs_done: epochs completed; ``fit(epochs=n)`` numbers on from it.
+      epoch: the epoch, from 0, of the execution running or last run.
+      epoch_first_step: the optimizer step at which that epoch began.
+      epochs_done: epochs completed so far; ``fit(epochs=n)`` numbers its
+        epochs on from it.
+      steps_per_epoch, total_steps, final_epoch: those of the last ``fit``
+        call (as in :class:`~trainer.hooks.LoopState`; ``None`` before any).
       status: how the last ``fit`` ended: ``"completed"``, ``"interrupted"``
         (``stop_requested`` before the last step) or ``"failed"`` (it
         raised); ``None`` before any ``fit``.
+      timing: seconds of the ``fit`` calls (``first_execution_seconds``,
+        ``train_seconds``, ``steady_steps_per_second``), by name.
+      regrow_events: the prune-and-regrow updates made after the last
+        execution (:meth:`~trainer.masks.MaskRegistry.regrow`), one dict each.
       stop_requested: an interrupted stop was asked (SIGINT / SIGTERM); it stays.
-      stop_training: a completed stop was asked (early stopping), per call.
+      stop_training: a completed stop was asked (early stopping); each
+        ``fit`` call starts without one.
     """
 
     def __init__(self):
@@ -85,7 +93,7 @@ class Progress:
         """The prune-and-regrow updates made after the last execution."""
         self.regrow_events = events
 
-    def time(self, name: str, seconds: float) -> None:
+    def timed(self, name: str, seconds: float) -> None:
         """Records ``timing[name] = seconds``."""
         self.timing[name] = seconds
 
@@ -259,7 +267,7 @@ class Controller:
                 progress.regrew(registry.regrow(step))  # prune and regrow, before any hook saves
                 if first_done is None:
                     first_done = time.perf_counter()
-                    progress.time("first_execution_seconds", first_done - start)
+                    progress.timed("first_execution_seconds", first_done - start)
                     steps_at_first = step
                 logs = runner.train_logs()
                 call("on_execution_end", before, step, logs)
@@ -283,9 +291,9 @@ class Controller:
             progress.end(status)
         finally:
             end = time.perf_counter()
-            progress.time("train_seconds", end - start)
+            progress.timed("train_seconds", end - start)
             if first_done is not None and step > steps_at_first:
-                progress.time("steady_steps_per_second", (step - steps_at_first) / max(end - first_done, 1e-9))
+                progress.timed("steady_steps_per_second", (step - steps_at_first) / max(end - first_done, 1e-9))
             call("on_train_end", step, logs, status)
         return history
 

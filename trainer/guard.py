@@ -158,15 +158,15 @@ def check(loss: tf.Tensor, grads: Sequence[Any], *, guard: Optional[str],
     return finite, norm
 
 
-def guarded(guard: Optional[str], finite: tf.Tensor, apply: Callable[[Optional[tf.Tensor]], None],
+def guarded(guard: Optional[str], finite: tf.Tensor, apply: Callable[..., None],
             record: Callable[[], tf.Tensor], skip: Callable[[], tf.Tensor]) -> tf.Tensor:
     """Runs ``apply`` and ``record`` when ``finite``, else ``skip``, under the guard (see the module's notes).
 
     Args:
       guard: ``"select"``, ``"cond"`` or ``None``.
       finite: a scalar bool Tensor (:func:`check`).
-      apply: ``apply(apply_if)`` applies the update; under ``"select"`` it
-        gets ``finite`` and must select back what it wrote when that is
+      apply: ``apply(apply_if=...)`` applies the update; under ``"select"``
+        it gets ``finite`` and must select back what it wrote when that is
         False, else ``None``.
       record: updates the metrics and counters of an applied step; returns
         ``tf.constant(True)``.
@@ -176,12 +176,12 @@ def guarded(guard: Optional[str], finite: tf.Tensor, apply: Callable[[Optional[t
       A scalar bool Tensor: whether the step was applied.
     """
     def apply_and_record():
-        apply(None)
+        apply(apply_if=None)
         return record()
 
     if guard is None:
         return apply_and_record()
     if guard == "select":
-        apply(finite)
+        apply(apply_if=finite)
         return tf.cond(finite, record, skip)
     return tf.cond(finite, apply_and_record, skip)

@@ -16,6 +16,7 @@ registry structure.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 import keras
@@ -164,14 +165,13 @@ def make_step(parts: StepParts, capture: bool = False) -> Callable:
     variables, strategy, guard = parts.registry.trainable_variables(), parts.strategy, parts.guard_in_use
     several = strategy.num_replicas_in_sync > 1
 
-    def total(value):
+    def total(value):  # the sum over the replicas
         return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) if several else value
 
-    def forward(x, y, count):
+    def forward(x, y, count):  # in each replica: forward, loss, gradients, update gradients
         return replica_gradients(parts, x, y, count, variables, capture)
 
-    if several:
-        forward = per_replica_function(forward, jit_compile=parts.jit_compile)
+    forward = per_replica_function(forward, jit_compile=parts.jit_compile) if several else forward
 
     def step(x, y):
         parts.counters.batches.assign_add(1)
@@ -184,11 +184,10 @@ def make_step(parts: StepParts, capture: bool = False) -> Callable:
             parts.registry.capture_gradients([None if g is None else total(g) for g in raw], variables)
         finite, norm = guards.check(loss, grads, guard=guard, optimizer=parts.optimizer)
         undo(finite)
-        y_all, y_pred_all = concat_replicas(strategy, y), concat_replicas(strategy, y_pred)
-        return guards.guarded(
-            guard, finite,
-            lambda apply_if: parts.registry.apply_gradients(parts.optimizer, grads, variables, apply_if=apply_if),
-            lambda: record_step(parts, norm, loss, count, y_all, y_pred_all), parts.counters.skip)
+        apply = functools.partial(parts.registry.apply_gradients, parts.optimizer, grads, variables)
+        record = functools.partial(record_step, parts, norm, loss, count, concat_replicas(strategy, y),
+                                   concat_replicas(strategy, y_pred))
+        return guards.guarded(guard, finite, apply, record, parts.counters.skip)
 
     return step if several else tf.function(step, jit_compile=parts.jit_compile, reduce_retracing=True)
 
