@@ -100,7 +100,7 @@ def test_unchecked_applies_every_update_and_still_keeps_frozen_elements():
     trainable = trainer.registry.trainable_mask(trainer.model.get_layer("fc1").kernel.path)
     assert np.isnan(kernel[trainable]).all()  # the NaN update was applied to every trainable element
     assert frozen_bits(trainer) == frozen_before and trainer.registry.exact()
-    assert float(trainer.grad_norm.numpy()) == 0.0  # no gradient norm is computed in the step
+    assert float(trainer.counters.grad_norm.numpy()) == 0.0  # no gradient norm is computed in the step
 
 
 def test_guard_auto_follows_the_plan_and_a_bad_guard_is_refused():

@@ -4,7 +4,7 @@ from trainer.logs import import_tensorflow_quietly
 
 import_tensorflow_quietly()  # TensorFlow's native start-up lines off (unless log.verbose=true / TRAINER_VERBOSE=1)
 
-from trainer.controller import LoopState  # noqa: E402
+from trainer.hooks import LoopState  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.masks import FreezeConfigError, FreezeRule, MaskRegistry  # noqa: E402
 

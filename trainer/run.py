@@ -13,12 +13,9 @@ fresh-run and resume checks before anything is written) is in
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
 from typing import Any, Dict, List, Optional
 
 import keras
@@ -31,6 +28,7 @@ from trainer.banner import log_banner
 from trainer.callbacks import BestWeights, Callback, EarlyStopping
 from trainer.checkpoint import CheckpointError, Checkpointing, latest_good
 from trainer.config import ConfigError, check_config
+from trainer.controller import stop_on_signals
 from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
@@ -274,32 +272,6 @@ def early_stopping_summary(history) -> Optional[Dict[str, Any]]:
             "test_loss": best["test_loss"], "test_accuracy": best["test_accuracy"]}
 
 
-@contextlib.contextmanager
-def stop_on_signals(trainer: Trainer):
-    """SIGINT / SIGTERM ask the trainer to stop after the current execution (then it checkpoints).
-
-    A second SIGINT exits at once (exit code 130) without waiting.
-    """
-    previous = {}
-
-    def ask_to_stop(signum, frame):
-        if trainer.stop_requested and signum == signal.SIGINT:
-            log.error("second interrupt: exiting now")
-            os._exit(130)
-        trainer.stop_requested = True
-        log.warning("%s received: finishing the current step, then writing a checkpoint "
-                    "(press Ctrl-C again to exit at once)", signal.Signals(signum).name)
-
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, ask_to_stop)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def write_records(cfg: DictConfig, run_dir: str, registry: MaskRegistry, fingerprint: Optional[Dict[str, Any]],
                   resume: bool) -> None:
     """Writes what describes the run, after every check passed: ``.hydra/``, ``fingerprint.json``, ``freeze_plan.json``.
@@ -472,7 +444,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
     callbacks += early_stopping_callbacks(cfg, run_dir, has_validation=val_ds is not None)
 
     status, error = "failed", None
-    with stop_on_signals(trainer):  # until the last file is written
+    with stop_on_signals(trainer.progress):  # until the last file is written
         try:
             trainer.fit(train_ds, val_ds, epochs=int(t.epochs), initial_epoch=0, max_steps=t.max_steps,
                         callbacks=callbacks)  # epochs counted from step 0: a resumed run continues
