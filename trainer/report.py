@@ -12,7 +12,11 @@ import numpy as np
 from trainer import rundir
 from trainer.callbacks import Callback
 from trainer.masks import audit as masks_audit
+from trainer.sft import trainable_elements
 from trainer.sparse_export import write_sparse_weights
+
+__all__ = ["RunRecord", "audit", "audit_line", "early_stopping_summary", "export_masks", "export_model",
+           "export_saved_model", "export_sparse_weights", "export_weights", "run_report", "totals", "write_json"]
 
 
 def audit(registry) -> List[Dict[str, Any]]:
@@ -147,3 +151,74 @@ def totals(segments: List[Dict[str, Any]]) -> Dict[str, Any]:
     seconds = sum(s["train_seconds"] for s in trained)
     return {"wall_seconds": sum(s["wall_seconds"] for s in segments),
             "examples_per_second": sum(s["examples"] for s in trained) / seconds if seconds > 0 else None}
+
+
+def early_stopping_summary(history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The epoch of lowest validation loss and the test metrics there (Frankle & Carbin 2019's protocol).
+
+    Args:
+      history: one logs dict per epoch (floats keyed ``val_loss``,
+        ``test_accuracy``, ...), epoch 1 first.
+
+    Returns:
+      ``{"epoch", "val_loss", "val_accuracy", "test_loss", "test_accuracy"}``
+      of that epoch (``epoch`` from 1), or ``None`` when no epoch has both
+      ``val_loss`` and ``test_accuracy`` (``log.test_every_epoch`` off).
+    """
+    rows = [(i, h) for i, h in enumerate(history, 1) if "val_loss" in h and "test_accuracy" in h]
+    if not rows:
+        return None
+    epoch, best = min(rows, key=lambda r: r[1]["val_loss"])
+    return {"epoch": epoch, "val_loss": best["val_loss"], "val_accuracy": best.get("val_accuracy"),
+            "test_loss": best["test_loss"], "test_accuracy": best["test_accuracy"]}
+
+
+def run_report(state, record: RunRecord, *, status: str, test: Dict[str, Any],
+               error: Optional[str] = None) -> Dict[str, Any]:
+    """The ``report.json`` dict of a run that has ended: test metrics, timing, the audit, history and segments.
+
+    ``history``, ``segments``, ``wall_seconds`` and ``examples_per_second``
+    cover the whole run, earlier segments (before a resume) included;
+    ``config_changes`` lists every change accepted with ``resume_allow_changes``.
+
+    Args:
+      state: the trainer's :class:`~trainer.controller.LoopState` now (its
+        step, timing and registry are read).
+      record: the run's :class:`RunRecord` (its snapshot closes this segment
+        with ``status``).
+      status: ``"completed"``, ``"interrupted"`` or ``"failed"``.
+      test: the test metrics (floats by name; ``{"loss": None}`` when not evaluated).
+      error: ``"<ExceptionType>: <message>"`` of a failed run, added as ``error``.
+
+    Returns:
+      A JSON-able dict (``status``, ``test_accuracy``, ``test_loss``, ``steps``,
+      ``frozen_exact``, ``audit``, ``variables``, ``history``, ...).
+    """
+    registry = state.registry
+    rows = audit(registry)
+    exact = registry.exact()
+    whole = record.snapshot(state, status)
+    history, segments = whole["history"], whole["segments"]
+    spent = totals(segments)
+    result = {
+        "status": status,
+        "test_accuracy": test.get("accuracy"),
+        "test_loss": test["loss"],
+        "steps": state.step,
+        "trainable_elements": trainable_elements(registry),
+        "epochs": state.step / state.steps_per_epoch if state.steps_per_epoch else 0,
+        "wall_seconds": spent["wall_seconds"],
+        "examples_per_second": spent["examples_per_second"],
+        "steady_steps_per_second": state.timing.get("steady_steps_per_second"),
+        "skipped_steps": state.skipped_steps,
+        "frozen_exact": exact,
+        "audit": audit_line(rows, exact),
+        "variables": rows,
+        "history": history,
+        "early_stopping": early_stopping_summary(history),
+        "segments": segments,
+        "config_changes": [c for s in segments for c in s["config_changes"]],
+    }
+    if error is not None:
+        result["error"] = error
+    return result
