@@ -14,6 +14,14 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from trainer.loop import NAN_POLICIES
+from trainer.masks.checks import is_whole, positive_int
+from trainer.masks.updates import UPDATE_MODES
+
+__all__ = ["EARLY_STOPPING_MONITORS", "Config", "ConfigError", "DistributeConfig", "EarlyStoppingConfig",
+           "ExportConfig", "FreezeConfig", "LogConfig", "SFTConfig", "TrainerConfig", "check_config", "known_keys",
+           "register"]
+
 
 @dataclasses.dataclass
 class TrainerConfig:
@@ -141,23 +149,23 @@ def check_config(cfg: DictConfig) -> None:
     if t.max_steps is not None:
         positive["trainer.max_steps"] = t.max_steps
     for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value}")
-    if t.nan_policy not in ("stop", "skip_step", "unchecked"):
-        raise ConfigError(f"trainer.nan_policy must be 'stop', 'skip_step' or 'unchecked', got {t.nan_policy!r}")
+        positive_int(key, value, error=ConfigError)
+    if t.nan_policy not in NAN_POLICIES:
+        policies = " or ".join([", ".join(repr(p) for p in NAN_POLICIES[:-1]), repr(NAN_POLICIES[-1])])
+        raise ConfigError(f"trainer.nan_policy must be {policies}, got {t.nan_policy!r}")
     update = cfg.freeze["update"]  # item access: DictConfig.update is a method
-    if update not in ("auto", "dense", "compact"):
-        raise ConfigError(f"freeze.update must be one of ['auto', 'dense', 'compact'], got {update!r}")
-    if cfg.seed < 0:
+    if update not in UPDATE_MODES:
+        raise ConfigError(f"freeze.update must be one of {list(UPDATE_MODES)}, got {update!r}")
+    if not is_whole(cfg.seed, 0):
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed}")
     stopping = cfg.get("early_stopping") or {}
     if stopping.get("monitor") is not None and stopping["monitor"] not in EARLY_STOPPING_MONITORS:
         raise ConfigError(f"early_stopping.monitor must be null (off) or one of {list(EARLY_STOPPING_MONITORS)}, "
                           f"got {stopping['monitor']!r}")
-    if stopping.get("patience", 0) < 0:
+    if not is_whole(stopping.get("patience", 0), 0):
         raise ConfigError(f"early_stopping.patience must be a non-negative integer, got {stopping['patience']}")
     lora_rank = cfg.model.get("lora_rank") if isinstance(cfg.get("model"), DictConfig) else None
-    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+    if lora_rank is not None and not is_whole(lora_rank, 1):
         raise ConfigError(f"model.lora_rank must be a positive integer or null, got {lora_rank!r}")
     from trainer.sft import SFTConfigError, sft_options
 

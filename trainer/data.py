@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.inputs import array_batches
+from trainer.masks.checks import positive_int
 
 DATA_DIR_ENV = "TRAINER_DATA_DIR"
 log = logging.getLogger("trainer")
@@ -232,6 +233,5 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool
     Raises:
       DataError: ``batch_size`` is not a positive integer.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size, error=DataError)
     return array_batches((x, y), batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder)

@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 
+from trainer.masks.checks import positive_int
+
 
 def mlp(input_shape: Tuple[int, ...], num_classes: int, *, hidden: Sequence[int] = (300, 100),
         activation: str = "relu", kernel_initializer: str = "glorot_uniform", name: str = "lenet") -> keras.Model:
@@ -196,8 +198,7 @@ def enable_lora(model: keras.Model, *, rank: int, layers: Optional[Sequence[str]
     Raises:
       ValueError: ``rank`` not a positive integer, or a pattern that matches nothing.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"model.lora_rank must be a positive integer, got {rank!r}")
+    rank = positive_int("model.lora_rank", rank)
     chosen = lora_layers(model, list(layers) if layers is not None else list(TRANSFORMER_LORA_LAYERS))
     for layer in chosen:
         layer.enable_lora(rank, lora_alpha=alpha)

@@ -44,6 +44,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from trainer.callbacks import Callback, Throughput, crossed
 from trainer.masks import audit
+from trainer.masks.checks import is_whole
 
 log = logging.getLogger("trainer")
 
@@ -320,7 +321,7 @@ class Profile(Callback):
 
     def __init__(self, logdir: str, steps: Sequence[int]):
         steps = list(steps)
-        if len(steps) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in steps) \
+        if len(steps) != 2 or not all(is_whole(s) for s in steps) \
                 or not 1 <= steps[0] <= steps[1]:
             raise ValueError(f"log.profile_steps must be [start, stop] with integers 1 <= start <= stop, got {steps}")
         self.logdir = logdir
