@@ -117,7 +117,11 @@ class Config:
 
 
 def register() -> None:
-    """Registers the schema as ``schema`` (the first entry of ``config.yaml``'s defaults)."""
+    """Registers the schema as ``schema`` (the first entry of ``config.yaml``'s defaults).
+
+    Call it once before ``hydra.compose`` or ``@hydra.main`` (calling it again
+    replaces the entry with the same schema).
+    """
     ConfigStore.instance().store(name="schema", node=Config)
 
 
@@ -176,5 +180,10 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def known_keys(section: str) -> List[str]:
+    """The field names of the ``trainer``, ``log`` or ``export`` section.
+
+    Raises:
+      KeyError: another section.
+    """
     cls = {"trainer": TrainerConfig, "log": LogConfig, "export": ExportConfig}[section]
     return [f.name for f in dataclasses.fields(cls)]

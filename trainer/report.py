@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -16,7 +17,10 @@ from trainer.sft import trainable_elements
 from trainer.sparse_export import write_sparse_weights
 
 __all__ = ["RunRecord", "audit", "audit_line", "early_stopping_summary", "export_masks", "export_model",
-           "export_saved_model", "export_sparse_weights", "export_weights", "run_report", "totals", "write_json"]
+           "export_saved_model", "export_sparse_weights", "export_weights", "run_report", "totals", "write_json",
+           "write_run_files"]
+
+log = logging.getLogger("trainer")
 
 
 def audit(registry) -> List[Dict[str, Any]]:
@@ -50,7 +54,15 @@ def export_masks(registry, path: str) -> None:
 
 
 def export_weights(model, path: str) -> None:
-    """Writes every variable's value under its variable path (``weights.npz``)."""
+    """Writes ``weights.npz``: every variable's value (NumPy, the variable's dtype and shape) under its variable path.
+
+    The file loads back with ``model.init_from`` (:func:`trainer.pretrained.load_initial_weights`);
+    it is written atomically.
+
+    Args:
+      model: a built Keras model.
+      path: the ``.npz`` file to write (replaced whole).
+    """
     with rundir.atomic_write(path) as tmp:
         np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in model.variables})
 
@@ -222,3 +234,36 @@ def run_report(state, record: RunRecord, *, status: str, test: Dict[str, Any],
     if error is not None:
         result["error"] = error
     return result
+
+
+def write_run_files(run_dir: str, model, registry, result: Dict[str, Any], *, sparse: bool, keras: bool,
+                    saved_model: bool) -> None:
+    """Writes a run's ``report.json`` and ``masks.npz`` and, unless it failed, its exports, each atomically.
+
+    A completed or interrupted run also gets ``weights.npz`` and, as asked,
+    ``sparse_weights.npz`` (written first: ``result["sparse_export"]`` gets
+    its sizes, which ``report.json`` gives), ``model.keras`` and ``saved_model/``.
+    A failed run (``result["status"] == "failed"``) gets no weights or model.
+
+    Args:
+      run_dir: the run directory (its lock held).
+      model: the trained Keras model.
+      registry: its :class:`~trainer.masks.MaskRegistry`.
+      result: the :func:`run_report` dict (``sparse_export`` is added to it).
+      sparse, keras, saved_model: the ``export.*`` switches.
+    """
+    failed = result["status"] == "failed"
+    if sparse and not failed:  # before report.json, which gives its size
+        size = result["sparse_export"] = export_sparse_weights(model, registry, os.path.join(run_dir,
+                                                                                             "sparse_weights.npz"))
+        log.info("sparse_weights.npz | %s bytes (dense weights %s bytes) | %s of %s covered elements stored",
+                 f"{size['bytes']:,}", f"{size['dense_bytes']:,}", f"{size['nonzero']:,}", f"{size['elements']:,}")
+    write_json(os.path.join(run_dir, "report.json"), result)
+    export_masks(registry, os.path.join(run_dir, "masks.npz"))
+    if failed:
+        return
+    export_weights(model, os.path.join(run_dir, "weights.npz"))
+    if keras:
+        export_model(model, os.path.join(run_dir, "model.keras"))
+    if saved_model:
+        export_saved_model(model, os.path.join(run_dir, "saved_model"))

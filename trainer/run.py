@@ -30,7 +30,7 @@ from trainer.banner import log_banner
 from trainer.callbacks import BestWeights, Callback, EarlyStopping, TestEachEpoch
 from trainer.checkpoint import Checkpointing
 from trainer.config import ConfigError, check_config
-from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
+from trainer.data import Splits, load_digits, load_mnist, select_classes, split_datasets, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
@@ -42,17 +42,16 @@ from trainer.rundir import RunDirError, RunLock
 from trainer.sft import apply_sft
 from trainer.summaries import Profile, TensorBoard
 
+__all__ = ["build", "build_registry", "check_run_dir", "early_stopping_callbacks", "finish_run", "hparams_of",
+           "load_data", "make_optimizer", "run", "run_dir_of", "run_fingerprint", "stop_on_signals"]
+
 log = logging.getLogger("trainer")
 
 
 def run_dir_of(cfg: DictConfig) -> str:
     """Hydra's output directory for this job (the current directory outside Hydra)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get().runtime.output_dir
-    except ValueError:
-        return os.getcwd()
+    hydra = rundir.hydra_config()
+    return hydra.runtime.output_dir if hydra is not None else os.getcwd()
 
 
 HPARAM_KEYS = ("seed", "data.name", "model.name", "optimizer.name", "optimizer.learning_rate",
@@ -65,18 +64,15 @@ def hparams_of(cfg: DictConfig) -> Dict[str, Any]:
 
     The fixed ``HPARAM_KEYS`` plus every key overridden on the command line
     (Hydra's ``overrides.task``; in a multirun job, the swept ones) except
-    those under ``HPARAM_IGNORED``, valued
-    from the composed config, or by the override's text for config-group
-    choices (``+experiment=sparse_mlp``, ``freeze=[a,b]``) and lists.
+    those under ``HPARAM_IGNORED``, valued from the composed config, or by the
+    override's text for group choices (``+experiment=x``, ``freeze=[a,b]``) and lists.
+
+    Returns:
+      ``{key: bool, int, float or str}``, ``None`` values left out.
     """
     out = {key: OmegaConf.select(cfg, key, default=None) for key in HPARAM_KEYS}
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    for override in overrides:
+    hydra = rundir.hydra_config()
+    for override in list(hydra.overrides.task) if hydra is not None else []:
         key, _, text = override.lstrip("+~").partition("=")
         if key.split(".")[0] in HPARAM_IGNORED:
             continue
@@ -88,8 +84,18 @@ def hparams_of(cfg: DictConfig) -> Dict[str, Any]:
 def load_data(cfg: DictConfig, seed: int) -> Splits:
     """Loads the dataset named by ``cfg.name`` (``mnist`` or ``digits``).
 
+    Args:
+      cfg: the ``data`` block (``name``, ``validation_size``, optional
+        ``path``, ``classes`` and ``tokens``).
+      seed: the digits split's shuffle seed.
+
+    Returns:
+      :class:`trainer.data.Splits`: float32 images ``(N, H, W, 1)`` in [0, 1]
+      (int32 tokens ``(N, H*W)`` with ``tokens``), int32 labels ``(N,)``.
+
     Raises:
       ValueError: an unknown dataset name (the known ones are listed).
+      DataError: the data cannot be read or is unfit (:mod:`trainer.data`).
     """
     if cfg.name == "mnist":
         splits = load_mnist(cfg.get("path"), validation_size=int(cfg.validation_size))
@@ -106,8 +112,6 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
 
 MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial", "lora_rank", "lora_layers",
                   "lora_alpha")
-
-
 SCHEDULES = ("constant", "cosine")
 
 
@@ -146,7 +150,24 @@ def build_registry(model: keras.Model, rules_cfg: Any, update: str = "auto") -> 
 def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
     """Data, model, optimizer and registry from a config; everything is checked here, before training.
 
-    The model, optimizer and registry are created in ``strategy``'s scope.
+    Seeds Keras, NumPy and TensorFlow with ``cfg.seed`` (``model.init_seed``
+    for the initialization only), loads ``model.init_from``, enables
+    ``model.lora_rank``, applies ``sft``, all in ``strategy``'s scope.
+
+    Args:
+      cfg: the composed config.
+      strategy: a ``tf.distribute`` strategy (default: the current one).
+
+    Returns:
+      ``(splits, model, optimizer, registry)``: :class:`trainer.data.Splits`,
+      the built ``keras.Model`` (float32 logits ``(batch, num_classes)``), its
+      Keras optimizer (wrapped for mixed precision where set) and a
+      :class:`~trainer.masks.MaskRegistry` with every freeze rule added.
+
+    Raises:
+      ConfigError: a value out of its range (:func:`trainer.config.check_config`).
+      FreezeConfigError: a bad freeze rule.
+      DataError, ValueError: bad data, model, optimizer or ``init_from`` file.
     """
     check_config(cfg)
     strategy = strategy or tf.distribute.get_strategy()
@@ -315,11 +336,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
         metrics=["accuracy"], registry=registry, steps_per_execution=int(t.steps_per_execution),
         jit_compile=bool(t.jit_compile), nan_policy=str(t.nan_policy), strategy=strategy,
     )
-    seed = int(cfg.seed)
-    train_ds = make_dataset(splits.x_train, splits.y_train, int(t.batch_size), shuffle=True, seed=seed)
-    val_ds = make_dataset(splits.x_val, splits.y_val, int(t.eval_batch_size), shuffle=False, seed=seed) \
-        if len(splits.x_val) else None
-    test_ds = make_dataset(splits.x_test, splits.y_test, int(t.eval_batch_size), shuffle=False, seed=seed)
+    train_ds, val_ds, test_ds = split_datasets(splits, int(t.batch_size), int(t.eval_batch_size), seed=int(cfg.seed))
 
     checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"), every_n_steps=int(t.checkpoint_every_n_steps),
                                   keep=int(t.keep_checkpoints), record=record.snapshot)
@@ -359,35 +376,22 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
 
 
 def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, record) -> Dict[str, Any]:
-    """Evaluates the test set, audits the frozen elements, writes report.json and the exports.
+    """Tests, audits, writes the report and the exports (:func:`trainer.report.run_report`, ``write_run_files``).
 
-    The report is :func:`trainer.report.run_report`. A failed run
-    (``status="failed"``) is neither tested nor exported: its report gives
-    ``status``, ``error`` and the step it reached, with no test metrics; no
-    ``model.keras``, SavedModel or ``weights.npz`` is written.
+    A failed run (``status="failed"``) is neither tested nor exported: its
+    report gives ``status``, ``error`` and the step it reached.
     """
-    registry, model = trainer.registry, trainer.model
     failed = status == "failed"
     test = {"loss": None} if failed else trainer.evaluate(test_ds)
     if not failed:
         tensorboard.write_test(trainer.step, test)
     tensorboard.close()
     result = reports.run_report(trainer.state(), record, status=status, test=test, error=error)
-    if cfg.export.sparse and not failed:  # before report.json, which gives its size
-        size = result["sparse_export"] = reports.export_sparse_weights(model, registry,
-                                                                       os.path.join(run_dir, "sparse_weights.npz"))
-        log.info("sparse_weights.npz | %s bytes (dense weights %s bytes) | %s of %s covered elements stored",
-                 f"{size['bytes']:,}", f"{size['dense_bytes']:,}", f"{size['nonzero']:,}", f"{size['elements']:,}")
-    reports.write_json(os.path.join(run_dir, "report.json"), result)
-    reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
+    reports.write_run_files(run_dir, trainer.model, trainer.registry, result, sparse=bool(cfg.export.sparse),
+                            keras=bool(cfg.export.keras), saved_model=bool(cfg.export.saved_model))
     if failed:
         log.error("run failed at step %d: %s (no test evaluation, no model written)", trainer.step, error)
         return result
-    reports.export_weights(model, os.path.join(run_dir, "weights.npz"))
-    if cfg.export.keras:
-        reports.export_model(model, os.path.join(run_dir, "model.keras"))
-    if cfg.export.saved_model:
-        reports.export_saved_model(model, os.path.join(run_dir, "saved_model"))
     log.info("test | loss %.4f | accuracy %.4f | %s | %.1f s", test["loss"], test.get("accuracy", float("nan")),
              result["audit"], result["wall_seconds"])
     print_summary(result)

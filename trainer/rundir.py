@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["ALLOW_KEY", "FINGERPRINT_NAME", "LENGTH_KEYS", "OUTPUT_NAMES", "TRAJECTORY_KEYS", "RunDirError", "RunLock",
            "atomic_write", "change_allowed", "check_changes", "check_fresh", "checkpoint_steps", "clean_leftovers",
-           "config_changes", "fingerprint", "has_checkpoints", "write_json", "write_records", "write_text"]
+           "config_changes", "fingerprint", "has_checkpoints", "hydra_config", "write_json", "write_records",
+           "write_text"]
 
 log = logging.getLogger("trainer")
 
@@ -229,6 +230,13 @@ def check_fresh(run_dir: str) -> None:
                           "pick a new or empty hydra.run.dir")
 
 
+def hydra_config() -> Optional[DictConfig]:
+    """The running Hydra job's ``hydra`` config (``runtime.output_dir``, ``overrides.task``); ``None`` outside."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
 def write_records(run_dir: str, config: DictConfig, plan: List[Dict[str, Any]],
                   fingerprint: Optional[Dict[str, Any]], *, resume: bool) -> None:
     """Writes what describes the run, after every check passed: ``.hydra/``, ``fingerprint.json``, ``freeze_plan.json``.
@@ -249,12 +257,7 @@ def write_records(run_dir: str, config: DictConfig, plan: List[Dict[str, Any]],
         no ``fingerprint.json``).
       resume: the run continues an earlier one.
     """
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
-        hydra_cfg = None
+    hydra_cfg = hydra_config()
     if hydra_cfg is not None and os.path.abspath(hydra_cfg.runtime.output_dir) == os.path.abspath(run_dir):
         hydra_dir = os.path.join(run_dir, ".hydra")
         os.makedirs(hydra_dir, exist_ok=True)
