@@ -25,6 +25,8 @@ __all__ = ["EARLY_STOPPING_MONITORS", "Config", "ConfigError", "DistributeConfig
 
 @dataclasses.dataclass
 class TrainerConfig:
+    """``trainer.*``: the loop's length, batch sizes, execution, checkpoints and non-finite policy."""
+
     epochs: int = 10
     max_steps: Optional[int] = None
     batch_size: int = 60
@@ -41,6 +43,8 @@ class TrainerConfig:
 
 @dataclasses.dataclass
 class LogConfig:
+    """``log.*``: summary and histogram intervals, per-epoch test, progress display, profiling."""
+
     summary_every_n_steps: int = 100
     histogram_every_n_steps: int = 1000
     test_every_epoch: bool = False
@@ -51,6 +55,8 @@ class LogConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
+    """``export.*``: which files a finished run writes besides ``weights.npz`` and ``masks.npz``."""
+
     keras: bool = True
     saved_model: bool = False
     sparse: bool = False  # sparse_weights.npz: covered variables as COO indices + values (trainer/sparse_export.py)
@@ -58,6 +64,8 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class FreezeConfig:
+    """``freeze.*``: the freeze rules by name (:func:`trainer.masks.rules_from_config`) and the update mode."""
+
     rules: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # How partly frozen variables are updated: auto | dense | compact (see trainer/masks/updates.py).
     update: str = "auto"
@@ -65,6 +73,8 @@ class FreezeConfig:
 
 @dataclasses.dataclass
 class EarlyStoppingConfig:
+    """``early_stopping.*``: :class:`trainer.callbacks.EarlyStopping` and ``BestWeights``."""
+
     monitor: Optional[str] = None  # None: off; else an epoch metric such as val_loss or val_accuracy
     patience: int = 3
     min_delta: float = 0.0
@@ -90,12 +100,16 @@ class SFTConfig:
 
 @dataclasses.dataclass
 class DistributeConfig:
+    """``distribute.*``: the ``tf.distribute`` strategy and logical CPU devices to split into."""
+
     strategy: str = "none"
     logical_cpu_devices: Optional[int] = None
 
 
 @dataclasses.dataclass
 class Config:
+    """The whole run config (``config.yaml`` composes into it; ``data``, ``model``, ``optimizer`` are groups)."""
+
     name: str = "default"
     seed: int = 0
     dry_run: bool = False

@@ -38,6 +38,9 @@ from trainer.masks.checks import check_known, is_whole
 from trainer.masks.scores import gradient_scores, magnitude_scores, random_scores, topk_mask
 from trainer.masks.variables import path_matches
 
+__all__ = ["SFTConfigError", "apply_sft", "kept_masks", "selected_variables", "sft_options", "sft_scores",
+           "trainable_elements"]
+
 METHODS = ("fish", "snip", "random", "magnitude", "delta")
 RANKINGS = ("global", "layerwise")
 KEYS = ("method", "k", "batches", "batch_size", "select", "exclude", "ranking", "seed", "dense_weights", "value")

@@ -46,6 +46,9 @@ from trainer.callbacks import Callback, Throughput, crossed
 from trainer.masks import audit
 from trainer.masks.checks import is_whole
 
+__all__ = ["Profile", "TensorBoard", "current_learning_rate", "hparam_value", "mask_image", "model_stats",
+           "variable_stats"]
+
 log = logging.getLogger("trainer")
 
 TRAIN, VALIDATION, HPARAMS = "train", "validation", "hparams"
@@ -293,6 +296,7 @@ class TensorBoard(Callback):
             self.hparams_writer.flush()
 
     def close(self) -> None:
+        """Flushes and closes the summary writers (call once, at the end of the run)."""
         for writer in (self.train_writer, self.val_writer, self.hparams_writer):
             if writer is not None:
                 writer.close()
