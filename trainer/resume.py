@@ -2,7 +2,9 @@
 
 Hydra picks the run directory before the job starts, so the entry point
 resolves ``resume`` from the command line first and passes
-``hydra.run.dir=<that directory>`` on to Hydra.
+``hydra.run.dir=<that directory>`` on to Hydra. When the run starts,
+:func:`check_resumable` checks the directory's newest readable checkpoint
+against the config, before anything is written.
 """
 
 from __future__ import annotations

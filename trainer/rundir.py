@@ -10,6 +10,8 @@ stores, so ``resume=`` refuses a changed config before anything is written.
 Every file is written through :func:`atomic_write` (a temporary
 ``.tmp-<pid>-<name>`` beside it, then ``os.replace``), and
 :func:`clean_leftovers` removes the temporaries a killed process left.
+:func:`write_records` writes what describes a run once every check passed
+(``.hydra/``, ``fingerprint.json``, ``freeze_plan.json``).
 """
 
 from __future__ import annotations
