@@ -25,8 +25,9 @@ from tests.conftest import CONFIGS, REPO
 from trainer.checkpoint import CheckpointError
 from trainer.config import register
 from trainer.masks import FreezeConfigError, MaskRegistry
+from trainer.pretrained import load_initial_weights
 from trainer.resume import ResumeError, resolve_resume
-from trainer.run import load_initial_weights, run
+from trainer.run import run
 from trainer.rundir import RunDirError, RunLock, config_changes
 
 register()

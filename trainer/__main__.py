@@ -20,6 +20,8 @@ from trainer.logs import error_lines, run_job  # noqa: E402
 from trainer.sweep import optimized_value  # noqa: E402
 from trainer.resume import ResumeError, resolve_resume  # noqa: E402
 
+__all__ = ["entry", "main"]
+
 register()
 EXIT_INTERRUPTED = 130
 

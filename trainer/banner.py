@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List
 
+__all__ = ["banner_lines", "freeze_summary", "log_banner", "plural"]
+
 log = logging.getLogger("trainer")
 
 

@@ -12,9 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 import numpy as np
+
+from trainer.masks.checks import is_whole
+
+__all__ = ["BestWeights", "Callback", "EarlyStopping", "Evaluator", "LogLines", "TestEachEpoch", "Throughput",
+           "crossed"]
 
 log = logging.getLogger("trainer")
 
@@ -178,7 +183,7 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str = "val_loss", *, patience: int = 0, min_delta: float = 0.0,
                  mode: str = "auto", restore_best_weights: bool = False):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        if not is_whole(patience, 0):
             raise ValueError(f"patience must be a non-negative integer, got {patience!r}")
         self.monitor, self.patience, self.min_delta = monitor, patience, abs(float(min_delta))
         self.mode = _mode_of(monitor, mode)
@@ -243,3 +248,32 @@ class BestWeights(Callback):
         np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in state.model.variables})
         os.replace(tmp, self.path)
         log.info("epoch %d: %s improved to %.4f, weights written to %s", epoch, self.monitor, value, self.path)
+
+
+class Evaluator(Protocol):
+    """What :class:`TestEachEpoch` needs of a trainer: ``evaluate(dataset) -> {metric name: float}``."""
+
+    def evaluate(self, x: Any, *args: Any, **kwargs: Any) -> Dict[str, float]:
+        """The metrics (``"loss"``, ``"accuracy"``, ...) of one pass over a batched dataset of ``(x, y)``."""
+
+
+class TestEachEpoch(Callback):
+    """Evaluates the test set after every epoch, adding ``test_loss`` / ``test_accuracy`` to the epoch's logs.
+
+    Every metric ``m`` of ``trainer.evaluate(dataset)`` becomes ``test_m``
+    in the logs that later callbacks (TensorBoard, the run record) see; put
+    it first in the list.
+
+    Args:
+      trainer: what ``evaluate`` runs on, a :class:`trainer.Trainer` (any
+        :class:`Evaluator`).
+      dataset: the batched test dataset of ``(x, y)`` pairs.
+    """
+
+    __test__ = False  # a callback, not a pytest test class
+
+    def __init__(self, trainer: Evaluator, dataset: Any):
+        self.trainer, self.dataset = trainer, dataset
+
+    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
+        logs.update({"test_" + k: v for k, v in self.trainer.evaluate(self.dataset).items()})

@@ -28,6 +28,9 @@ import tensorflow as tf
 from trainer.callbacks import Callback, crossed
 from trainer.rundir import checkpoint_steps, write_text
 
+__all__ = ["CheckpointError", "Checkpointing", "checkpoint_is_readable", "latest_good", "make_checkpoint",
+           "write_index"]
+
 log = logging.getLogger("trainer")
 
 

@@ -14,9 +14,19 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from trainer.loop import NAN_POLICIES
+from trainer.masks.checks import is_whole, positive_int
+from trainer.masks.updates import UPDATE_MODES
+
+__all__ = ["EARLY_STOPPING_MONITORS", "Config", "ConfigError", "DistributeConfig", "EarlyStoppingConfig",
+           "ExportConfig", "FreezeConfig", "LogConfig", "SFTConfig", "TrainerConfig", "check_config", "known_keys",
+           "register"]
+
 
 @dataclasses.dataclass
 class TrainerConfig:
+    """``trainer.*``: the loop's length, batch sizes, execution, checkpoints and non-finite policy."""
+
     epochs: int = 10
     max_steps: Optional[int] = None
     batch_size: int = 60
@@ -33,6 +43,8 @@ class TrainerConfig:
 
 @dataclasses.dataclass
 class LogConfig:
+    """``log.*``: summary and histogram intervals, per-epoch test, progress display, profiling."""
+
     summary_every_n_steps: int = 100
     histogram_every_n_steps: int = 1000
     test_every_epoch: bool = False
@@ -43,6 +55,8 @@ class LogConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
+    """``export.*``: which files a finished run writes besides ``weights.npz`` and ``masks.npz``."""
+
     keras: bool = True
     saved_model: bool = False
     sparse: bool = False  # sparse_weights.npz: covered variables as COO indices + values (trainer/sparse_export.py)
@@ -50,6 +64,8 @@ class ExportConfig:
 
 @dataclasses.dataclass
 class FreezeConfig:
+    """``freeze.*``: the freeze rules by name (:func:`trainer.masks.rules_from_config`) and the update mode."""
+
     rules: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # How partly frozen variables are updated: auto | dense | compact (see trainer/masks/updates.py).
     update: str = "auto"
@@ -57,6 +73,8 @@ class FreezeConfig:
 
 @dataclasses.dataclass
 class EarlyStoppingConfig:
+    """``early_stopping.*``: :class:`trainer.callbacks.EarlyStopping` and ``BestWeights``."""
+
     monitor: Optional[str] = None  # None: off; else an epoch metric such as val_loss or val_accuracy
     patience: int = 3
     min_delta: float = 0.0
@@ -82,12 +100,16 @@ class SFTConfig:
 
 @dataclasses.dataclass
 class DistributeConfig:
+    """``distribute.*``: the ``tf.distribute`` strategy and logical CPU devices to split into."""
+
     strategy: str = "none"
     logical_cpu_devices: Optional[int] = None
 
 
 @dataclasses.dataclass
 class Config:
+    """The whole run config (``config.yaml`` composes into it; ``data``, ``model``, ``optimizer`` are groups)."""
+
     name: str = "default"
     seed: int = 0
     dry_run: bool = False
@@ -109,7 +131,11 @@ class Config:
 
 
 def register() -> None:
-    """Registers the schema as ``schema`` (the first entry of ``config.yaml``'s defaults)."""
+    """Registers the schema as ``schema`` (the first entry of ``config.yaml``'s defaults).
+
+    Call it once before ``hydra.compose`` or ``@hydra.main`` (calling it again
+    replaces the entry with the same schema).
+    """
     ConfigStore.instance().store(name="schema", node=Config)
 
 
@@ -141,23 +167,23 @@ def check_config(cfg: DictConfig) -> None:
     if t.max_steps is not None:
         positive["trainer.max_steps"] = t.max_steps
     for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value}")
-    if t.nan_policy not in ("stop", "skip_step", "unchecked"):
-        raise ConfigError(f"trainer.nan_policy must be 'stop', 'skip_step' or 'unchecked', got {t.nan_policy!r}")
+        positive_int(key, value, error=ConfigError)
+    if t.nan_policy not in NAN_POLICIES:
+        policies = " or ".join([", ".join(repr(p) for p in NAN_POLICIES[:-1]), repr(NAN_POLICIES[-1])])
+        raise ConfigError(f"trainer.nan_policy must be {policies}, got {t.nan_policy!r}")
     update = cfg.freeze["update"]  # item access: DictConfig.update is a method
-    if update not in ("auto", "dense", "compact"):
-        raise ConfigError(f"freeze.update must be one of ['auto', 'dense', 'compact'], got {update!r}")
-    if cfg.seed < 0:
+    if update not in UPDATE_MODES:
+        raise ConfigError(f"freeze.update must be one of {list(UPDATE_MODES)}, got {update!r}")
+    if not is_whole(cfg.seed, 0):
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed}")
     stopping = cfg.get("early_stopping") or {}
     if stopping.get("monitor") is not None and stopping["monitor"] not in EARLY_STOPPING_MONITORS:
         raise ConfigError(f"early_stopping.monitor must be null (off) or one of {list(EARLY_STOPPING_MONITORS)}, "
                           f"got {stopping['monitor']!r}")
-    if stopping.get("patience", 0) < 0:
+    if not is_whole(stopping.get("patience", 0), 0):
         raise ConfigError(f"early_stopping.patience must be a non-negative integer, got {stopping['patience']}")
     lora_rank = cfg.model.get("lora_rank") if isinstance(cfg.get("model"), DictConfig) else None
-    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+    if lora_rank is not None and not is_whole(lora_rank, 1):
         raise ConfigError(f"model.lora_rank must be a positive integer or null, got {lora_rank!r}")
     from trainer.sft import SFTConfigError, sft_options
 
@@ -168,5 +194,10 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def known_keys(section: str) -> List[str]:
+    """The field names of the ``trainer``, ``log`` or ``export`` section.
+
+    Raises:
+      KeyError: another section.
+    """
     cls = {"trainer": TrainerConfig, "log": LogConfig, "export": ExportConfig}[section]
     return [f.name for f in dataclasses.fields(cls)]

@@ -16,6 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.inputs import array_batches
+from trainer.masks.checks import positive_int
+
+__all__ = ["DATA_DIR_ENV", "DataError", "Splits", "check_arrays", "load_digits", "load_mnist", "make_dataset",
+           "resolve_mnist_path", "select_classes", "split_datasets", "tokenize"]
 
 DATA_DIR_ENV = "TRAINER_DATA_DIR"
 log = logging.getLogger("trainer")
@@ -50,11 +54,18 @@ class Splits:
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
+        """One example's shape, e.g. ``(28, 28, 1)`` (``(L,)`` for tokens)."""
         return tuple(self.x_train.shape[1:])
 
 
 def check_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, what: str) -> None:
     """Refuses arrays that would train wrongly or fail mid-run.
+
+    Args:
+      x: inputs ``(N, ...)``, any numeric dtype (floats are checked for NaN / infinity).
+      y: labels ``(N,)``, an integer dtype.
+      num_classes: labels must lie in ``[0, num_classes)``.
+      what: the split's name for messages (``"mnist training set"``).
 
     Raises:
       DataError: lengths differ, labels are not integers in
@@ -128,8 +139,19 @@ def load_mnist(path: Optional[str] = None, validation_size: int = 5000) -> Split
     Looks in ``path``, then ``$TRAINER_DATA_DIR/mnist.npz``, then tries
     ``keras.datasets.mnist.load_data()`` (which downloads).
 
+    Args:
+      path: an ``.npz`` with ``x_train`` ``(60000, 28, 28)`` uint8, ``y_train``
+        ``(60000,)``, ``x_test`` ``(10000, 28, 28)``, ``y_test`` ``(10000,)``, or ``None``.
+      validation_size: training images held out for validation, in ``[0, 60000)``.
+
+    Returns:
+      :class:`Splits` of float32 images ``(N, 28, 28, 1)`` in [0, 1] and int32
+      labels in ``[0, 10)``: ``60000 - validation_size`` / ``validation_size`` / 10,000.
+
     Raises:
-      DataError: nothing could be read; the message says what to pass.
+      DataError: nothing could be read (the message says what to pass), an
+        array is missing or unfit (:func:`check_arrays`), or ``validation_size``
+        is out of range.
     """
     resolved = resolve_mnist_path(path)
     if resolved is not None:
@@ -153,7 +175,20 @@ def load_mnist(path: Optional[str] = None, validation_size: int = 5000) -> Split
 
 
 def load_digits(validation_size: int = 180, test_size: int = 360, seed: int = 0) -> Splits:
-    """scikit-learn's bundled 8x8 digits (1,797 images, no download), split by a seeded shuffle."""
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download), split by a seeded shuffle.
+
+    Args:
+      validation_size: images held out for validation (taken from the training part).
+      test_size: images of the test set (the first ``test_size`` of the shuffle).
+      seed: the shuffle's seed.
+
+    Returns:
+      :class:`Splits` of float32 images ``(N, 8, 8, 1)`` in [0, 1] and int32
+      labels in ``[0, 10)``; by default 1,257 / 180 / 360 examples.
+
+    Raises:
+      DataError: ``validation_size`` outside ``[0, 1797 - test_size)``.
+    """
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
@@ -188,6 +223,13 @@ def tokenize(splits: Splits, levels: int) -> Splits:
 
     Gives an ``Embedding`` model real data to learn from: ``x`` becomes int32
     ``(N, H*W)`` with values in ``[0, levels)``.
+
+    Args:
+      splits: image splits, float inputs in [0, 1].
+      levels: the number of tokens (``data.tokens``), a positive integer.
+
+    Returns:
+      The same splits with token inputs; the labels are unchanged.
     """
     def q(x):
         return np.minimum((x.reshape(len(x), -1) * levels).astype(np.int32), levels - 1)
@@ -199,6 +241,14 @@ def select_classes(splits: Splits, classes) -> Splits:
     """Keeps only examples of the given classes and relabels them ``0 .. len(classes) - 1`` in that order.
 
     For task splits such as MNIST digits 0-4 (task A) and 5-9 (task B).
+
+    Args:
+      splits: the dataset's splits.
+      classes: the labels to keep (ints), in their new order.
+
+    Returns:
+      :class:`Splits` with ``num_classes == len(classes)`` and int32 labels in
+      ``[0, len(classes))``.
 
     Raises:
       DataError: a class outside ``[0, num_classes)`` or a repeated class.
@@ -229,9 +279,44 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, shuffle: bool
     (:func:`trainer.inputs.array_batches`), so the examples are held once and
     not copied through a shuffle buffer.
 
+    Args:
+      x: inputs ``(N, ...)``.
+      y: labels ``(N,)``.
+      batch_size: examples per batch, a positive integer.
+      shuffle: a new seeded order every epoch.
+      seed: the shuffle seed.
+      drop_remainder: drop a last batch smaller than ``batch_size``.
+
+    Returns:
+      A dataset of ``(x_batch, y_batch)`` with the arrays' dtypes, of known
+      length ``ceil(N / batch_size)`` (``floor`` with ``drop_remainder``).
+
     Raises:
       DataError: ``batch_size`` is not a positive integer.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size, error=DataError)
     return array_batches((x, y), batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder)
+
+
+def split_datasets(splits: Splits, batch_size: int, eval_batch_size: int, *,
+                   seed: int) -> Tuple[tf.data.Dataset, Optional[tf.data.Dataset], tf.data.Dataset]:
+    """The training, validation and test pipelines of a run (:func:`make_dataset` each).
+
+    Args:
+      splits: the dataset's arrays.
+      batch_size: training examples per batch (the training set is reshuffled every epoch, seeded).
+      eval_batch_size: validation and test examples per batch (in order).
+      seed: the shuffle seed.
+
+    Returns:
+      ``(train, validation, test)`` datasets of ``(x_batch, y_batch)``;
+      ``validation`` is ``None`` when the split is empty.
+
+    Raises:
+      DataError: a batch size that is not a positive integer.
+    """
+    train = make_dataset(splits.x_train, splits.y_train, batch_size, shuffle=True, seed=seed)
+    validation = make_dataset(splits.x_val, splits.y_val, eval_batch_size, shuffle=False, seed=seed) \
+        if len(splits.x_val) else None
+    test = make_dataset(splits.x_test, splits.y_test, eval_batch_size, shuffle=False, seed=seed)
+    return train, validation, test

@@ -17,6 +17,8 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+__all__ = ["DistributeError", "is_chief", "make_strategy", "set_precision", "split_cpu", "worker_dir", "wrap_optimizer"]
+
 log = logging.getLogger("trainer")
 
 STRATEGIES = ("none", "mirrored", "multi_worker")

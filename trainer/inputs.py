@@ -14,13 +14,12 @@ from typing import Any, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from trainer.masks.checks import positive_int
+
+__all__ = ["DEFAULT_BATCH_SIZE", "array_batches", "evaluation_inputs", "from_arrays", "is_dataset", "split_validation",
+           "training_inputs"]
+
 DEFAULT_BATCH_SIZE = 32  # Keras' default
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def is_dataset(value: Any) -> bool:
@@ -56,7 +55,7 @@ def from_arrays(x: Any, y: Any, batch_size: Optional[int], *, shuffle: bool, see
       ValueError: ``x`` and ``y`` differ in length, there are no examples,
         or ``batch_size`` is not a positive integer.
     """
-    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive_int("batch_size", batch_size)
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else positive_int("batch_size", batch_size)
     x = _array(x, what)
     if len(x) == 0:
         raise ValueError(f"{what} holds no examples")

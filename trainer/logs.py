@@ -24,6 +24,10 @@ import sys
 import tempfile
 from typing import Callable, Optional, Sequence
 
+__all__ = ["NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
+           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "run_job", "run_reporting_errors",
+           "user_errors", "verbose_requested"]
+
 VERBOSE_ENV = "TRAINER_VERBOSE"
 NATIVE_NOISE = re.compile(
     r"All log messages before absl::InitializeLog|"

@@ -1,7 +1,9 @@
 """Model builders: plain Keras 3 models (Sequential / Functional) that load without this package.
 
 Knows nothing of masks. Every layer has a stable name so that variable paths
-(``lenet/fc1/kernel``) are predictable in freeze rules. Models output logits.
+(``lenet/fc1/kernel``) are predictable in freeze rules. Every model maps a
+batch of inputs ``(batch, *input_shape)`` (float32 images, or int32 tokens) to
+float32 logits ``(batch, num_classes)``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 
+from trainer.masks.checks import positive_int
+
+__all__ = ["BUILDERS", "LORA_LAYER_TYPES", "TRANSFORMER_LORA_LAYERS", "build_model", "cnn", "embedding_classifier",
+           "enable_lora", "lora_elements_per_rank", "lora_layers", "mlp", "nearest_lora_rank", "transformer"]
+
 
 def mlp(input_shape: Tuple[int, ...], num_classes: int, *, hidden: Sequence[int] = (300, 100),
         activation: str = "relu", kernel_initializer: str = "glorot_uniform", name: str = "lenet") -> keras.Model:
@@ -19,6 +26,17 @@ def mlp(input_shape: Tuple[int, ...], num_classes: int, *, hidden: Sequence[int]
     Layers ``fc1 .. fcN`` (hidden) and ``out``; for 28x28 MNIST and 10 classes
     the kernels hold 784*300 + 300*100 + 100*10 = 266,200 weights.
     ``kernel_initializer`` is any Keras initializer name (``he_normal`` suits ReLU).
+
+    Args:
+      input_shape: one example's shape, e.g. ``(28, 28, 1)`` (flattened first).
+      num_classes: the logits' width.
+      hidden: the hidden layers' widths.
+      activation: the hidden layers' activation.
+      kernel_initializer: every kernel's initializer.
+      name: the model's name, the first part of every variable path.
+
+    Returns:
+      A ``keras.Sequential``: float32 ``(batch, *input_shape)`` -> logits ``(batch, num_classes)``.
     """
     layers = [keras.Input(input_shape, name="image"), keras.layers.Flatten(name="flatten")]
     layers += [keras.layers.Dense(int(w), activation=activation, kernel_initializer=kernel_initializer,
@@ -34,6 +52,17 @@ def cnn(input_shape: Tuple[int, ...], num_classes: int, *, filters: Sequence[int
     ``conv1`` / ``conv2`` (5x5, same padding, ReLU, 2x2 max-pool; each followed by
     ``bn1`` / ``bn2`` BatchNormalization when ``batch_norm``), then dense
     ``fc1``, ``fc2`` and the ``out`` head.
+
+    Args:
+      input_shape: ``(H, W, C)``, float32 images.
+      num_classes: the logits' width.
+      filters: each convolution's filter count.
+      dense: the dense layers' widths.
+      batch_norm: add the BatchNormalization layers.
+      name: the model's name.
+
+    Returns:
+      A Functional model: ``(batch, H, W, C)`` -> logits ``(batch, num_classes)``.
     """
     inputs = keras.Input(input_shape, name="image")
     x = inputs
@@ -55,6 +84,17 @@ def embedding_classifier(input_shape: Tuple[int, ...], num_classes: int, *, voca
     """Token sequences -> ``Embedding`` (``tokens``) -> mean over positions -> ``fc1`` -> ``out``.
 
     Its gradient for the embedding table is a ``tf.IndexedSlices``.
+
+    Args:
+      input_shape: ``(length,)``, int32 token ids in ``[0, vocab_size)``.
+      num_classes: the logits' width.
+      vocab_size: the embedding table's rows.
+      embedding_dim: its columns.
+      hidden: ``fc1``'s width.
+      name: the model's name.
+
+    Returns:
+      A Functional model: int32 ``(batch, length)`` -> logits ``(batch, num_classes)``.
     """
     inputs = keras.Input(input_shape, dtype="int32", name="tokens_in")
     x = keras.layers.Embedding(vocab_size, embedding_dim, name="tokens")(inputs)
@@ -81,6 +121,10 @@ def transformer(input_shape: Tuple[int, ...], num_classes: int, *, patch_size: i
     Sizes: the default is small (MNIST patches train on a CPU in minutes);
     ``dim=768, depth=12, heads=12, mlp_dim=3072`` is BERT-base's encoder
     (85M parameters in the blocks; about 110M with a 30,522-token embedding).
+
+    Returns:
+      A Functional model: float32 images ``(batch, H, W[, C])`` or int32 tokens
+      ``(batch, length)`` -> logits ``(batch, num_classes)``.
 
     Raises:
       ValueError: an image whose sides are not multiples of ``patch_size``, or
@@ -127,6 +171,15 @@ BUILDERS: Dict[str, Callable[..., keras.Model]] = {
 
 def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int, **kwargs) -> keras.Model:
     """Builds a model by name (``mlp``, ``cnn``, ``embedding_classifier``, ``transformer``).
+
+    Args:
+      name: a key of :data:`BUILDERS`.
+      input_shape: one example's shape (``Splits.input_shape``).
+      num_classes: the logits' width.
+      **kwargs: the builder's own options (``model.*`` of the config).
+
+    Returns:
+      The built model: ``(batch, *input_shape)`` -> float32 logits ``(batch, num_classes)``.
 
     Raises:
       ValueError: unknown name (the names are listed) or an option the builder does not take.
@@ -196,8 +249,7 @@ def enable_lora(model: keras.Model, *, rank: int, layers: Optional[Sequence[str]
     Raises:
       ValueError: ``rank`` not a positive integer, or a pattern that matches nothing.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"model.lora_rank must be a positive integer, got {rank!r}")
+    rank = positive_int("model.lora_rank", rank)
     chosen = lora_layers(model, list(layers) if layers is not None else list(TRANSFORMER_LORA_LAYERS))
     for layer in chosen:
         layer.enable_lora(rank, lora_alpha=alpha)
@@ -214,6 +266,9 @@ def lora_elements_per_rank(model: keras.Model, layers: Optional[Sequence[str]] =
     Args:
       model: a built Keras model without LoRA.
       layers: globs over layer paths, as for :func:`enable_lora`.
+
+    Returns:
+      The element count (an ``int``).
 
     Raises:
       ValueError: a pattern that matches nothing.
@@ -232,6 +287,13 @@ def nearest_lora_rank(elements: float, per_rank: int) -> int:
     """The LoRA rank whose adapter count (``rank * per_rank``) is nearest to ``elements``, at least 1.
 
     Used to compare LoRA with sparse fine-tuning at a trainable budget.
+
+    Args:
+      elements: the trainable budget (an element count).
+      per_rank: :func:`lora_elements_per_rank` of the chosen layers, positive.
+
+    Raises:
+      ZeroDivisionError: ``per_rank`` is 0.
     """
     return max(1, int(round(elements / per_rank)))
 

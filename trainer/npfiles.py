@@ -20,6 +20,8 @@ from typing import Dict, List, Tuple, Type
 
 import numpy as np
 
+__all__ = ["NpzReader", "check_file", "check_values", "load_npy", "path_is_npz"]
+
 MAX_BYTES = 4 * 1024**3  # a user file larger than this (4 GiB) is refused before it is read
 NPY_MAGIC = b"\x93NUMPY"
 NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -188,6 +190,7 @@ class NpzReader:
             raise self.error(f"{where} cannot be read ({str(err).splitlines()[0][:120]})") from None
 
     def close(self) -> None:
+        """Closes the archive (``with NpzReader(...)`` does it on exit)."""
         self._zip.close()
 
     def __enter__(self) -> "NpzReader":

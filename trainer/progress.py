@@ -18,6 +18,9 @@ from rich.table import Table
 
 from trainer.callbacks import Callback, LogLines, Throughput
 
+__all__ = ["PROGRESS_MODES", "ProgressBar", "fit_stats", "print_plan", "print_summary", "progress_callback",
+           "summary_rows"]
+
 log = logging.getLogger("trainer")
 
 PROGRESS_MODES = ("auto", "bar", "lines")
@@ -177,3 +180,21 @@ def print_summary(result: Mapping[str, Any], *, console: Optional[Console] = Non
     for label, text in rows:
         table.add_row(label, text)
     (console or Console()).print(table)
+
+
+def print_plan(plan: List[Mapping[str, Any]]) -> None:
+    """Prints the freeze plan as a table: variable, shape, dtype, frozen elements, fraction, value, rules.
+
+    Args:
+      plan: one dict per variable (:meth:`trainer.masks.MaskRegistry.plan`:
+        ``path``, ``shape``, ``dtype``, ``frozen_elements``,
+        ``frozen_fraction``, ``value``, ``rules``).
+    """
+    table = Table(title="freeze plan")
+    for col in ("variable", "shape", "dtype", "frozen", "fraction", "value", "rules"):
+        table.add_column(col)
+    for row in plan:
+        table.add_row(row["path"], str(tuple(row["shape"])), row["dtype"], f"{row['frozen_elements']:,}",
+                      f"{row['frozen_fraction']:.4f}", row["value"] or "-", ", ".join(row["rules"]) or "-")
+    # Not a terminal (a log, CI): a wide console, so variable paths are not cut.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)

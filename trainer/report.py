@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -12,7 +13,14 @@ import numpy as np
 from trainer import rundir
 from trainer.callbacks import Callback
 from trainer.masks import audit as masks_audit
+from trainer.sft import trainable_elements
 from trainer.sparse_export import write_sparse_weights
+
+__all__ = ["RunRecord", "audit", "audit_line", "early_stopping_summary", "export_masks", "export_model",
+           "export_saved_model", "export_sparse_weights", "export_weights", "run_report", "totals", "write_json",
+           "write_run_files"]
+
+log = logging.getLogger("trainer")
 
 
 def audit(registry) -> List[Dict[str, Any]]:
@@ -46,7 +54,15 @@ def export_masks(registry, path: str) -> None:
 
 
 def export_weights(model, path: str) -> None:
-    """Writes every variable's value under its variable path (``weights.npz``)."""
+    """Writes ``weights.npz``: every variable's value (NumPy, the variable's dtype and shape) under its variable path.
+
+    The file loads back with ``model.init_from`` (:func:`trainer.pretrained.load_initial_weights`);
+    it is written atomically.
+
+    Args:
+      model: a built Keras model.
+      path: the ``.npz`` file to write (replaced whole).
+    """
     with rundir.atomic_write(path) as tmp:
         np.savez(tmp, **{v.path: np.asarray(v.numpy()) for v in model.variables})
 
@@ -147,3 +163,107 @@ def totals(segments: List[Dict[str, Any]]) -> Dict[str, Any]:
     seconds = sum(s["train_seconds"] for s in trained)
     return {"wall_seconds": sum(s["wall_seconds"] for s in segments),
             "examples_per_second": sum(s["examples"] for s in trained) / seconds if seconds > 0 else None}
+
+
+def early_stopping_summary(history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The epoch of lowest validation loss and the test metrics there (Frankle & Carbin 2019's protocol).
+
+    Args:
+      history: one logs dict per epoch (floats keyed ``val_loss``,
+        ``test_accuracy``, ...), epoch 1 first.
+
+    Returns:
+      ``{"epoch", "val_loss", "val_accuracy", "test_loss", "test_accuracy"}``
+      of that epoch (``epoch`` from 1), or ``None`` when no epoch has both
+      ``val_loss`` and ``test_accuracy`` (``log.test_every_epoch`` off).
+    """
+    rows = [(i, h) for i, h in enumerate(history, 1) if "val_loss" in h and "test_accuracy" in h]
+    if not rows:
+        return None
+    epoch, best = min(rows, key=lambda r: r[1]["val_loss"])
+    return {"epoch": epoch, "val_loss": best["val_loss"], "val_accuracy": best.get("val_accuracy"),
+            "test_loss": best["test_loss"], "test_accuracy": best["test_accuracy"]}
+
+
+def run_report(state, record: RunRecord, *, status: str, test: Dict[str, Any],
+               error: Optional[str] = None) -> Dict[str, Any]:
+    """The ``report.json`` dict of a run that has ended: test metrics, timing, the audit, history and segments.
+
+    ``history``, ``segments``, ``wall_seconds`` and ``examples_per_second``
+    cover the whole run, earlier segments (before a resume) included;
+    ``config_changes`` lists every change accepted with ``resume_allow_changes``.
+
+    Args:
+      state: the trainer's :class:`~trainer.controller.LoopState` now (its
+        step, timing and registry are read).
+      record: the run's :class:`RunRecord` (its snapshot closes this segment
+        with ``status``).
+      status: ``"completed"``, ``"interrupted"`` or ``"failed"``.
+      test: the test metrics (floats by name; ``{"loss": None}`` when not evaluated).
+      error: ``"<ExceptionType>: <message>"`` of a failed run, added as ``error``.
+
+    Returns:
+      A JSON-able dict (``status``, ``test_accuracy``, ``test_loss``, ``steps``,
+      ``frozen_exact``, ``audit``, ``variables``, ``history``, ...).
+    """
+    registry = state.registry
+    rows = audit(registry)
+    exact = registry.exact()
+    whole = record.snapshot(state, status)
+    history, segments = whole["history"], whole["segments"]
+    spent = totals(segments)
+    result = {
+        "status": status,
+        "test_accuracy": test.get("accuracy"),
+        "test_loss": test["loss"],
+        "steps": state.step,
+        "trainable_elements": trainable_elements(registry),
+        "epochs": state.step / state.steps_per_epoch if state.steps_per_epoch else 0,
+        "wall_seconds": spent["wall_seconds"],
+        "examples_per_second": spent["examples_per_second"],
+        "steady_steps_per_second": state.timing.get("steady_steps_per_second"),
+        "skipped_steps": state.skipped_steps,
+        "frozen_exact": exact,
+        "audit": audit_line(rows, exact),
+        "variables": rows,
+        "history": history,
+        "early_stopping": early_stopping_summary(history),
+        "segments": segments,
+        "config_changes": [c for s in segments for c in s["config_changes"]],
+    }
+    if error is not None:
+        result["error"] = error
+    return result
+
+
+def write_run_files(run_dir: str, model, registry, result: Dict[str, Any], *, sparse: bool, keras: bool,
+                    saved_model: bool) -> None:
+    """Writes a run's ``report.json`` and ``masks.npz`` and, unless it failed, its exports, each atomically.
+
+    A completed or interrupted run also gets ``weights.npz`` and, as asked,
+    ``sparse_weights.npz`` (written first: ``result["sparse_export"]`` gets
+    its sizes, which ``report.json`` gives), ``model.keras`` and ``saved_model/``.
+    A failed run (``result["status"] == "failed"``) gets no weights or model.
+
+    Args:
+      run_dir: the run directory (its lock held).
+      model: the trained Keras model.
+      registry: its :class:`~trainer.masks.MaskRegistry`.
+      result: the :func:`run_report` dict (``sparse_export`` is added to it).
+      sparse, keras, saved_model: the ``export.*`` switches.
+    """
+    failed = result["status"] == "failed"
+    if sparse and not failed:  # before report.json, which gives its size
+        size = result["sparse_export"] = export_sparse_weights(model, registry, os.path.join(run_dir,
+                                                                                             "sparse_weights.npz"))
+        log.info("sparse_weights.npz | %s bytes (dense weights %s bytes) | %s of %s covered elements stored",
+                 f"{size['bytes']:,}", f"{size['dense_bytes']:,}", f"{size['nonzero']:,}", f"{size['elements']:,}")
+    write_json(os.path.join(run_dir, "report.json"), result)
+    export_masks(registry, os.path.join(run_dir, "masks.npz"))
+    if failed:
+        return
+    export_weights(model, os.path.join(run_dir, "weights.npz"))
+    if keras:
+        export_model(model, os.path.join(run_dir, "model.keras"))
+    if saved_model:
+        export_saved_model(model, os.path.join(run_dir, "saved_model"))

@@ -2,7 +2,9 @@
 
 Hydra picks the run directory before the job starts, so the entry point
 resolves ``resume`` from the command line first and passes
-``hydra.run.dir=<that directory>`` on to Hydra.
+``hydra.run.dir=<that directory>`` on to Hydra. When the run starts,
+:func:`check_resumable` checks the directory's newest readable checkpoint
+against the config, before anything is written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from trainer.rundir import ALLOW_KEY, checkpoint_steps, config_changes, fingerprint, has_checkpoints
+from trainer.rundir import (ALLOW_KEY, RunDirError, change_allowed, check_changes, checkpoint_steps, config_changes,
+                            fingerprint, has_checkpoints)
+
+__all__ = ["ResumeError", "check_resumable", "compose_fingerprint", "has_checkpoint", "latest_run", "nothing_to_resume",
+           "resolve_resume"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TRUE = ("true", "True", "yes", "1")
@@ -26,6 +32,45 @@ class ResumeError(ValueError):
 def has_checkpoint(run_dir: str) -> bool:
     """True when ``run_dir/checkpoints`` holds a ``ckpt-<step>.index`` file (the index file may be gone)."""
     return has_checkpoints(run_dir)
+
+
+def nothing_to_resume(run_dir: str) -> ResumeError:
+    """The error for a resumed run directory without a ``checkpoints/ckpt-*.index`` file (returned, for ``raise``)."""
+    return ResumeError(f"resume: {run_dir!r} has no checkpoints/ckpt-*.index to continue from")
+
+
+def check_resumable(run_dir: str, new: Dict[str, Any], allowed: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    """The checks before a resumed run writes into ``run_dir`` (call it with the run lock held).
+
+    The newest checkpoint that reads back whole must store a fingerprint
+    that matches ``new`` (up to a longer run, or changes ``allowed``:
+    :func:`trainer.rundir.check_changes`).
+
+    Args:
+      run_dir: the run being resumed.
+      new: this config's :func:`trainer.rundir.fingerprint`.
+      allowed: keys (or key prefixes, or ``"*"``) of ``resume_allow_changes``.
+
+    Returns:
+      The accepted config changes, as ``[{"key", "old", "new"}]``.
+
+    Raises:
+      ResumeError: no checkpoint to continue from.
+      CheckpointError: checkpoints exist but none reads back whole.
+      RunDirError: the checkpoint stores no fingerprint, or the config changed.
+    """
+    from trainer.checkpoint import CheckpointError, latest_good
+
+    path, record, bad = latest_good(run_dir)
+    if path is None:
+        if bad:
+            raise CheckpointError(f"no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}: "
+                                  + "; ".join(f"{p} ({e})" for p, e in bad))
+        raise nothing_to_resume(run_dir)
+    if not record or "fingerprint" not in record:
+        raise RunDirError(f"resume={run_dir}: checkpoint {path} stores no config fingerprint, so the config cannot "
+                          "be checked; start a new run without resume=")
+    return check_changes(run_dir, record["fingerprint"], new, allowed)
 
 
 def _override(argv: List[str], key: str) -> Optional[str]:
@@ -88,7 +133,7 @@ def latest_run(outputs_root: str, name: str, argv: Sequence[str] = ()) -> str:
         _, record, _ = latest_good(run_dir)
         stored = (record or {}).get("fingerprint")
         changes = config_changes(stored, wanted) if stored is not None else [("fingerprint", "(none)", "(this config)")]
-        changes = [c for c in changes if not any(c[0] == a or c[0].startswith(a + ".") or a == "*" for a in allowed)]
+        changes = [c for c in changes if not change_allowed(c[0], allowed)]
         if not changes:
             return run_dir
         differences.append((run_dir, changes))

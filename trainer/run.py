@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any, Dict, List, Optional
 
 import keras
@@ -25,32 +24,32 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import report as reports
 from trainer import rundir
 from trainer.banner import log_banner
-from trainer.callbacks import BestWeights, Callback, EarlyStopping
-from trainer.checkpoint import CheckpointError, Checkpointing, latest_good
+from trainer.callbacks import BestWeights, Callback, EarlyStopping, TestEachEpoch
+from trainer.checkpoint import Checkpointing
 from trainer.config import ConfigError, check_config
 from trainer.controller import stop_on_signals
-from trainer.data import Splits, load_digits, load_mnist, make_dataset, select_classes, tokenize
+from trainer.data import Splits, load_digits, load_mnist, select_classes, split_datasets, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model, enable_lora
-from trainer.sft import apply_sft, trainable_elements
-from trainer.progress import print_summary, progress_callback
-from trainer.resume import ResumeError
+from trainer.pretrained import load_initial_weights
+from trainer.progress import print_plan, print_summary, progress_callback
+from trainer.resume import ResumeError, check_resumable, nothing_to_resume
 from trainer.rundir import RunDirError, RunLock
+from trainer.sft import apply_sft
 from trainer.summaries import Profile, TensorBoard
+
+__all__ = ["build", "build_registry", "check_run_dir", "early_stopping_callbacks", "finish_run", "hparams_of",
+           "load_data", "make_optimizer", "run", "run_dir_of", "run_fingerprint"]
 
 log = logging.getLogger("trainer")
 
 
 def run_dir_of(cfg: DictConfig) -> str:
     """Hydra's output directory for this job (the current directory outside Hydra)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get().runtime.output_dir
-    except ValueError:
-        return os.getcwd()
+    hydra = rundir.hydra_config()
+    return hydra.runtime.output_dir if hydra is not None else os.getcwd()
 
 
 HPARAM_KEYS = ("seed", "data.name", "model.name", "optimizer.name", "optimizer.learning_rate",
@@ -63,18 +62,15 @@ def hparams_of(cfg: DictConfig) -> Dict[str, Any]:
 
     The fixed ``HPARAM_KEYS`` plus every key overridden on the command line
     (Hydra's ``overrides.task``; in a multirun job, the swept ones) except
-    those under ``HPARAM_IGNORED``, valued
-    from the composed config, or by the override's text for config-group
-    choices (``+experiment=sparse_mlp``, ``freeze=[a,b]``) and lists.
+    those under ``HPARAM_IGNORED``, valued from the composed config, or by the
+    override's text for group choices (``+experiment=x``, ``freeze=[a,b]``) and lists.
+
+    Returns:
+      ``{key: bool, int, float or str}``, ``None`` values left out.
     """
     out = {key: OmegaConf.select(cfg, key, default=None) for key in HPARAM_KEYS}
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    for override in overrides:
+    hydra = rundir.hydra_config()
+    for override in list(hydra.overrides.task) if hydra is not None else []:
         key, _, text = override.lstrip("+~").partition("=")
         if key.split(".")[0] in HPARAM_IGNORED:
             continue
@@ -86,8 +82,18 @@ def hparams_of(cfg: DictConfig) -> Dict[str, Any]:
 def load_data(cfg: DictConfig, seed: int) -> Splits:
     """Loads the dataset named by ``cfg.name`` (``mnist`` or ``digits``).
 
+    Args:
+      cfg: the ``data`` block (``name``, ``validation_size``, optional
+        ``path``, ``classes`` and ``tokens``).
+      seed: the digits split's shuffle seed.
+
+    Returns:
+      :class:`trainer.data.Splits`: float32 images ``(N, H, W, 1)`` in [0, 1]
+      (int32 tokens ``(N, H*W)`` with ``tokens``), int32 labels ``(N,)``.
+
     Raises:
       ValueError: an unknown dataset name (the known ones are listed).
+      DataError: the data cannot be read or is unfit (:mod:`trainer.data`).
     """
     if cfg.name == "mnist":
         splits = load_mnist(cfg.get("path"), validation_size=int(cfg.validation_size))
@@ -104,58 +110,6 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
 
 MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial", "lora_rank", "lora_layers",
                   "lora_alpha")
-
-
-def load_initial_weights(model: keras.Model, path: str, exclude, partial: bool = False) -> list:
-    """Assigns values from a ``weights.npz`` (arrays keyed by variable path) to matching variables.
-
-    Variables matching an ``exclude`` glob are left at their initialization
-    (e.g. a new output head). Every array is checked before any is assigned
-    (:mod:`trainer.npfiles`): a regular ``.npz`` file within the size limit,
-    the variable's shape read from the header before the data, numbers that
-    are finite and representable in the variable's dtype. Returns the paths
-    loaded.
-
-    Args:
-      model: the built model.
-      path: the ``.npz`` file (``model.init_from``).
-      exclude: globs of variable paths to leave alone (``model.init_exclude``).
-      partial: allow variables that the file lacks to keep their random
-        initialization (``model.init_from_partial``).
-
-    Raises:
-      ValueError: one line naming the file and the problem: not a regular
-        ``.npz`` file, a shape, dtype or value that does not fit, variables the
-        file lacks (without ``partial``), or none of the model's variables.
-    """
-    from trainer.masks.variables import path_matches
-    from trainer.npfiles import NpzReader, check_values
-
-    where = f"model.init_from {str(path)!r}"
-    wanted = [v for v in model.variables if not any(path_matches(p, v.path) for p in exclude)]
-    values = {}
-    with NpzReader(path, "model.init_from") as data:
-        for v in wanted:
-            if v.path not in data.files:
-                continue
-            shape, _ = data.header(v.path)
-            if tuple(shape) != tuple(v.shape):
-                raise ValueError(f"{where}: {v.path!r} has shape {shape}, the model's has {tuple(v.shape)}; "
-                                 "exclude it with model.init_exclude")
-            values[v.path] = check_values(v.path, data.array(v.path), v.dtype, where)
-        if not values:
-            raise ValueError(f"{where} holds none of the model's variables; it has {sorted(data.files)[:10]}")
-    missing = [v.path for v in wanted if v.path not in values]
-    if missing and not partial:
-        raise ValueError(f"{where} has no array for {len(missing)} of the model's variables ({', '.join(missing[:5])}"
-                         f"{', ...' if len(missing) > 5 else ''}); they would keep their random initialization: "
-                         "exclude them with model.init_exclude, or set model.init_from_partial=true")
-    for v in wanted:
-        if v.path in values:
-            v.assign(values[v.path])
-    return list(values)
-
-
 SCHEDULES = ("constant", "cosine")
 
 
@@ -194,7 +148,24 @@ def build_registry(model: keras.Model, rules_cfg: Any, update: str = "auto") -> 
 def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
     """Data, model, optimizer and registry from a config; everything is checked here, before training.
 
-    The model, optimizer and registry are created in ``strategy``'s scope.
+    Seeds Keras, NumPy and TensorFlow with ``cfg.seed`` (``model.init_seed``
+    for the initialization only), loads ``model.init_from``, enables
+    ``model.lora_rank``, applies ``sft``, all in ``strategy``'s scope.
+
+    Args:
+      cfg: the composed config.
+      strategy: a ``tf.distribute`` strategy (default: the current one).
+
+    Returns:
+      ``(splits, model, optimizer, registry)``: :class:`trainer.data.Splits`,
+      the built ``keras.Model`` (float32 logits ``(batch, num_classes)``), its
+      Keras optimizer (wrapped for mixed precision where set) and a
+      :class:`~trainer.masks.MaskRegistry` with every freeze rule added.
+
+    Raises:
+      ConfigError: a value out of its range (:func:`trainer.config.check_config`).
+      FreezeConfigError: a bad freeze rule.
+      DataError, ValueError: bad data, model, optimizer or ``init_from`` file.
     """
     check_config(cfg)
     strategy = strategy or tf.distribute.get_strategy()
@@ -233,71 +204,6 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
     return splits, model, optimizer, registry
 
 
-def _plan_table(registry: MaskRegistry) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="freeze plan")
-    for col in ("variable", "shape", "dtype", "frozen", "fraction", "value", "rules"):
-        table.add_column(col)
-    for row in registry.plan():
-        table.add_row(row["path"], str(tuple(row["shape"])), row["dtype"], f"{row['frozen_elements']:,}",
-                      f"{row['frozen_fraction']:.4f}", row["value"] or "-", ", ".join(row["rules"]) or "-")
-    # Not a terminal (a log, CI): a wide console, so variable paths are not cut.
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
-
-
-class TestEachEpoch(Callback):
-    """Evaluates the test set after every epoch, adding ``test_loss`` / ``test_accuracy`` to the epoch's logs.
-
-    Args:
-      trainer: the trainer whose ``evaluate`` runs.
-      dataset: the batched test dataset.
-    """
-
-    def __init__(self, trainer: Trainer, dataset: tf.data.Dataset):
-        self.trainer, self.dataset = trainer, dataset
-
-    def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
-        logs.update({"test_" + k: v for k, v in self.trainer.evaluate(self.dataset).items()})
-
-
-def early_stopping_summary(history) -> Optional[Dict[str, Any]]:
-    """The epoch of lowest validation loss and the test metrics there (Frankle & Carbin 2019's protocol)."""
-    rows = [(i, h) for i, h in enumerate(history, 1) if "val_loss" in h and "test_accuracy" in h]
-    if not rows:
-        return None
-    epoch, best = min(rows, key=lambda r: r[1]["val_loss"])
-    return {"epoch": epoch, "val_loss": best["val_loss"], "val_accuracy": best.get("val_accuracy"),
-            "test_loss": best["test_loss"], "test_accuracy": best["test_accuracy"]}
-
-
-def write_records(cfg: DictConfig, run_dir: str, registry: MaskRegistry, fingerprint: Optional[Dict[str, Any]],
-                  resume: bool) -> None:
-    """Writes what describes the run, after every check passed: ``.hydra/``, ``fingerprint.json``, ``freeze_plan.json``.
-
-    Hydra's own ``.hydra/`` writing is off (``hydra.output_subdir: null``) so
-    that a refused run changes nothing; these are the same files, written
-    here. A resumed run keeps ``.hydra/overrides.yaml`` (how the run was
-    started); its config and the plan are those of the run as it continues.
-    """
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-    except ValueError:
-        hydra_cfg = None
-    if hydra_cfg is not None and os.path.abspath(hydra_cfg.runtime.output_dir) == os.path.abspath(run_dir):
-        hydra_dir = os.path.join(run_dir, ".hydra")
-        os.makedirs(hydra_dir, exist_ok=True)
-        rundir.write_text(os.path.join(hydra_dir, "config.yaml"), OmegaConf.to_yaml(cfg))
-        rundir.write_text(os.path.join(hydra_dir, "hydra.yaml"), OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
-        if not resume or not os.path.exists(os.path.join(hydra_dir, "overrides.yaml")):
-            rundir.write_text(os.path.join(hydra_dir, "overrides.yaml"),
-                              OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
-    if fingerprint is not None:
-        rundir.write_json(os.path.join(run_dir, rundir.FINGERPRINT_NAME), fingerprint)
-    reports.write_json(os.path.join(run_dir, "freeze_plan.json"), {"variables": registry.plan()})
 
 
 def check_run_dir(cfg: DictConfig, run_dir: str) -> List[Dict[str, Any]]:
@@ -320,17 +226,7 @@ def check_run_dir(cfg: DictConfig, run_dir: str) -> List[Dict[str, Any]]:
         return []
     if cfg.dry_run:
         raise RunDirError("dry_run=true plans a new run and cannot be combined with resume=; drop one of them")
-    path, record, bad = latest_good(run_dir)
-    if path is None:
-        if bad:
-            raise CheckpointError(f"no readable checkpoint in {os.path.join(run_dir, 'checkpoints')}: "
-                                  + "; ".join(f"{p} ({e})" for p, e in bad))
-        raise ResumeError(f"resume: {run_dir!r} has no checkpoints/ckpt-*.index to continue from")
-    if not record or "fingerprint" not in record:
-        raise RunDirError(f"resume={run_dir}: checkpoint {path} stores no config fingerprint, so the config cannot "
-                          "be checked; start a new run without resume=")
-    allowed = list(cfg.get(rundir.ALLOW_KEY) or [])
-    return rundir.check_changes(run_dir, record["fingerprint"], run_fingerprint(cfg), allowed)
+    return check_resumable(run_dir, run_fingerprint(cfg), list(cfg.get(rundir.ALLOW_KEY) or []))
 
 
 def early_stopping_callbacks(cfg: DictConfig, run_dir: str, *, has_validation: bool) -> List[Callback]:
@@ -403,8 +299,8 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
     splits, model, optimizer, registry = build(cfg, strategy)
     log_banner(run_dir=run_dir, splits=splits, model=model, plan=registry.plan(), cfg=cfg)
     if cfg.dry_run:
-        write_records(cfg, run_dir, registry, None, resume)
-        _plan_table(registry)
+        rundir.write_records(run_dir, cfg, registry.plan(), None, resume=resume)
+        print_plan(registry.plan())
         log.info("dry run: plan written to %s", os.path.join(run_dir, "freeze_plan.json"))
         return {"status": "dry_run", "variables": registry.plan()}
 
@@ -414,19 +310,15 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
         metrics=["accuracy"], registry=registry, steps_per_execution=int(t.steps_per_execution),
         jit_compile=bool(t.jit_compile), nan_policy=str(t.nan_policy), strategy=strategy,
     )
-    seed = int(cfg.seed)
-    train_ds = make_dataset(splits.x_train, splits.y_train, int(t.batch_size), shuffle=True, seed=seed)
-    val_ds = make_dataset(splits.x_val, splits.y_val, int(t.eval_batch_size), shuffle=False, seed=seed) \
-        if len(splits.x_val) else None
-    test_ds = make_dataset(splits.x_test, splits.y_test, int(t.eval_batch_size), shuffle=False, seed=seed)
+    train_ds, val_ds, test_ds = split_datasets(splits, int(t.batch_size), int(t.eval_batch_size), seed=int(cfg.seed))
 
     checkpointing = Checkpointing(os.path.join(run_dir, "checkpoints"), every_n_steps=int(t.checkpoint_every_n_steps),
                                   keep=int(t.keep_checkpoints), record=record.snapshot)
     if resume:
         if checkpointing.restore_now(trainer.state()) is None:  # checked before; the files went away since
-            raise ResumeError(f"resume: {run_dir!r} has no checkpoints/ckpt-*.index to continue from")
+            raise nothing_to_resume(run_dir)
         record.restore(checkpointing.restored_record)
-    write_records(cfg, run_dir, registry, record.fingerprint, resume)
+    rundir.write_records(run_dir, cfg, registry.plan(), record.fingerprint, resume=resume)
     tensorboard = TensorBoard(
         os.path.join(run_dir, "tb"),
         summary_every_n_steps=int(cfg.log.summary_every_n_steps),
@@ -458,64 +350,23 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
 
 
 def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, record) -> Dict[str, Any]:
-    """Evaluates the test set, audits the frozen elements, writes report.json and the exports.
+    """Tests, audits, writes the report and the exports (:func:`trainer.report.run_report`, ``write_run_files``).
 
-    The report's ``history``, ``segments``, ``wall_seconds`` and
-    ``examples_per_second`` cover the whole run, earlier segments (before a
-    resume) included; ``config_changes`` lists every change accepted with
-    ``resume_allow_changes``. A failed run (``status="failed"``) is neither
-    tested nor exported: its report gives ``status``, ``error`` and the step
-    it reached, with no test metrics; no ``model.keras``, SavedModel or
-    ``weights.npz`` is written.
+    A failed run (``status="failed"``) is neither tested nor exported: its
+    report gives ``status``, ``error`` and the step it reached.
     """
-    registry, model = trainer.registry, trainer.model
     failed = status == "failed"
     test = {"loss": None} if failed else trainer.evaluate(test_ds)
     if not failed:
         tensorboard.write_test(trainer.step, test)
     tensorboard.close()
-    rows = reports.audit(registry)
-    exact = registry.exact()
-    whole = record.snapshot(trainer.state(), status)
-    history, segments = whole["history"], whole["segments"]
-    totals = reports.totals(segments)
-    result = {
-        "status": status,
-        "test_accuracy": test.get("accuracy"),
-        "test_loss": test["loss"],
-        "steps": trainer.step,
-        "trainable_elements": trainable_elements(registry),
-        "epochs": trainer.step / trainer.steps_per_epoch if trainer.steps_per_epoch else 0,
-        "wall_seconds": totals["wall_seconds"],
-        "examples_per_second": totals["examples_per_second"],
-        "steady_steps_per_second": trainer.timing.get("steady_steps_per_second"),
-        "skipped_steps": trainer.skipped_steps,
-        "frozen_exact": exact,
-        "audit": reports.audit_line(rows, exact),
-        "variables": rows,
-        "history": history,
-        "early_stopping": early_stopping_summary(history),
-        "segments": segments,
-        "config_changes": [c for s in segments for c in s["config_changes"]],
-    }
-    if error is not None:
-        result["error"] = error
-    if cfg.export.sparse and not failed:  # before report.json, which gives its size
-        size = result["sparse_export"] = reports.export_sparse_weights(model, registry,
-                                                                       os.path.join(run_dir, "sparse_weights.npz"))
-        log.info("sparse_weights.npz | %s bytes (dense weights %s bytes) | %s of %s covered elements stored",
-                 f"{size['bytes']:,}", f"{size['dense_bytes']:,}", f"{size['nonzero']:,}", f"{size['elements']:,}")
-    reports.write_json(os.path.join(run_dir, "report.json"), result)
-    reports.export_masks(registry, os.path.join(run_dir, "masks.npz"))
+    result = reports.run_report(trainer.state(), record, status=status, test=test, error=error)
+    reports.write_run_files(run_dir, trainer.model, trainer.registry, result, sparse=bool(cfg.export.sparse),
+                            keras=bool(cfg.export.keras), saved_model=bool(cfg.export.saved_model))
     if failed:
         log.error("run failed at step %d: %s (no test evaluation, no model written)", trainer.step, error)
         return result
-    reports.export_weights(model, os.path.join(run_dir, "weights.npz"))
-    if cfg.export.keras:
-        reports.export_model(model, os.path.join(run_dir, "model.keras"))
-    if cfg.export.saved_model:
-        reports.export_saved_model(model, os.path.join(run_dir, "saved_model"))
     log.info("test | loss %.4f | accuracy %.4f | %s | %.1f s", test["loss"], test.get("accuracy", float("nan")),
-             result["audit"], totals["wall_seconds"])
+             result["audit"], result["wall_seconds"])
     print_summary(result)
     return result

@@ -10,6 +10,8 @@ stores, so ``resume=`` refuses a changed config before anything is written.
 Every file is written through :func:`atomic_write` (a temporary
 ``.tmp-<pid>-<name>`` beside it, then ``os.replace``), and
 :func:`clean_leftovers` removes the temporaries a killed process left.
+:func:`write_records` writes what describes a run once every check passed
+(``.hydra/``, ``fingerprint.json``, ``freeze_plan.json``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ import os
 import re
 import shutil
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["ALLOW_KEY", "FINGERPRINT_NAME", "LENGTH_KEYS", "OUTPUT_NAMES", "TRAJECTORY_KEYS", "RunDirError", "RunLock",
+           "atomic_write", "change_allowed", "check_changes", "check_fresh", "checkpoint_steps", "clean_leftovers",
+           "config_changes", "fingerprint", "has_checkpoints", "hydra_config", "write_json", "write_records",
+           "write_text"]
 
 log = logging.getLogger("trainer")
 
@@ -223,6 +232,47 @@ def check_fresh(run_dir: str) -> None:
                           "pick a new or empty hydra.run.dir")
 
 
+def hydra_config() -> Optional[DictConfig]:
+    """The running Hydra job's ``hydra`` config (``runtime.output_dir``, ``overrides.task``); ``None`` outside."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def write_records(run_dir: str, config: DictConfig, plan: List[Dict[str, Any]],
+                  fingerprint: Optional[Dict[str, Any]], *, resume: bool) -> None:
+    """Writes what describes the run, after every check passed: ``.hydra/``, ``fingerprint.json``, ``freeze_plan.json``.
+
+    Hydra's own ``.hydra/`` writing is off (``hydra.output_subdir: null``) so
+    that a refused run changes nothing; these are the same files, written
+    here, when ``run_dir`` is the Hydra job's output directory. A resumed run
+    keeps ``.hydra/overrides.yaml`` (how the run was started); its config and
+    the plan are those of the run as it continues. Every file is written
+    atomically.
+
+    Args:
+      run_dir: the run directory (its lock held).
+      config: the composed config, written as ``.hydra/config.yaml``.
+      plan: the freeze plan, one dict per variable
+        (:meth:`trainer.masks.MaskRegistry.plan`), written as ``freeze_plan.json``.
+      fingerprint: :func:`fingerprint` of the config, or ``None`` (a dry run:
+        no ``fingerprint.json``).
+      resume: the run continues an earlier one.
+    """
+    hydra_cfg = hydra_config()
+    if hydra_cfg is not None and os.path.abspath(hydra_cfg.runtime.output_dir) == os.path.abspath(run_dir):
+        hydra_dir = os.path.join(run_dir, ".hydra")
+        os.makedirs(hydra_dir, exist_ok=True)
+        write_text(os.path.join(hydra_dir, "config.yaml"), OmegaConf.to_yaml(config))
+        write_text(os.path.join(hydra_dir, "hydra.yaml"), OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+        if not resume or not os.path.exists(os.path.join(hydra_dir, "overrides.yaml")):
+            write_text(os.path.join(hydra_dir, "overrides.yaml"),
+                       OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))))
+    if fingerprint is not None:
+        write_json(os.path.join(run_dir, FINGERPRINT_NAME), fingerprint)
+    write_json(os.path.join(run_dir, "freeze_plan.json"), {"variables": plan})
+
+
 # ------------------------------------------------------------------ fingerprint
 def _flatten(value: Any, prefix: str, out: Dict[str, Any]) -> None:
     if isinstance(value, dict):
@@ -282,7 +332,8 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
     return changes
 
 
-def _allowed(key: str, allowed: Sequence[str]) -> bool:
+def change_allowed(key: str, allowed: Sequence[str]) -> bool:
+    """True when ``allowed`` (``resume_allow_changes``) names ``key``, a prefix of it (``optimizer``) or ``"*"``."""
     return any(a == "*" or key == a or key.startswith(a + ".") for a in allowed)
 
 
@@ -304,7 +355,7 @@ def check_changes(run_dir: str, old: Dict[str, Any], new: Dict[str, Any],
         and how to start a new run or allow the change.
     """
     changes = config_changes(old, new)
-    refused = [c for c in changes if not _allowed(c[0], allowed)]
+    refused = [c for c in changes if not change_allowed(c[0], allowed)]
     if refused:
         listed = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, a, b in refused)
         keys = ",".join(k for k, _, _ in refused)

@@ -34,8 +34,12 @@ import tensorflow as tf
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.masks import MaskRegistry
+from trainer.masks.checks import check_known, is_whole
 from trainer.masks.scores import gradient_scores, magnitude_scores, random_scores, topk_mask
 from trainer.masks.variables import path_matches
+
+__all__ = ["SFTConfigError", "apply_sft", "kept_masks", "selected_variables", "sft_options", "sft_scores",
+           "trainable_elements"]
 
 METHODS = ("fish", "snip", "random", "magnitude", "delta")
 RANKINGS = ("global", "layerwise")
@@ -56,30 +60,28 @@ def sft_options(cfg: Any) -> Optional[Dict[str, Any]]:
     if cfg is None:
         return None
     options = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    unknown = sorted(set(options) - set(KEYS))
-    if unknown:
-        raise SFTConfigError(f"sft: unknown key(s) {unknown}; allowed: {list(KEYS)}")
+    check_known(options, KEYS, error=SFTConfigError, what="sft: unknown key(s) {unknown}")
     method = options.get("method")
     if method is None:
         return None
     if method not in METHODS:
         raise SFTConfigError(f"sft.method must be one of {list(METHODS)} or null, got {method!r}")
     k = options.get("k")
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0 or (isinstance(k, float) and k >= 1):
+    if not (is_whole(k, 1) or (isinstance(k, float) and 0 < k < 1)):
         raise SFTConfigError(f"sft.k must be a fraction in (0, 1) or a positive integer count, got {k!r}")
     ranking = options.get("ranking") or "global"
     if ranking not in RANKINGS:
         raise SFTConfigError(f"sft.ranking must be one of {list(RANKINGS)}, got {ranking!r}")
-    if ranking == "layerwise" and isinstance(k, int):
+    if ranking == "layerwise" and is_whole(k):
         raise SFTConfigError(f"sft.ranking=layerwise needs k as a fraction in (0, 1), got the count {k}")
     batches = options.get("batches", 8)
-    if method in ("fish", "snip") and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
+    if method in ("fish", "snip") and not is_whole(batches, 1):
         raise SFTConfigError(f"sft.batches must be a positive integer, got {batches!r}")
     batch_size = options.get("batch_size")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and not is_whole(batch_size, 1):
         raise SFTConfigError(f"sft.batch_size must be a positive integer or null, got {batch_size!r}")
     seed = options.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_whole(seed, 0):
         raise SFTConfigError(f"sft.seed must be a non-negative integer, got {seed!r}")
     if method == "delta" and not options.get("dense_weights"):
         raise SFTConfigError("sft.method=delta needs sft.dense_weights, the weights.npz of the dense phase")
@@ -136,7 +138,7 @@ def kept_masks(scores: Mapping[str, np.ndarray], k: Any, ranking: str = "global"
         return {p: topk_mask(s, max(1, int(round(k * np.size(s)))), path=p) for p, s in scores.items()}
     order = sorted(scores)
     total = int(sum(np.size(scores[p]) for p in order))
-    count = int(k) if isinstance(k, int) else max(1, int(round(float(k) * total)))
+    count = int(k) if is_whole(k) else max(1, int(round(float(k) * total)))
     if count > total:
         raise SFTConfigError(f"sft.k={k} is more than the {total:,} selected elements")
     keep = topk_mask(np.concatenate([np.asarray(scores[p], np.float64).reshape(-1) for p in order]), count,

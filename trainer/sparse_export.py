@@ -20,6 +20,8 @@ from typing import Dict, Iterable, Mapping
 
 import numpy as np
 
+__all__ = ["load_sparse_weights", "sparse_arrays", "write_sparse_weights"]
+
 INDICES, VALUES, SHAPE = ":indices", ":values", ":shape"
 
 

@@ -44,6 +44,10 @@ from tensorboard.plugins.hparams import api as hp
 
 from trainer.callbacks import Callback, Throughput, crossed
 from trainer.masks import audit
+from trainer.masks.checks import is_whole
+
+__all__ = ["Profile", "TensorBoard", "current_learning_rate", "hparam_value", "mask_image", "model_stats",
+           "variable_stats"]
 
 log = logging.getLogger("trainer")
 
@@ -292,6 +296,7 @@ class TensorBoard(Callback):
             self.hparams_writer.flush()
 
     def close(self) -> None:
+        """Flushes and closes the summary writers (call once, at the end of the run)."""
         for writer in (self.train_writer, self.val_writer, self.hparams_writer):
             if writer is not None:
                 writer.close()
@@ -320,7 +325,7 @@ class Profile(Callback):
 
     def __init__(self, logdir: str, steps: Sequence[int]):
         steps = list(steps)
-        if len(steps) != 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in steps) \
+        if len(steps) != 2 or not all(is_whole(s) for s in steps) \
                 or not 1 <= steps[0] <= steps[1]:
             raise ValueError(f"log.profile_steps must be [start, stop] with integers 1 <= start <= stop, got {steps}")
         self.logdir = logdir

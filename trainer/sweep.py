@@ -21,6 +21,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+__all__ = ["SweepResults", "job_rows", "metric_value", "optimized_value", "print_table", "rank", "split_overrides",
+           "summarize_sweep", "write_error", "write_tables"]
+
 try:  # Hydra >= 1.1
     from hydra.experimental.callback import Callback as HydraCallback
 except ImportError:  # pragma: no cover - hydra-core is a dependency
