@@ -81,6 +81,7 @@ def test_every_unusable_return_becomes_a_failed_trial_with_its_reason_in_the_job
         assert (tmp_path / name / "error.txt").read_text() == reason + "\n"
         assert (tmp_path / name / ".hydra" / "overrides.yaml").is_file() or name == "3"
     assert failure(returns[0]) is None and failure(job_return(tmp_path, True)) is not None
+    assert failure(job_return(tmp_path, [0.5, 2])) is None and failure(job_return(tmp_path, [0.5, None])) is not None
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from typing import Any, List, Optional, Sequence
 
@@ -54,7 +55,8 @@ def failure(ret: JobReturn) -> Optional[str]:
         except Exception as err:  # JobReturn raises the job's exception
             return one_line(err)
     value = ret.return_value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    values = value if isinstance(value, (list, tuple)) and value else [value]  # one value per direction
+    if all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         return None
     metric = OmegaConf.select(ret.cfg, "optimized_metric") if ret.cfg is not None else None
     named = f" for optimized_metric={metric}" if metric else ""
@@ -112,7 +114,7 @@ class RecordingOptunaSweeper(OptunaSweeper):
                       "%d trials completed", self.recorder.failed, self.sweeper.max_failure_rate,
                       self.recorder.completed)
         except ValueError as err:  # optuna: "No trials are completed yet." from study.best_trial
-            if self.recorder.completed:
+            if self.recorder.completed or not self.recorder.failed:
                 raise
             log.error("no trial completed (%d failed: see each job's error.txt and sweep_results.md)",
                       self.recorder.failed)
