@@ -81,7 +81,7 @@ def test_optuna_search_config_composes():
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert dict(sweeper.params) == {"optimizer.learning_rate": "tag(log, interval(1e-4, 1e-2))",
                                     "freeze.rules.sparse.elements.random": "interval(0.5, 0.98)"}
-    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
+    assert launcher._target_.endswith("ProcessLauncher") and launcher.n_jobs == 2  # each trial its own process
     assert cfg.hydra.callbacks.sweep_results._target_ == "trainer.sweep.SweepResults"
 
 

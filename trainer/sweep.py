@@ -3,8 +3,8 @@
 ``main`` returns :func:`optimized_value` (``optimized_metric`` in the config),
 which the Optuna sweeper maximizes or minimizes. :class:`SweepResults`, a
 Hydra callback registered in ``configs/config.yaml``, reads every job folder of
-the sweep once the multirun ends (whatever the launcher: basic, joblib or
-submitit, whose jobs run in other processes) and prints and writes
+the sweep once the multirun ends (whatever the launcher: basic, joblib,
+processes or submitit, whose jobs run in other processes) and prints and writes
 ``sweep_results.csv`` / ``sweep_results.md``: each job's overrides, status and
 final metrics, best first (the pattern of lightning-hydra-template's
 ``optimized_metric``).
@@ -52,7 +52,9 @@ def optimized_value(cfg: DictConfig, result: Optional[Mapping[str, Any]]) -> Opt
     """What a job returns to the sweeper: ``cfg.optimized_metric`` of its report (``None`` when unset).
 
     A failed job, or a run stopped before the first validation of a
-    ``val_*`` metric, returns ``nan`` (Optuna records the trial as failed).
+    ``val_*`` metric, returns ``nan``: the sweeper of
+    ``hydra/sweeper=optuna_safe`` records it as a failed trial
+    (``hydra_plugins/trainer_sweep/optuna_sweeper.py``).
 
     Raises:
       ValueError: the metric is configured but the report has no such key.
@@ -93,7 +95,9 @@ def job_rows(sweep_dir: str) -> List[Dict[str, Any]]:
 
     Each row: ``job`` (folder name), ``overrides`` (the job's command-line
     overrides joined by spaces), ``status`` (``completed``, ``interrupted``,
-    ``failed: <error>``, or ``no report``) and :data:`METRIC_COLUMNS`.
+    ``failed: <error>``, or ``no report``; ``completed; failed: <error>`` for a
+    run whose value the sweeper could not use, e.g. ``nan``) and
+    :data:`METRIC_COLUMNS`.
     """
     rows = []
     for name in sorted(os.listdir(sweep_dir), key=lambda n: (len(n.split("_")[0]), n)):
@@ -105,15 +109,18 @@ def job_rows(sweep_dir: str) -> List[Dict[str, Any]]:
         row: Dict[str, Any] = {"job": name, "overrides": " ".join(overrides), "status": "no report"}
         report_file = os.path.join(job, "report.json")
         error_file = os.path.join(job, ERROR_FILE)
+        error = None
+        if os.path.isfile(error_file):
+            with open(error_file) as f:
+                error = "failed: " + f.read().strip()
         if os.path.isfile(report_file):
             with open(report_file) as f:
                 report = json.load(f)
-            row["status"] = str(report.get("status"))
+            row["status"] = str(report.get("status")) + (f"; {error}" if error else "")
             for column in METRIC_COLUMNS:
                 row[column] = metric_value(report, column)
-        elif os.path.isfile(error_file):
-            with open(error_file) as f:
-                row["status"] = "failed: " + f.read().strip()
+        elif error:
+            row["status"] = error
         rows.append(row)
     return rows
 
