@@ -1,6 +1,6 @@
 """A checkpoint written by an earlier version of the code restores and continues bit-exactly.
 
-tests/compat/v0_1/ was written by ``python -m tests.compat.build`` at commit 83c9018 (before the core was split
+tests/compat/v0_1/ was written by ``python -m tests.compat.build`` with the code of commit 4c49d48 (before the core was split
 into step, guard, controller and mask-state modules): a run's ``checkpoint_objects`` after 12 steps, and what
 every variable held after a restore and 8 more steps. Any change to a checkpoint key (the registry's masks, pins,
 compact values and indices, its rule state, the optimizer's slots, the loop counters) or to the arithmetic of
