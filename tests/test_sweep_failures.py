@@ -19,7 +19,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
-from hydra_plugins.trainer_sweep.optuna_sweeper import TrialFailed, _RecordingLauncher, failure
+import hydra_plugins.trainer_sweep.optuna_sweeper as optuna_sweeper  # Hydra's plugin scan may load it again
 from hydra_plugins.trainer_sweep.process_launcher import how_it_ended
 from tests.conftest import REPO
 from tests.test_sweeps import cli
@@ -66,7 +66,7 @@ def test_every_unusable_return_becomes_a_failed_trial_with_its_reason_in_the_job
     returns = [job_return(tmp_path / "0", 0.75), job_return(tmp_path / "1", float("nan")),
                job_return(tmp_path / "2", error=RuntimeError("boom\nmore")), job_return(tmp_path / "3", None),
                job_return(tmp_path / "4", float("inf"))]
-    recorder = _RecordingLauncher(FakeLauncher(returns))
+    recorder = optuna_sweeper._RecordingLauncher(FakeLauncher(returns))
     out = recorder.launch([["x=1"]] * 5, initial_job_idx=0)
     assert out[0].status == JobStatus.COMPLETED and out[0].return_value == 0.75
     assert (recorder.completed, recorder.failed) == (1, 4)
@@ -77,9 +77,12 @@ def test_every_unusable_return_becomes_a_failed_trial_with_its_reason_in_the_job
         "4": NAN_TRIAL.split("failed: ", 1)[1].replace("nan", "inf"),
     }
     for ret, (name, reason) in zip(out[1:], reasons.items()):
-        assert ret.status == JobStatus.FAILED and isinstance(ret._return_value, TrialFailed)
+        assert ret.status == JobStatus.FAILED
+        with pytest.raises(optuna_sweeper.TrialFailed):  # JobReturn raises what the sweeper records as FAIL
+            ret.return_value
         assert (tmp_path / name / "error.txt").read_text() == reason + "\n"
         assert (tmp_path / name / ".hydra" / "overrides.yaml").is_file() or name == "3"
+    failure = optuna_sweeper.failure
     assert failure(returns[0]) is None and failure(job_return(tmp_path, True)) is not None
     assert failure(job_return(tmp_path, [0.5, 2])) is None and failure(job_return(tmp_path, [0.5, None])) is not None
 
