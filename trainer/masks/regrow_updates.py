@@ -40,10 +40,6 @@ class Regrower:
             self.buffers[path] = tf.Variable(tf.zeros(variable.shape, tf.float32), trainable=False,
                                              name="rigl_gradient")
 
-    def discard(self, path: str) -> None:
-        self.buffers.pop(path, None)
-        self._fns.pop(path, None)
-
     def forget_compiled(self) -> None:
         """Drops the compiled updates (they hold the optimizer's slots: call when the optimizer changes)."""
         self._fns.clear()
