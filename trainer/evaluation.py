@@ -68,7 +68,7 @@ class Evaluator:
             for metric in self.metrics:
                 metric.update_state(y, y_pred)
 
-        compiled_step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True)
+        compiled_step = tf.function(step, jit_compile=self.jit_compile, reduce_retracing=True, autograph=False)
 
         @tf.function
         def run(dataset):

@@ -189,7 +189,9 @@ def make_step(parts: StepParts, capture: bool = False) -> Callable:
                                    concat_replicas(strategy, y_pred))
         return guards.guarded(guard, finite, apply, record, parts.counters.skip)
 
-    return step if several else tf.function(step, jit_compile=parts.jit_compile, reduce_retracing=True)
+    if several:  # called from the execution's tf.function: traced as it is, like the single-replica step
+        return tf.autograph.experimental.do_not_convert(step)
+    return tf.function(step, jit_compile=parts.jit_compile, reduce_retracing=True, autograph=False)
 
 
 def make_execution(step: Callable, last: Optional[Callable], *, counters: StepCounters,
@@ -309,7 +311,7 @@ def per_replica_function(fn: Callable, *, jit_compile: bool) -> Callable:
         context = tf.distribute.get_replica_context()
         replica = 0 if context is None else int(tf.get_static_value(context.replica_id_in_sync_group) or 0)
         if replica not in traces:
-            traces[replica] = tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
+            traces[replica] = tf.function(fn, jit_compile=jit_compile, reduce_retracing=True, autograph=False)
         return traces[replica](*args)
 
     return call
