@@ -19,7 +19,7 @@ def test_quick_bench_writes_cases_ratios_and_mfu(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--quick", "--data", "digits",
-         "--no-wide", "--no-tfmot", "--out", str(out)],
+         "--no-wide", "--no-tfmot", "--rounds", "1", "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

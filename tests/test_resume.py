@@ -10,12 +10,25 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from hydra import compose, initialize_config_dir
 
-from tests.conftest import REPO
+from tests.conftest import CONFIGS, REPO
+from trainer.config import register
+from trainer.run import run
+
+register()
 
 COMMON = ["trainer.deterministic=true", "trainer.epochs=6", "trainer.checkpoint_every_n_steps=25",
           "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "export.keras=false",
           "log.summary_every_n_steps=50"]
+
+
+def first_run(run_dir, args):
+    """The run a test then resumes, in this process (one process start less); not deterministic, so this
+    worker's TensorFlow keeps its default kernels (the resumed process gets the same ``args``)."""
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(args))
+    return run(cfg, run_dir=str(run_dir))
 
 
 def cli(args, env=None):
@@ -91,10 +104,10 @@ def kill_and_resume(tmp_path, args, min_step=50):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["trainer.steps_per_execution=5", "trainer.jit_compile=true"]],
-                         ids=["plain", "xla_spe5"])
+@pytest.mark.parametrize("extra", [["trainer.steps_per_execution=5", "trainer.jit_compile=true"]], ids=["xla_spe5"])
 def test_sigkill_then_resume_is_bit_exact(tmp_path, extra):
     # 6 epochs of 21 steps, checkpoints every 25; killed after the checkpoint of step 50, with 76 steps to go.
+    # The plain case (no XLA, K = 1) is tests/test_kill_loop.py: a deterministic AdamW random_90 run killed 4 times.
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     a, b = kill_and_resume(tmp_path, [*COMMON, *extra])
     assert sum(k.startswith("optimizer/_variables/") for k in a) >= 12  # AdamW slots of 6 variables
@@ -127,15 +140,14 @@ def test_sigint_finishes_step_writes_checkpoint_and_interrupted_report(tmp_path)
 
 @pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=3"]
-    subprocess.run(cli(args), cwd=REPO, env=env(), check=True, capture_output=True, timeout=600)
+    run_dir, common = tmp_path / "run", COMMON[1:]  # COMMON without trainer.deterministic=true
+    first_run(run_dir, [*common, "trainer.epochs=3"])
     ckpt_dir = run_dir / "checkpoints"
     latest = tf.train.latest_checkpoint(str(ckpt_dir))
     data = [p for p in os.listdir(ckpt_dir) if p.startswith(os.path.basename(latest) + ".data")][0]
     with open(ckpt_dir / data, "r+b") as f:
         f.truncate(os.path.getsize(ckpt_dir / data) // 2)
-    resumed = subprocess.run(cli([f"resume={run_dir}", *COMMON, "trainer.epochs=4"]), cwd=REPO, env=env(),
+    resumed = subprocess.run(cli([f"resume={run_dir}", *common, "trainer.epochs=4"]), cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     text = resumed.stdout + resumed.stderr
@@ -145,16 +157,15 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
 
 @pytest.mark.slow
 def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [f"hydra.run.dir={run_dir}", *COMMON, "trainer.epochs=1", "trainer.keep_checkpoints=1"]
-    subprocess.run(cli(args), cwd=REPO, env=env(), check=True, capture_output=True, timeout=600)
+    run_dir, common = tmp_path / "run", COMMON[1:]  # COMMON without trainer.deterministic=true
+    first_run(run_dir, [*common, "trainer.epochs=1", "trainer.keep_checkpoints=1"])
     ckpt_dir = run_dir / "checkpoints"
     for name in os.listdir(ckpt_dir):
         if ".data" in name:
             with open(ckpt_dir / name, "r+b") as f:
                 f.truncate(10)
     report_before = (run_dir / "report.json").read_text()
-    resumed = subprocess.run(cli([f"resume={run_dir}", *COMMON, "trainer.epochs=2"]), cwd=REPO, env=env(),
+    resumed = subprocess.run(cli([f"resume={run_dir}", *common, "trainer.epochs=2"]), cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode != 0
     assert "no readable checkpoint in" in resumed.stderr
@@ -170,9 +181,7 @@ def test_resume_of_missing_directory_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_resume_true_continues_the_latest_run_of_the_experiment(tmp_path):
-    first = subprocess.run(cli(["trainer.epochs=1", "export.keras=false"]), cwd=tmp_path, env=env(),
-                           capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    first_run(tmp_path / "outputs" / "default" / "2026-01-01_00-00-00", ["trainer.epochs=1", "export.keras=false"])
     runs = list((tmp_path / "outputs" / "default").iterdir())
     assert len(runs) == 1
     again = subprocess.run(cli(["resume=true", "trainer.epochs=2", "export.keras=false"]), cwd=tmp_path, env=env(),
