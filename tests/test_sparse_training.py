@@ -304,7 +304,10 @@ def test_tensorboard_shows_dropped_grown_density_per_update(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_in_the_middle_of_a_rigl_schedule_is_bit_exact(tmp_path):
-    """In compact mode: the moved [k] indices, values and carried slots are what a resume must restore."""
+    """In compact mode: the moved [k] indices, values and carried slots are what a resume must restore.
+
+    This is also the suite's SIGKILL case for compact updates (it was a test of its own without regrowth,
+    folded in here: a compact run with RigL restores all that one restored, and more)."""
     common = ["trainer.deterministic=true", "trainer.epochs=4", "trainer.checkpoint_every_n_steps=25",
               "freeze.update=compact",
               "trainer.keep_checkpoints=50", "optimizer=adamw", "freeze=random_90", "export.keras=false",
@@ -316,6 +319,9 @@ def test_sigkill_then_resume_in_the_middle_of_a_rigl_schedule_is_bit_exact(tmp_p
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     indices = [k for k in a if k.startswith("registry/indices/")]
     assert len(indices) == 3 and not any(k.startswith("registry/masks/") for k in a)  # compact, 3 kernels
+    # The compact values are saved once, where the checkpoint meets them first: as the optimizer's variables.
+    optimized = sorted(a[k].size for k in a if k.startswith("optimizer/_trainable_variables/"))
+    assert all(a[k].size in optimized for k in indices) and max(optimized) < 64 * 300 // 2  # no dense kernel
     report = json.loads((killed / "report.json").read_text())
     assert report["status"] == "completed" and report["frozen_exact"] is True
     assert report["history"] == json.loads((straight / "report.json").read_text())["history"]
