@@ -194,7 +194,8 @@ def print_plan(plan: List[Mapping[str, Any]]) -> None:
     for col in ("variable", "shape", "dtype", "frozen", "fraction", "value", "rules"):
         table.add_column(col)
     for row in plan:
-        table.add_row(row["path"], str(tuple(row["shape"])), row["dtype"], f"{row['frozen_elements']:,}",
+        dtype = row["dtype"] + (f" ({row['precision']['values']} masters)" if row.get("precision") else "")
+        table.add_row(row["path"], str(tuple(row["shape"])), dtype, f"{row['frozen_elements']:,}",
                       f"{row['frozen_fraction']:.4f}", row["value"] or "-", ", ".join(row["rules"]) or "-")
     # Not a terminal (a log, CI): a wide console, so variable paths are not cut.
     Console(width=None if sys.stdout.isatty() else 200).print(table)

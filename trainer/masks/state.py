@@ -32,6 +32,7 @@ import tensorflow as tf
 from trainer.masks import audit
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.plan import RuleState, VariablePlan, bits
+from trainer.masks.precision import check_mode, is_reduced
 from trainer.masks.slots import slots_by_path, zero_slots
 from trainer.masks.updates import CompactUpdate, DenseUpdate, PinUpdate, choose_mode, make_update
 from trainer.masks.values import rescaled
@@ -160,10 +161,17 @@ class MaskState:
 
         Returns:
           True when any mask or pinned value changed.
+
+        Raises:
+          FreezeConfigError: conflicting pins, or a dense update of a bfloat16 / float16 variable.
         """
         for path in paths:
-            if len(self.rules_for(path)) > 1:
-                combine(path)  # raises on conflicting pins
+            info = self.by_path[path]
+            reduced = info.trainable and is_reduced(info.variable.dtype)
+            if len(self.rules_for(path)) > 1 or reduced:
+                plan = combine(path)  # raises on conflicting pins
+                if reduced and not plan.static_full:
+                    self._mode(info, plan, self.update(path))  # raises on a dense update of a bfloat16 variable
         changed = False
         for path in paths:
             changed |= self.set_plan(path, combine(path))
@@ -249,10 +257,12 @@ class MaskState:
         if not info.trainable:
             return "pinned"
         size = max(int(plan.frozen.size), 1)
+        reduced = is_reduced(info.variable.dtype)  # compact with float32 masters at any fraction
         mode = choose_mode(self.requested, trainable_fraction=1.0 - np.count_nonzero(plan.frozen) / size,
-                           dynamic=plan.dynamic, rank=plan.frozen.ndim, crossover=self.crossover)
+                           dynamic=plan.dynamic, rank=plan.frozen.ndim, crossover=1.0 if reduced else self.crossover)
         if self.optimizer is not None and update is None and mode == "compact" and self.requested == "auto":
             mode = "dense"  # the optimizer has slots for the model variable already
+        check_mode(info.path, info.variable.dtype, mode)
         return mode
 
     def add_rule(self, state: RuleState) -> None:
