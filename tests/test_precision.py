@@ -47,9 +47,10 @@ def stepper(model, registry, optimizer):
     return step
 
 
+@pytest.mark.parametrize("update", ["auto", "sampled"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_frozen_elements_keep_their_bits_and_trainable_ones_move_after_50_adamw_steps(dtype):
-    model, registry, optimizer = setup(dtype)
+def test_frozen_elements_keep_their_bits_and_trainable_ones_move_after_50_adamw_steps(dtype, update):
+    model, registry, optimizer = setup(dtype, update)
     kernel = model.get_layer("fc").kernel
     trainable = registry.trainable_mask(kernel.path)
     assert 0 < trainable.sum() < 0.02 * trainable.size

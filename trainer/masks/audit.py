@@ -16,6 +16,7 @@ import numpy as np
 
 from trainer.masks import precision
 from trainer.masks.plan import VariablePlan, bits
+from trainer.masks.sampled_layers import describe_fallback
 
 
 def digest(value: np.ndarray, elements: np.ndarray) -> str:
@@ -85,7 +86,8 @@ def plan_rows(state: Any) -> List[Dict[str, Any]]:
 
     A row of a variable whose compact values are float32 masters of a
     bfloat16 / float16 variable also has ``precision``
-    (:func:`trainer.masks.precision.precision`).
+    (:func:`trainer.masks.precision.precision`); with ``update="sampled"`` a
+    compact row has ``gradient``: ``"sampled"``, or why the dense gradient is gathered.
     """
     rows = []
     for info in state.infos:
@@ -109,6 +111,9 @@ def plan_rows(state: Any) -> List[Dict[str, Any]]:
         parts = precision.precision(info.variable.dtype, None if compact is None else compact.dtype)
         if parts is not None:
             rows[-1]["precision"] = parts
+        if compact is not None and state.requested == "sampled":
+            served = compact.path in state.sampled
+            rows[-1]["gradient"] = "sampled" if served else describe_fallback(info.path, state.owners.get(info.path))
     return rows
 
 
@@ -120,7 +125,8 @@ def describe(rows: List[Dict[str, Any]], modes: Mapping[str, str]) -> str:
         lines.append(
             f"| {row['path']} | {tuple(row['shape'])} | {row['frozen_elements']:,} | "
             f"{row['frozen_fraction']:.4f} | {row['value'] or '-'} | {', '.join(row['rules']) or '-'} | "
-            f"{modes.get(row['path'], '-')}{precision.label(row.get('precision'))} |"
+            f"{modes.get(row['path'], '-')}{precision.label(row.get('precision'))}"
+            f"{' (sampled gradient)' if row.get('gradient') == 'sampled' else ''} |"
         )
     return "\n".join(lines)
 

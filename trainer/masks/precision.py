@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import numpy as np
 import tensorflow as tf
 
 from trainer.masks.errors import FreezeConfigError
@@ -103,7 +102,3 @@ def label(row_precision: Optional[Dict[str, str]]) -> str:
         return ""
     return f" ({row_precision['variable']} base, {row_precision['values']} masters)"
 
-
-def widen(values: Any, dtype: Any) -> np.ndarray:
-    """``values`` as a NumPy array of the master dtype of ``dtype`` (exact: the widening loses nothing)."""
-    return np.asarray(tf.cast(tf.convert_to_tensor(values), master_dtype(dtype)).numpy())

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from trainer.masks.precision import master_dtype, refreshed
 
-UPDATE_MODES = ("auto", "dense", "compact")
+UPDATE_MODES = ("auto", "dense", "compact", "sampled")  # sampled: compact, kernel gradients sampled
 
 
 def on_every_copy(variable, fn, *args) -> None:
