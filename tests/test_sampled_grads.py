@@ -238,3 +238,25 @@ def test_a_keras_hub_decoder_samples_every_projection_and_matches_the_gathered_d
     for a, b in zip(out["compact"][1], out["sampled"][1]):
         a, b = tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy()
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(a))))
+
+
+def test_served_layers_keep_their_weights_paths_and_model_keras(tmp_path):
+    keras.utils.set_random_seed(0)
+    model, path, shape = CASES["llama_query"]()
+    paths = [v.path for v in model.weights]
+    registry = MaskRegistry(model, update="sampled")
+    registry.freeze(path, elements={"random": 0.9, "seed": 0})
+    optimizer = keras.optimizers.SGD(0.1)
+    registry.attach_optimizer(optimizer)
+    variables = registry.trainable_variables()
+    x = inputs(model, shape)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(model(x)))
+    registry.apply_gradients(optimizer, registry.update_gradients(tape.gradient(loss, variables), variables), variables)
+    assert [v.path for v in model.weights] == paths and registry.exact()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert [v.path for v in loaded.weights] == paths
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
