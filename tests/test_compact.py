@@ -152,7 +152,8 @@ def test_compact_refuses_a_rule_whose_frozen_count_changes():
 
 
 def test_unknown_update_mode_is_refused():
-    with pytest.raises(FreezeConfigError, match=r"^update must be one of \['auto', 'dense', 'compact'\], got 'sparse'$"):
+    with pytest.raises(FreezeConfigError,
+                       match=r"^update must be one of \['auto', 'dense', 'compact', 'sampled'\], got 'sparse'$"):
         MaskRegistry(mlp(), update="sparse")
 
 

@@ -24,14 +24,14 @@ log = logging.getLogger("trainer")
 
 
 def audit(registry) -> List[Dict[str, Any]]:
-    """Per trainable variable: path, shape, frozen_elements, sparsity (exact zeros), drift.
+    """Per trainable variable: path, shape, frozen_elements, sparsity (exact zeros), drift (and ``precision``).
 
     ``drift`` is the max |value - pinned| over frozen elements (0.0 expected)
     and ``exact`` whether every frozen element is bit-for-bit its pinned value.
     The statistics are :func:`trainer.masks.audit.variable_rows`, shared with the summaries.
     """
     keys = ("path", "shape", "frozen_elements", "frozen_fraction", "sparsity", "drift", "rules")
-    return [{k: row[k] for k in keys} for row in masks_audit.variable_rows(registry)]
+    return [{k: row[k] for k in keys + ("precision",) if k in row} for row in masks_audit.variable_rows(registry)]
 
 
 def audit_line(rows: List[Dict[str, Any]], exact: bool) -> str:

@@ -14,7 +14,9 @@ from typing import Any, Callable, Dict, List, Mapping
 
 import numpy as np
 
+from trainer.masks import precision
 from trainer.masks.plan import VariablePlan, bits
+from trainer.masks.sampled_layers import describe_fallback
 
 
 def digest(value: np.ndarray, elements: np.ndarray) -> str:
@@ -80,7 +82,13 @@ def exact(state: Any, combine: Callable[[str], VariablePlan]) -> bool:
 
 
 def plan_rows(state: Any) -> List[Dict[str, Any]]:
-    """One row per trainable (or pinned) variable of a store: ``MaskRegistry.plan``."""
+    """One row per trainable (or pinned) variable of a store: ``MaskRegistry.plan``.
+
+    A row of a variable whose compact values are float32 masters of a
+    bfloat16 / float16 variable also has ``precision``
+    (:func:`trainer.masks.precision.precision`); with ``update="sampled"`` a
+    compact row has ``gradient``: ``"sampled"``, or why the dense gradient is gathered.
+    """
     rows = []
     for info in state.infos:
         covered = state.covered.get(info.path)
@@ -99,18 +107,26 @@ def plan_rows(state: Any) -> List[Dict[str, Any]]:
             "value": ", ".join(values) if values else None,
             "rules": rules,
         })
+        compact = state.compact.get(info.path) if covered is not None else None
+        parts = precision.precision(info.variable.dtype, None if compact is None else compact.dtype)
+        if parts is not None:
+            rows[-1]["precision"] = parts
+        if compact is not None and state.requested == "sampled":
+            served = compact.path in state.sampled
+            rows[-1]["gradient"] = "sampled" if served else describe_fallback(info.path, state.owners.get(info.path))
     return rows
 
 
 def describe(rows: List[Dict[str, Any]], modes: Mapping[str, str]) -> str:
-    """A Markdown table of :func:`plan_rows` with each variable's update mode."""
+    """A Markdown table of :func:`plan_rows` with each variable's update mode (and masters' precision)."""
     lines = ["| variable | shape | frozen | fraction | value | rules | update |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['path']} | {tuple(row['shape'])} | {row['frozen_elements']:,} | "
             f"{row['frozen_fraction']:.4f} | {row['value'] or '-'} | {', '.join(row['rules']) or '-'} | "
-            f"{modes.get(row['path'], '-')} |"
+            f"{modes.get(row['path'], '-')}{precision.label(row.get('precision'))}"
+            f"{' (sampled gradient)' if row.get('gradient') == 'sampled' else ''} |"
         )
     return "\n".join(lines)
 
@@ -143,7 +159,7 @@ def variable_rows(registry) -> List[Dict[str, Any]]:
       ``frozen_elements``, ``frozen_fraction``, ``rules``, ``sparsity`` (the
       fraction of elements exactly 0), ``drift`` (see :func:`variable_drift`)
       and ``trainable_norm`` (L2 norm of the trainable elements), as Python
-      numbers.
+      numbers; and ``precision`` where the plan row has it.
     """
     drift = registry.drift()
     values = {v.path: v for v in registry.model.variables}
@@ -161,6 +177,7 @@ def variable_rows(registry) -> List[Dict[str, Any]]:
             "sparsity": float(np.count_nonzero(value == 0) / max(value.size, 1)),
             "drift": float(drift.get(path, 0.0)),
             "trainable_norm": float(np.linalg.norm(value[trainable].astype(np.float64))),
+            **({"precision": row["precision"]} if "precision" in row else {}),
         })
     return rows
 

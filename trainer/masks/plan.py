@@ -357,7 +357,7 @@ class Planner:
             targets = [t for t in targets if t.trainable]
             if not targets:
                 raise FreezeConfigError(f"rule {rule.name!r} selects only non-trainable variables {non_trainable}")
-        if rule.dynamic and rule.regrow is None and update_mode == "compact":
+        if rule.dynamic and rule.regrow is None and update_mode in ("compact", "sampled"):
             raise FreezeConfigError(
                 f"rule {rule.name!r} changes how many elements it freezes during training (start/end bounds or "
                 "update_every_n_steps), which update 'compact' does not support; use update 'auto' (dense where "

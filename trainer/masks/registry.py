@@ -63,7 +63,8 @@ class MaskRegistry(tf.Module):
       model: a built ``keras.Model`` (or layer).
       initial_values: optional ``{variable path: array}`` used by ``value="initial"``
         instead of the values when the rule is added.
-      update: ``"auto"`` (default), ``"dense"`` or ``"compact"``: how partly frozen
+      update: ``"auto"`` (default), ``"dense"``, ``"compact"`` or ``"sampled"`` (compact, kernel gradients
+        sampled in served layers: :mod:`trainer.masks.sampled_layers`): how partly frozen
         variables are updated (see :mod:`trainer.masks.updates`).
       name: the ``tf.Module`` name.
 
@@ -83,7 +84,7 @@ class MaskRegistry(tf.Module):
         self.indices: Dict[str, tf.Variable] = {}
         self.compact: Dict[str, keras.Variable] = {}
         state = MaskState(index_variables(model), masks=self.masks, pins=self.pins, indices=self.indices,
-                          compact=self.compact, requested=update, crossover=COMPACT_CROSSOVER)
+                          compact=self.compact, requested=update, crossover=COMPACT_CROSSOVER, model=model)
         planner = Planner(shapes=state.shapes(), read=state.read, trainable_now=state.trainable_now)
         self._refs = _Refs(model, state, planner, initial_values)
         self.rule_state = RuleStateTrackable(state)

@@ -32,6 +32,8 @@ import tensorflow as tf
 from trainer.masks import audit
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.plan import RuleState, VariablePlan, bits
+from trainer.masks import sampled_layers
+from trainer.masks.precision import check_mode, is_reduced
 from trainer.masks.slots import slots_by_path, zero_slots
 from trainer.masks.updates import CompactUpdate, DenseUpdate, PinUpdate, choose_mode, make_update
 from trainer.masks.values import rescaled
@@ -60,12 +62,13 @@ class MaskState:
       infos: the model's variables (:func:`trainer.masks.variables.index_variables`).
       masks, pins, indices, compact: the (empty) dicts the registry tracks
         as checkpoint keys; only this store writes them.
-      requested: the registry's ``update`` mode (``auto``, ``dense``, ``compact``).
+      requested: the registry's ``update`` mode (``auto``, ``dense``, ``compact``, ``sampled``).
       crossover: ``auto`` uses a compact update where at most this fraction trains.
+      model: the model, whose served layers ``sampled`` intercepts (:mod:`~trainer.masks.sampled_layers`).
     """
 
     def __init__(self, infos: Sequence[VariableInfo], *, masks: MutableMapping, pins: MutableMapping,
-                 indices: MutableMapping, compact: MutableMapping, requested: str, crossover: float):
+                 indices: MutableMapping, compact: MutableMapping, requested: str, crossover: float, model=None):
         self.infos = list(infos)
         self.by_path: Dict[str, VariableInfo] = {i.path: i for i in self.infos}
         self.masks, self.pins, self.indices, self.compact = masks, pins, indices, compact
@@ -77,6 +80,8 @@ class MaskState:
         self.epoch = 0
         self.version = 0
         self.optimizer: Optional[keras.optimizers.Optimizer] = None
+        self.owners = sampled_layers.owners(model) if requested == "sampled" and model is not None else {}
+        self.sampled: Dict[str, str] = {}  # compact variable path -> model variable path, where served
 
     # ------------------------------------------------------------------ reading
     def shapes(self) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
@@ -91,15 +96,19 @@ class MaskState:
         """The :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` of ``path``, or ``None``."""
         variable = self.by_path[path].variable
         if path in self.indices:
-            return CompactUpdate(variable, self.indices[path], self.compact[path])
+            cls = sampled_layers.SampledUpdate if self.compact[path].path in self.sampled else CompactUpdate
+            return cls(variable, self.indices[path], self.compact[path])
         if path in self.pins:
             return PinUpdate(variable, self.masks[path], self.pins[path])
         return DenseUpdate(variable, self.masks[path]) if path in self.masks else None
 
     def lookup(self, path: str) -> Tuple[Any, bool]:
-        """``(update or None, frozen entirely)`` of a variable path (uncovered: ``(None, False)``)."""
-        covered = self.covered.get(path)
-        return (None, False) if covered is None else (self.update(path), covered.static_full)
+        """``(update or None, frozen entirely)`` of a variable path (uncovered: ``(None, False)``).
+
+        The path of a compact variable whose gradient is sampled gives its model variable's.
+        """
+        covered = self.covered.get(self.sampled.get(path, path))
+        return (None, False) if covered is None else (self.update(self.sampled.get(path, path)), covered.static_full)
 
     def updates(self) -> Dict[str, Any]:
         """``{path: update}`` of every covered variable that has one, in the order they were covered."""
@@ -122,8 +131,14 @@ class MaskState:
         return np.full(tuple(self.by_path[path].variable.shape), not full, dtype=bool)
 
     def trainable_variables(self) -> List[keras.Variable]:
-        """The trainable model variables, less those frozen entirely by static rules."""
-        return [i.variable for i in self.infos if i.trainable and not self.lookup(i.path)[1]]
+        """The trainable model variables, less those frozen entirely by static rules.
+
+        Where the gradient is sampled, the compact ``[k]`` variable stands in for
+        the model variable: the served layer gives its gradient to it.
+        """
+        out = [i.variable for i in self.infos if i.trainable and not self.lookup(i.path)[1]]
+        return [self.compact[v.path] if v.path in self.compact and self.compact[v.path].path in self.sampled else v
+                for v in out]
 
     def optimizer_variables(self) -> List[keras.Variable]:
         """:meth:`trainable_variables` with each compactly updated variable replaced by its ``[k]`` variable."""
@@ -160,10 +175,17 @@ class MaskState:
 
         Returns:
           True when any mask or pinned value changed.
+
+        Raises:
+          FreezeConfigError: conflicting pins, or a dense update of a bfloat16 / float16 variable.
         """
         for path in paths:
-            if len(self.rules_for(path)) > 1:
-                combine(path)  # raises on conflicting pins
+            info = self.by_path[path]
+            reduced = info.trainable and is_reduced(info.variable.dtype)
+            if len(self.rules_for(path)) > 1 or reduced:
+                plan = combine(path)  # raises on conflicting pins
+                if reduced and not plan.static_full:
+                    self._mode(info, plan, self.update(path))  # raises on a dense update of a bfloat16 variable
         changed = False
         for path in paths:
             changed |= self.set_plan(path, combine(path))
@@ -195,6 +217,8 @@ class MaskState:
 
     def _remove(self, path: str) -> bool:
         had = any(path in d for d in (self.masks, self.pins, self.indices, self.compact))
+        if path in self.compact and self.sampled.pop(self.compact[path].path, None) is not None:
+            sampled_layers.unserve(self.owners[path])
         for tracked in (self.masks, self.pins, self.indices, self.compact):
             tracked.pop(path, None)
         return had
@@ -238,6 +262,9 @@ class MaskState:
                           name=f"{mode}_{len(self.masks) + len(self.compact)}")
         if mode == "compact":
             self.indices[path], self.compact[path] = new.indices, new.compact
+            if self.owners.get(path) is not None and self.owners[path].reason is None:
+                self.sampled[new.compact.path] = path
+                sampled_layers.serve(self.owners[path], lambda: self.lookup(path)[0])
         else:
             self.masks[path] = new.mask
             if mode == "pinned":
@@ -249,10 +276,13 @@ class MaskState:
         if not info.trainable:
             return "pinned"
         size = max(int(plan.frozen.size), 1)
+        reduced = is_reduced(info.variable.dtype)  # compact with float32 masters at any fraction
         mode = choose_mode(self.requested, trainable_fraction=1.0 - np.count_nonzero(plan.frozen) / size,
-                           dynamic=plan.dynamic, rank=plan.frozen.ndim, crossover=self.crossover)
+                           dynamic=plan.dynamic, rank=plan.frozen.ndim, crossover=1.0 if reduced else self.crossover)
+        mode = "compact" if mode == "sampled" else mode  # the layers say where the gradient is sampled
         if self.optimizer is not None and update is None and mode == "compact" and self.requested == "auto":
             mode = "dense"  # the optimizer has slots for the model variable already
+        check_mode(info.path, info.variable.dtype, mode)
         return mode
 
     def add_rule(self, state: RuleState) -> None:

@@ -16,6 +16,9 @@ Which class a variable uses is decided by the registry's plan, never by the step
   ``[k]``). The dense gradient is gathered, applied to the compact variable and
   scattered into the model variable in place
   (``ResourceVariable.scatter_nd_update``). Frozen elements are never written.
+  For a bfloat16 / float16 variable the ``[k]`` values (and so the slots) are
+  float32 masters, rounded to the variable's dtype when written back
+  (:mod:`trainer.masks.precision`).
 
 Under a ``tf.distribute`` strategy the write-back runs on every replica's copy
 (``strategy.extended.update``, as Keras applies optimizer updates).
@@ -29,7 +32,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-UPDATE_MODES = ("auto", "dense", "compact")
+from trainer.masks.precision import master_dtype, refreshed
+
+UPDATE_MODES = ("auto", "dense", "compact", "sampled")  # sampled: compact, kernel gradients sampled
 
 
 def on_every_copy(variable, fn, *args) -> None:
@@ -151,14 +156,18 @@ class CompactUpdate:
 
     @classmethod
     def create(cls, *, variable: keras.Variable, trainable: np.ndarray, name: str) -> "CompactUpdate":
-        """A new update with its indices (int32; int64 past 2**31 elements) and compact ``[k]`` variables."""
+        """A new update with its indices (int32; int64 past 2**31 elements) and compact ``[k]`` variables.
+
+        The compact variable has the variable's dtype, float32 for a bfloat16 / float16 one.
+        """
         size = int(np.prod(variable.shape, dtype=np.int64))
         dtype = np.int64 if size >= 2**31 else np.int32
         flat = np.flatnonzero(np.asarray(trainable).reshape(-1)).astype(dtype)
         indices = tf.Variable(flat, trainable=False, name=name + "_indices")
-        values = tf.gather(tf.reshape(tf.convert_to_tensor(variable.value), [-1]), flat)
-        return cls(variable, indices,
-                   keras.Variable(initializer=values.numpy(), dtype=variable.dtype, trainable=True, name=name))
+        values = tf.cast(tf.gather(tf.reshape(tf.convert_to_tensor(variable.value), [-1]), flat),
+                         master_dtype(variable.dtype))
+        return cls(variable, indices, keras.Variable(initializer=values.numpy(), dtype=master_dtype(variable.dtype),
+                                                     trainable=True, name=name))
 
     @property
     def optimizer_variable(self) -> keras.Variable:
@@ -185,7 +194,8 @@ class CompactUpdate:
         A slot entry follows its element to the element's new position among
         the ``k``; elements in ``changed`` (newly trainable ones among them)
         get 0. The compact values are read from the model variable, which
-        must already hold the new values. Usable inside a ``tf.function``.
+        must already hold the new values (float32 masters of elements that
+        stay trainable and unwritten are kept). Usable inside a ``tf.function``.
 
         Args:
           trainable: bool tensor of the variable's shape with exactly ``k`` True.
@@ -199,8 +209,11 @@ class CompactUpdate:
         for slot in slots:
             dense = tf.scatter_nd(old, tf.convert_to_tensor(slot), [self.size])
             slot.assign(tf.gather(tf.where(keep, dense, tf.zeros_like(dense)), new))
+        values = self._read(new)
+        if self.compact.dtype != self.variable.dtype:  # float32 masters
+            values = refreshed(tf.gather(tf.scatter_nd(old, self.compact.value, [self.size]), new), values)
         self.indices.assign(new)
-        self.compact.assign(tf.gather(tf.reshape(tf.convert_to_tensor(self.variable.value), [-1]), new))
+        self.compact.assign(values)
 
     def mask_gradient(self, grad):
         """``grad`` with frozen elements exactly 0, in the variable's shape (see :func:`mask_gradient`)."""
@@ -208,11 +221,19 @@ class CompactUpdate:
 
     def gradient(self, grad):
         """The gradients of the trainable elements, ``[k]`` (an Embedding's IndexedSlices is made dense first)."""
-        return tf.gather(tf.reshape(_dense(grad), [-1]), self.indices)
+        return tf.cast(tf.gather(tf.reshape(_dense(grad), [-1]), self.indices), self.compact.dtype)
+
+    def _read(self, indices=None) -> tf.Tensor:
+        flat = tf.reshape(tf.convert_to_tensor(self.variable.value), [-1])
+        return tf.gather(flat, self.indices if indices is None else indices)
 
     def sync(self) -> None:
-        """Reads the trainable elements of the model variable into the compact variable."""
-        self.compact.assign(tf.gather(tf.reshape(tf.convert_to_tensor(self.variable.value), [-1]), self.indices))
+        """Reads the trainable elements of the model variable into the compact variable.
+
+        Float32 masters are kept where the variable holds them rounded (see
+        :func:`trainer.masks.precision.refreshed`).
+        """
+        self.compact.assign(refreshed(tf.convert_to_tensor(self.compact.value), self._read()))
 
     def hold(self) -> None:
         return None
@@ -232,7 +253,7 @@ class CompactUpdate:
             coords = tf.stack([(indices // stride) % dim for stride, dim in zip(strides, shape)], axis=1)
             v.scatter_nd_update(coords, values)
 
-        on_every_copy(self.variable, scatter, self.indices, self.compact.value)
+        on_every_copy(self.variable, scatter, self.indices, tf.cast(self.compact.value, self.variable.dtype))
 
     def memory_bytes(self) -> int:
         k = int(self.indices.shape[0])

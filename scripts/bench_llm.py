@@ -1,0 +1,210 @@
+"""LLM-scale benchmark: a Llama-shape decoder, 99.9 % frozen, against keras-hub LoRA and Keras ``fit`` (public API).
+
+The model is ``keras_hub.models.LlamaBackbone`` built from constructor
+arguments (random weights) with a causal-LM head through its own reverse token
+embedding (``backbone.token_embedding(h, reverse=True)``), on random token ids
+of ``--tokens`` tokens at ``--batch``, ``AdamW(1e-4)``, XLA, one step per
+execution. Cases (each in its own subprocess: peak RSS is a per-process maximum):
+
+- ``trainer_compact_float32`` / ``trainer_sampled_float32``: :class:`trainer.Trainer` with
+  ``MaskRegistry(model, update="compact" | "sampled")`` and
+  ``registry.freeze("*", elements={"random": 0.999, "seed": 0})``: 99.9 % of
+  every backbone variable frozen (``sampled``: the kernel gradients at the
+  trainable elements only);
+- ``trainer_compact_bfloat16`` / ``trainer_sampled_bfloat16``: the same with the
+  backbone in ``dtype="bfloat16"`` (float32 master values for the trainable elements);
+- ``lora_fit``: keras-hub ``backbone.enable_lora(4)`` and Keras ``fit``;
+- ``fit_dense``: Keras ``fit``, every weight trains.
+
+Per case: ``peak_rss_mib`` (``resource.getrusage(...).ru_maxrss`` at the end:
+the whole process, model and TensorFlow included), ``bytes_per_param`` (that
+over the parameter count), ``rss_built_mib`` (after the model was built),
+``ms_per_step`` (the median over steps after the first, which compiles),
+``trainable``, and for the trainer cases ``frozen_exact`` (``registry.exact()``)
+and ``moved_fraction`` (of the trainable elements of the first query kernel).
+The machine is shared: timings vary with its load (``load`` in the output).
+
+Usage::
+
+    python scripts/bench_llm.py --layers 2 --hidden 256 --out bench_llm.json      # a small shape, ~1 minute
+    python scripts/bench_llm.py --layers 22 --hidden 2048 --intermediate 5632 --heads 32 --kv-heads 4 \\
+        --vocab 32000 --cases trainer_sampled_bfloat16                            # the 1.1B shape, one case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+from _measure import Clock, fit_clock, machine, median, trainer_clock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FROZEN = 0.999
+LORA_RANK = 4
+CASES = {  # name: (how it trains, update mode, backbone dtype)
+    "trainer_compact_float32": ("trainer", "compact", "float32"),
+    "trainer_sampled_float32": ("trainer", "sampled", "float32"),
+    "trainer_compact_bfloat16": ("trainer", "compact", "bfloat16"),
+    "trainer_sampled_bfloat16": ("trainer", "sampled", "bfloat16"),
+    "lora_fit": ("lora", None, "float32"),
+    "fit_dense": ("fit", None, "float32"),
+}
+
+
+def build(args, dtype: str):
+    """The causal LM: ``{"token_ids", "padding_mask"}`` -> logits ``[batch, tokens, vocab]``; and its backbone."""
+    import keras
+    import keras_hub
+
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=args.vocab, num_layers=args.layers, num_query_heads=args.heads,
+        num_key_value_heads=args.kv_heads, hidden_dim=args.hidden, intermediate_dim=args.intermediate,
+        dtype=dtype)
+    inputs = {"token_ids": keras.Input((args.tokens,), dtype="int32", name="token_ids"),
+              "padding_mask": keras.Input((args.tokens,), dtype="int32", name="padding_mask")}
+    logits = backbone.token_embedding(backbone(inputs), reverse=True)
+    return keras.Model(inputs, logits, name="causal_lm"), backbone
+
+
+def peak_rss_mib() -> float:
+    """The peak RSS of this process so far, in MiB (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmRSS:"))
+
+
+def run_case(name: str, args) -> Dict[str, Any]:
+    """Runs one case in this process and returns its measurements."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, REPO)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer import MaskRegistry, Trainer
+
+    kind, update, dtype = CASES[name]
+    keras.utils.set_random_seed(0)
+    model, backbone = build(args, dtype)
+    params = int(sum(np.prod(v.shape) for v in model.weights))
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.tokens)
+    x = {"token_ids": rng.integers(0, args.vocab, shape).astype(np.int32), "padding_mask": np.ones(shape, np.int32)}
+    y = rng.integers(0, args.vocab, shape).astype(np.int32)
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(args.steps)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.AdamW(1e-4)
+    out: Dict[str, Any] = {"case": name, "params": params, "dtype": dtype, "update": update}
+    clock = Clock()
+    if kind in ("lora", "fit"):
+        if kind == "lora":
+            backbone.enable_lora(LORA_RANK)
+        out["trainable"] = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+        out["rss_built_mib"] = rss_mib()
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+        model.fit(ds, epochs=1, verbose=0, callbacks=[fit_clock(keras.callbacks.Callback, clock, 1)])
+        out["steps"] = int(optimizer.iterations.numpy())
+    else:
+        start = time.perf_counter()
+        registry = MaskRegistry(model, update=update)
+        registry.freeze("*", elements={"random": FROZEN, "seed": 0}, value="current")
+        out["setup_s"] = time.perf_counter() - start
+        out["trainable"] = int(sum(int(m.sum()) for m in registry.trainable_masks().values()))
+        out["gradients"] = sorted({r.get("gradient", "gathered") for r in registry.plan()
+                                   if registry.update_modes().get(r["path"]) == "compact"})
+        query = next(v for v in model.weights if v.path.endswith("query/kernel"))
+        mask = registry.trainable_mask(query.path)
+        before = np.asarray(tf.bitcast(tf.convert_to_tensor(query.value), tf.uint16 if dtype == "bfloat16"
+                                       else tf.uint32))[mask]
+        out["rss_built_mib"] = rss_mib()
+        trainer = Trainer(model, optimizer, loss, registry=registry, steps_per_execution=1, jit_compile=True)
+        trainer.fit(ds, epochs=1, callbacks=[trainer_clock(clock)])
+        out["steps"] = trainer.step
+        out["frozen_exact"] = bool(registry.exact())
+        after = np.asarray(tf.bitcast(tf.convert_to_tensor(query.value), tf.uint16 if dtype == "bfloat16"
+                                      else tf.uint32))[mask]
+        out["moved_fraction"] = float(np.mean(after != before)) if before.size else None
+    out["ms_per_step"] = 1000.0 * median(clock.intervals())
+    out["peak_rss_mib"] = peak_rss_mib()
+    out["bytes_per_param"] = out["peak_rss_mib"] * 2 ** 20 / params
+    return out
+
+
+def _subprocess(name: str, args) -> Dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", name] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHAPE]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    if proc.returncode != 0:
+        return {"case": name, "error": proc.stderr[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SHAPE = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "tokens", "batch", "steps")
+
+
+def format_table(cases: List[Dict[str, Any]]) -> str:
+    """A Markdown table of the cases' results."""
+    lines = ["| case | params | trainable | peak RSS (MiB) | bytes/param | ms/step | exact | moved |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for c in cases:
+        if "error" in c:
+            lines.append(f"| {c['case']} | failed: {c['error'].strip().splitlines()[-1][:80]} |||||||")
+            continue
+        moved = c.get("moved_fraction")
+        lines.append(f"| {c['case']} | {c['params']:,} | {c['trainable']:,} | {c['peak_rss_mib']:.0f} | "
+                     f"{c['bytes_per_param']:.2f} | {c['ms_per_step']:.0f} | {c.get('frozen_exact', '-')} | "
+                     f"{'-' if moved is None else f'{moved:.2f}'} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4000)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="steps per case; the first (compiling) is not timed")
+    parser.add_argument("--cases", nargs="*", choices=sorted(CASES), default=None)
+    parser.add_argument("--out", default="bench_llm.json")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # a worker: one case, JSON on stdout
+    args = parser.parse_args(argv)
+    if args.intermediate is None:
+        args.intermediate = int(round(2.75 * args.hidden))
+    return args
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.case is not None:
+        print(json.dumps(run_case(args.case, args)))
+        return {}
+    load = {"start": list(os.getloadavg())}
+    cases = []
+    for name in args.cases or list(CASES):
+        cases.append(_subprocess(name, args))
+        print(format_table(cases[-1:]).splitlines()[-1], flush=True)
+    load["end"] = list(os.getloadavg())
+    summary = {"shape": {k: getattr(args, k) for k in SHAPE}, "frozen_fraction": FROZEN, "lora_rank": LORA_RANK,
+               "machine": machine(), "load": load, "cases": cases}
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(cases))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
