@@ -143,15 +143,35 @@ EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
 class ConfigError(ValueError):
-    """A config value is out of its allowed range (raised before anything is built)."""
+    """A config value is out of its allowed range or a key is unknown (raised before anything is built).
+
+    Args:
+      message: names the key and the bad value (the error's one line).
+      hint: one line of advice (the nearest valid name, the valid names); ``None``: the general hint.
+    """
+
+    def __init__(self, message: str, hint: Optional[str] = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 def check_config(cfg: DictConfig) -> None:
     """Checks ranges the types cannot express.
 
+    Every key must be one the schema (or the group's config file) declares:
+    ``+trainer.epoch=5`` is refused, not ignored (:mod:`trainer.config_keys`);
+    the optimizer needs a known name and hyper-parameters in range
+    (:mod:`trainer.optimizer_config`).
+
     Raises:
-      ConfigError: naming the key, the bad value and what is allowed.
+      ConfigError: naming the key, the bad value and what is allowed (with a hint line).
     """
+    from trainer.config_keys import unknown_key
+    from trainer.optimizer_config import optimizer_problem
+
+    for message, hint in (unknown_key(cfg, Config), optimizer_problem(cfg.optimizer)):
+        if message:
+            raise ConfigError(message, hint)
     t = cfg.trainer
     positive = {
         "trainer.epochs": t.epochs,

@@ -102,7 +102,9 @@ def user_errors() -> tuple:
 
 
 def hint_for(error: BaseException) -> str:
-    """One line of advice for a user error."""
+    """One line of advice for a user error (its own ``hint`` where it has one)."""
+    if getattr(error, "hint", None):
+        return str(error.hint)
     from trainer.config import ConfigError
     from trainer.data import DataError
     from trainer.controller import NonFiniteLossError
