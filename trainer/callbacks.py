@@ -18,8 +18,8 @@ import numpy as np
 
 from trainer.masks.checks import is_whole
 
-__all__ = ["BestWeights", "Callback", "EarlyStopping", "Evaluator", "LogLines", "TestEachEpoch", "Throughput",
-           "crossed"]
+__all__ = ["BestWeights", "Callback", "EarlyStopping", "Evaluator", "LogLines", "StopOnPlateau", "TestEachEpoch",
+           "Throughput", "crossed"]
 
 log = logging.getLogger("trainer")
 
@@ -162,8 +162,14 @@ def _monitored(monitor: str, logs: Dict[str, Any]) -> float:
     return float(logs[monitor])
 
 
-class EarlyStopping(Callback):
+class StopOnPlateau(Callback):
     """Stops training when a monitored metric has not improved for ``patience`` epochs (as Keras' callback).
+
+    The outer loop's hook, under its own name: ``keras.callbacks.EarlyStopping``
+    also works in :meth:`trainer.Trainer.fit` (:mod:`trainer.keras_callbacks`);
+    this one re-projects after restoring, so a frozen element stays exact even
+    when the masks changed since the best epoch (prune-and-regrow rules).
+    ``trainer.callbacks.EarlyStopping`` is the same class under its former name.
 
     Args:
       monitor: an epoch log key, e.g. ``"val_loss"`` or ``"val_accuracy"``.
@@ -219,6 +225,9 @@ class EarlyStopping(Callback):
             log.info("restored the weights of epoch %d (%s %.4f)", self.best_epoch, self.monitor, self.best)
 
 
+EarlyStopping = StopOnPlateau  # the former name (this project's protocol, not Keras's): kept for existing code
+
+
 class BestWeights(Callback):
     """Writes the model's weights to ``path`` whenever a monitored metric improves (Keras' ``save_best_only``).
 
@@ -228,7 +237,7 @@ class BestWeights(Callback):
 
     Args:
       path: the ``.npz`` file to write.
-      monitor, mode: as for :class:`EarlyStopping`.
+      monitor, mode: as for :class:`StopOnPlateau`.
 
     Attributes:
       best, best_epoch: the best value and its epoch (from 1).

@@ -73,7 +73,7 @@ class FreezeConfig:
 
 @dataclasses.dataclass
 class EarlyStoppingConfig:
-    """``early_stopping.*``: :class:`trainer.callbacks.EarlyStopping` and ``BestWeights``."""
+    """``early_stopping.*``: :class:`trainer.callbacks.StopOnPlateau` and ``BestWeights``."""
 
     monitor: Optional[str] = None  # None: off; else an epoch metric such as val_loss or val_accuracy
     patience: int = 3

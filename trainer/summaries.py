@@ -1,6 +1,6 @@
 """TensorBoard summaries written from the outer loop through ``tf.summary``.
 
-Nothing here runs inside the compiled step: the :class:`TensorBoard` callback
+Nothing here runs inside the compiled step: the :class:`FreezeSummaries` callback
 reads variables and the registry between executions.
 
 Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
@@ -46,7 +46,7 @@ from trainer.callbacks import Callback, Throughput, crossed
 from trainer.masks import audit
 from trainer.masks.checks import is_whole
 
-__all__ = ["Profile", "TensorBoard", "current_learning_rate", "hparam_value", "mask_image", "model_stats",
+__all__ = ["FreezeSummaries", "Profile", "TensorBoard", "current_learning_rate", "hparam_value", "mask_image", "model_stats",
            "variable_stats"]
 
 log = logging.getLogger("trainer")
@@ -120,8 +120,12 @@ def hparam_value(value: Any) -> Any:
     return str(value)
 
 
-class TensorBoard(Callback):
-    """Writes scalars, mask statistics, histograms, mask images, texts and hparams.
+class FreezeSummaries(Callback):
+    """Writes scalars, mask statistics, histograms, mask images, texts and hparams (the run's TensorBoard logs).
+
+    Named apart from ``keras.callbacks.TensorBoard`` (which also works in
+    :meth:`trainer.Trainer.fit`); ``trainer.summaries.TensorBoard`` is this
+    class under its former name.
 
     Args:
       logdir: the ``tb/`` directory; ``train/`` and ``validation/`` are made in it.
@@ -300,6 +304,9 @@ class TensorBoard(Callback):
         for writer in (self.train_writer, self.val_writer, self.hparams_writer):
             if writer is not None:
                 writer.close()
+
+
+TensorBoard = FreezeSummaries  # the former name (this project's hooks, not Keras's): kept for existing code
 
 
 class Profile(Callback):
