@@ -33,7 +33,7 @@ class TrainerConfig:
     eval_batch_size: int = 1000
     steps_per_execution: int = 1
     jit_compile: bool = False
-    log_every_n_steps: int = 200
+    log_every_n_steps: Optional[int] = None  # None: one line per epoch; N: also a line every N steps
     checkpoint_every_n_steps: int = 1000
     keep_checkpoints: int = 3
     deterministic: bool = False
@@ -178,14 +178,14 @@ def check_config(cfg: DictConfig) -> None:
         "trainer.batch_size": t.batch_size,
         "trainer.eval_batch_size": t.eval_batch_size,
         "trainer.steps_per_execution": t.steps_per_execution,
-        "trainer.log_every_n_steps": t.log_every_n_steps,
         "trainer.checkpoint_every_n_steps": t.checkpoint_every_n_steps,
         "trainer.keep_checkpoints": t.keep_checkpoints,
         "log.summary_every_n_steps": cfg.log.summary_every_n_steps,
         "log.histogram_every_n_steps": cfg.log.histogram_every_n_steps,
     }
-    if t.max_steps is not None:
-        positive["trainer.max_steps"] = t.max_steps
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.log_every_n_steps", t.log_every_n_steps)):
+        if value is not None:
+            positive[key] = value
     for key, value in positive.items():
         positive_int(key, value, error=ConfigError)
     if t.nan_policy not in NAN_POLICIES:

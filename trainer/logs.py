@@ -24,8 +24,8 @@ import sys
 import tempfile
 from typing import Callable, Optional, Sequence
 
-__all__ = ["NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
-           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "run_job", "run_reporting_errors",
+__all__ = ["ConsoleFormatter", "NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
+           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "remove_if_empty", "run_job", "run_reporting_errors",
            "user_errors", "verbose_requested"]
 
 VERBOSE_ENV = "TRAINER_VERBOSE"
@@ -78,6 +78,20 @@ def import_tensorflow_quietly(*, verbose: Optional[bool] = None) -> None:
     kept = [line for line in text.splitlines() if line.strip() and not NATIVE_NOISE.search(line)]
     if kept:
         sys.stderr.write("\n".join(kept) + "\n")
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The console's format under Hydra: the ``trainer`` logger's INFO lines as they are, others prefixed.
+
+    Hydra's ``[2026-12-03 16:31:32,758][trainer][INFO] - `` (44 characters)
+    is kept for other loggers and levels (``[tensorflow][WARNING] - ...``) and
+    for the run's log file (its own formatter).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name.split(".")[0] == "trainer" and record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"[{record.name}][{record.levelname}] - {super().format(record)}"
 
 
 def quiet_python_loggers(verbose: bool) -> None:
@@ -179,7 +193,9 @@ def run_job(run: Callable, cfg) -> Optional[dict]:
     """One Hydra job, quiet unless ``log.verbose``: ``run(cfg)`` with user errors as one line.
 
     In a multirun a user error is also left in the job's folder
-    (:func:`trainer.sweep.write_error`) and the sweep goes on.
+    (:func:`trainer.sweep.write_error`) and the sweep goes on. A single run
+    refused by a user error removes the run directory Hydra made for it when
+    nothing was written there (:func:`remove_if_empty`).
 
     Returns:
       ``run``'s report, or ``None`` after a user error in a multirun job.
@@ -191,13 +207,28 @@ def run_job(run: Callable, cfg) -> Optional[dict]:
 
     verbose = bool(cfg.log.get("verbose", False))
     quiet_python_loggers(verbose)
-    on_error = None
+    on_error, single_run_dir = None, None
     try:
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job_dir = hydra_cfg.runtime.output_dir
             overrides = list(hydra_cfg.overrides.task)
             on_error = lambda err: write_error(job_dir, one_line(err), overrides)  # noqa: E731
+        else:
+            single_run_dir = hydra_cfg.runtime.output_dir
     except ValueError:  # outside Hydra
         pass
-    return run_reporting_errors(run, cfg, verbose=verbose, on_error=on_error)
+    try:
+        return run_reporting_errors(run, cfg, verbose=verbose, on_error=on_error)
+    except SystemExit:  # a refused single run
+        if single_run_dir is not None:
+            remove_if_empty(single_run_dir)
+        raise
+
+
+def remove_if_empty(directory: str) -> None:
+    """Removes ``directory`` when it holds nothing (a refused run's; never one with files in it)."""
+    try:
+        os.rmdir(directory)  # fails on a non-empty directory, which is left as it is
+    except OSError:
+        pass

@@ -327,7 +327,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
         hparams=hparams_of(cfg),
         gradient_batch=(splits.x_train[:int(t.batch_size)], splits.y_train[:int(t.batch_size)]),
     )
-    callbacks = [progress_callback(str(cfg.log.progress), int(t.log_every_n_steps)), tensorboard, record,
+    callbacks = [progress_callback(str(cfg.log.progress), t.log_every_n_steps), tensorboard, record,
                  checkpointing]
     if cfg.log.profile_steps:
         callbacks.append(Profile(os.path.join(run_dir, "tb", "train"), list(cfg.log.profile_steps)))
