@@ -17,7 +17,8 @@ EXPERIMENTS = ("connectivity, continual_task_a, continual_task_b, continual_task
                "freeze_conv, kernel_only, lottery_ticket, magnitude_pruning, random_sparsity_er, rigl_mlp, set_mlp, "
                "snip_mlp, sparse_mlp, transformer_full, transformer_lora, transformer_sft, transformer_task_a, "
                "zero_indices")
-FREEZE = "batchnorm, biases, conv, first_layer, gradual_magnitude_90, head_first, kernels, magnitude_90, none, random_90"
+FREEZE = ("batchnorm, biases, conv, first_layer, gradual_magnitude_90, head_first, kernels, magnitude_90, none, "
+          "random_90")
 OPTIMIZERS = "adadelta, adafactor, adagrad, adam, adamax, adamw, ftrl, lion, muon, nadam, rmsprop, sgd"
 LR_HINT = "a typical Adam learning rate is 1e-3 (SGD: 0.01 to 0.1), e.g. optimizer.learning_rate=0.001"
 

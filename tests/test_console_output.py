@@ -13,9 +13,9 @@ from trainer.progress import print_summary
 
 def test_main_job_prints_at_most_40_lines_without_a_terminal(tmp_path):
     # the main job's command on the bundled digits (the same lines as on MNIST: 20 epochs, XLA, 100 steps/call)
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={tmp_path / 'run'}", "+experiment=sparse_mlp",
-                           "data=digits", "export.keras=false"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={tmp_path / 'run'}",
+                           "+experiment=sparse_mlp", "data=digits", "export.keras=false"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) <= 40, "\n".join(lines)

@@ -146,9 +146,9 @@ class LogLines(Callback):
                 self.throughput.measure(state)
             return
         rates = self.throughput.measure(state)
-        marked = " (with compiling)" if first else ""
-        parts = [f"train | step {step}", f"epoch {state.epoch + 1}",
-                 f"steps/sec {rates['steps_per_second']:.1f}{marked}", f"examples/sec {rates['examples_per_second']:.0f}"]
+        rate = f"{rates['steps_per_second']:.1f}" + (" (with compiling)" if first else "")
+        parts = [f"train | step {step}", f"epoch {state.epoch + 1}", f"steps/sec {rate}",
+                 f"examples/sec {rates['examples_per_second']:.0f}"]
         parts += [f"{k} {v:.4f}" for k, v in logs.items()]
         log.info(" | ".join(parts))
 

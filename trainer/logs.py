@@ -25,8 +25,8 @@ import tempfile
 from typing import Callable, Optional, Sequence
 
 __all__ = ["ConsoleFormatter", "NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
-           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "remove_if_empty", "run_job", "run_reporting_errors",
-           "user_errors", "verbose_requested"]
+           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "remove_if_empty", "run_job",
+           "run_reporting_errors", "user_errors", "verbose_requested"]
 
 VERBOSE_ENV = "TRAINER_VERBOSE"
 NATIVE_NOISE = re.compile(
@@ -49,13 +49,16 @@ def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
 def import_tensorflow_quietly(*, verbose: Optional[bool] = None) -> None:
     """Imports TensorFlow and lists its devices, dropping only its known start-up noise from stderr.
 
-    Nothing happens when TensorFlow is already imported (the caller chose
-    its own logging) or when verbose. Lines that are not known noise
-    (warnings, errors) are written to stderr after the import.
+    When TensorFlow was imported before (``import keras`` first), its import
+    lines are already written, but the device listing's (``failed call to
+    cuInit``, which would come at the first op) is still caught here. Nothing
+    happens when verbose. Lines that are not known noise (warnings, errors)
+    are written to stderr after the import.
     """
-    if "tensorflow" in sys.modules or (verbose_requested() if verbose is None else verbose):
+    if verbose_requested() if verbose is None else verbose:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         stderr_fd = sys.stderr.fileno()
     except (AttributeError, ValueError, OSError):  # no real stderr (a notebook): nothing to catch

@@ -18,7 +18,8 @@ Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
   prune-and-regrow rules, at each update, ``regrow/<path>/dropped``,
   ``grown``, ``drop_fraction`` and ``density`` (trainable fraction); texts
   ``config`` and ``freeze_plan``; a profile under ``plugins/profile`` when
-  asked (:class:`Profile`).
+  asked (:class:`Profile`); the Custom Scalars layout, freezing first
+  (:mod:`trainer.tb_layout`).
 - ``tb/validation``: ``loss`` and every metric after each epoch, and the final
   ``test/<metric>``.
 - ``tb/hparams``: the HParams plugin's session record (the run's
@@ -45,6 +46,7 @@ from tensorboard.plugins.hparams import api as hp
 from trainer.callbacks import Callback, Throughput, crossed
 from trainer.masks import audit
 from trainer.masks.checks import is_whole
+from trainer.tb_layout import write_layout
 
 __all__ = ["FreezeSummaries", "Profile", "TensorBoard", "current_learning_rate", "hparam_value", "mask_image", "model_stats",
            "variable_stats"]
@@ -241,6 +243,7 @@ class FreezeSummaries(Callback):
                 tf.summary.text(tag, text)
         if self.hparams_writer is not None:
             self.write_hparams(state)
+        write_layout(self.train_writer, state.registry.covered_paths())  # Custom Scalars: the freezing view first
         self.write_masks(state, step, force=True)
         self.train_writer.flush()
         self.throughput.start(state)
