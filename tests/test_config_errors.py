@@ -96,12 +96,3 @@ def test_cli_refuses_with_exit_code_2_and_no_run_directory(tmp_path, args, first
     assert len(proc.stderr.splitlines()) == 2 and proc.stdout == ""
     assert not run_dir.exists()
 
-
-def test_a_run_refused_after_hydra_made_its_directory_leaves_none(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "data=mnist",
-                           f"data.path={tmp_path / 'missing.npz'}"], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[0].startswith("Error: DataError: data.path ")
-    assert not run_dir.exists()

@@ -25,7 +25,7 @@ import tempfile
 from typing import Callable, Optional, Sequence
 
 __all__ = ["ConsoleFormatter", "NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
-           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "remove_if_empty", "run_job",
+           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "run_job",
            "run_reporting_errors", "user_errors", "verbose_requested"]
 
 VERBOSE_ENV = "TRAINER_VERBOSE"
@@ -196,9 +196,7 @@ def run_job(run: Callable, cfg) -> Optional[dict]:
     """One Hydra job, quiet unless ``log.verbose``: ``run(cfg)`` with user errors as one line.
 
     In a multirun a user error is also left in the job's folder
-    (:func:`trainer.sweep.write_error`) and the sweep goes on. A single run
-    refused by a user error removes the run directory Hydra made for it when
-    nothing was written there (:func:`remove_if_empty`).
+    (:func:`trainer.sweep.write_error`) and the sweep goes on.
 
     Returns:
       ``run``'s report, or ``None`` after a user error in a multirun job.
@@ -210,28 +208,13 @@ def run_job(run: Callable, cfg) -> Optional[dict]:
 
     verbose = bool(cfg.log.get("verbose", False))
     quiet_python_loggers(verbose)
-    on_error, single_run_dir = None, None
+    on_error = None
     try:
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job_dir = hydra_cfg.runtime.output_dir
             overrides = list(hydra_cfg.overrides.task)
             on_error = lambda err: write_error(job_dir, one_line(err), overrides)  # noqa: E731
-        else:
-            single_run_dir = hydra_cfg.runtime.output_dir
     except ValueError:  # outside Hydra
         pass
-    try:
-        return run_reporting_errors(run, cfg, verbose=verbose, on_error=on_error)
-    except SystemExit:  # a refused single run
-        if single_run_dir is not None:
-            remove_if_empty(single_run_dir)
-        raise
-
-
-def remove_if_empty(directory: str) -> None:
-    """Removes ``directory`` when it holds nothing (a refused run's; never one with files in it)."""
-    try:
-        os.rmdir(directory)  # fails on a non-empty directory, which is left as it is
-    except OSError:
-        pass
+    return run_reporting_errors(run, cfg, verbose=verbose, on_error=on_error)
