@@ -200,7 +200,7 @@ class Checkpointing(Callback):
             self._record_var.assign(json.dumps(self.record(state, status)))
         path = manager.save(checkpoint_number=state.step)
         self._saved, self._pending = (state.step, status), False
-        log.debug("checkpoint %s", path)  # one per save: kept out of the console (the files say it)
+        log.info("checkpoint %s", path)
         return path
 
     def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from typing import Callable, Optional, Sequence
 
-__all__ = ["ConsoleFormatter", "NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
+__all__ = ["ConsoleFilter", "ConsoleFormatter", "NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
            "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "run_job",
            "run_reporting_errors", "user_errors", "verbose_requested"]
 
@@ -95,6 +95,13 @@ class ConsoleFormatter(logging.Formatter):
         if record.name.split(".")[0] == "trainer" and record.levelno == logging.INFO:
             return record.getMessage()
         return f"[{record.name}][{record.levelname}] - {super().format(record)}"
+
+
+class ConsoleFilter(logging.Filter):
+    """Keeps the per-save ``checkpoint <path>`` lines off the console (the run's log file still has them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "trainer" and record.msg == "checkpoint %s")
 
 
 def quiet_python_loggers(verbose: bool) -> None:
