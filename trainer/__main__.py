@@ -15,7 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from trainer.config import register  # noqa: E402
+from trainer.cli_errors import preflight  # noqa: E402
+from trainer.config import ConfigError, register  # noqa: E402
 from trainer.logs import error_lines, run_job  # noqa: E402
 from trainer.sweep import optimized_value  # noqa: E402
 from trainer.resume import ResumeError, resolve_resume  # noqa: E402
@@ -41,7 +42,9 @@ def entry() -> None:
     """Console entry point (also used by ``python -m trainer``)."""
     try:
         sys.argv = [sys.argv[0]] + resolve_resume(sys.argv[1:])
-    except ResumeError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") != "1":
+            preflight(sys.argv[1:])  # our one-line errors, before Hydra makes a run directory
+    except (ResumeError, ConfigError) as err:
         sys.stderr.write(error_lines(err) + "\n")
         sys.exit(2)
     main()

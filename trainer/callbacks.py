@@ -10,6 +10,7 @@ a hook may read or save, not the trainer.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Dict, Optional, Protocol
@@ -18,8 +19,8 @@ import numpy as np
 
 from trainer.masks.checks import is_whole
 
-__all__ = ["BestWeights", "Callback", "EarlyStopping", "Evaluator", "LogLines", "TestEachEpoch", "Throughput",
-           "crossed"]
+__all__ = ["BestWeights", "Callback", "EarlyStopping", "Evaluator", "LogLines", "StopOnPlateau", "TestEachEpoch",
+           "Throughput", "crossed"]
 
 log = logging.getLogger("trainer")
 
@@ -108,36 +109,55 @@ class Throughput:
 
 
 class LogLines(Callback):
-    """One plain log line every ``every_n_steps`` steps, Orbit style.
+    """One plain log line per epoch, and one every ``every_n_steps`` steps (``None``: none), Orbit style.
 
     ``train | step 1000 | epoch 2 | steps/sec 812.3 | examples/sec 48738 | loss 0.0710 | accuracy 0.9800``
+    ``epoch 2 | step 1834 | steps/sec 815.0 | loss 0.0710 | accuracy 0.9800 | val_loss ...``
 
-    Rates cover training only (see :class:`Throughput`). Lines go through the
-    ``trainer`` logger, so under Hydra they also reach the run's log file.
+    ``compiling...`` is logged once at the start; the first execution (which
+    traces and compiles the step) is left out of every later rate (a step line
+    at its end says ``(with compiling)``). Rates cover
+    training only (see :class:`Throughput`). Lines go through the ``trainer``
+    logger, so under Hydra they also reach the run's log file.
     """
 
     display = True
 
-    def __init__(self, every_n_steps: int = 100):
+    def __init__(self, every_n_steps: Optional[int] = 100):
         self.every_n_steps = every_n_steps
         self.throughput = Throughput()
+        self.epoch_rate = Throughput()
+        self._compiled = False
 
     def on_train_begin(self, state) -> None:
         self.throughput.start(state)
+        self.epoch_rate.start(state)
+        self._compiled = False
+        log.info("compiling...")
 
     def on_execution_end(self, state, step_before: int, step: int, logs: Dict[str, Any]) -> None:
         self.throughput.tick()
+        self.epoch_rate.tick()
+        first, self._compiled = not self._compiled, True
+        if first:  # the first execution compiled the step: later rates leave it out
+            self.epoch_rate.measure(state)
         if not crossed(step_before, step, self.every_n_steps):
+            if first:
+                self.throughput.measure(state)
             return
         rates = self.throughput.measure(state)
-        parts = [f"train | step {step}", f"epoch {state.epoch + 1}", f"steps/sec {rates['steps_per_second']:.1f}",
+        rate = f"{rates['steps_per_second']:.1f}" + (" (with compiling)" if first else "")
+        parts = [f"train | step {step}", f"epoch {state.epoch + 1}", f"steps/sec {rate}",
                  f"examples/sec {rates['examples_per_second']:.0f}"]
         parts += [f"{k} {v:.4f}" for k, v in logs.items()]
         log.info(" | ".join(parts))
 
     def on_epoch_end(self, state, epoch: int, step: int, logs: Dict[str, Any]) -> None:
-        log.info("epoch %d | step %d | %s", epoch, step, " | ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        rates = self.epoch_rate.measure(state)
+        rate = [] if math.isnan(rates["seconds_per_step"]) else [f"steps/sec {rates['steps_per_second']:.1f}"]
+        log.info("epoch %d | step %d | %s", epoch, step, " | ".join(rate + [f"{k} {v:.4f}" for k, v in logs.items()]))
         self.throughput.resume()
+        self.epoch_rate.resume()
 
 
 def _improves(mode: str, value: float, best: Optional[float], min_delta: float) -> bool:
@@ -162,8 +182,14 @@ def _monitored(monitor: str, logs: Dict[str, Any]) -> float:
     return float(logs[monitor])
 
 
-class EarlyStopping(Callback):
+class StopOnPlateau(Callback):
     """Stops training when a monitored metric has not improved for ``patience`` epochs (as Keras' callback).
+
+    The outer loop's hook, under its own name: ``keras.callbacks.EarlyStopping``
+    also works in :meth:`trainer.Trainer.fit` (:mod:`trainer.keras_callbacks`);
+    this one re-projects after restoring, so a frozen element stays exact even
+    when the masks changed since the best epoch (prune-and-regrow rules).
+    ``trainer.callbacks.EarlyStopping`` is the same class under its former name.
 
     Args:
       monitor: an epoch log key, e.g. ``"val_loss"`` or ``"val_accuracy"``.
@@ -219,6 +245,9 @@ class EarlyStopping(Callback):
             log.info("restored the weights of epoch %d (%s %.4f)", self.best_epoch, self.monitor, self.best)
 
 
+EarlyStopping = StopOnPlateau  # the former name (this project's protocol, not Keras's): kept for existing code
+
+
 class BestWeights(Callback):
     """Writes the model's weights to ``path`` whenever a monitored metric improves (Keras' ``save_best_only``).
 
@@ -228,7 +257,7 @@ class BestWeights(Callback):
 
     Args:
       path: the ``.npz`` file to write.
-      monitor, mode: as for :class:`EarlyStopping`.
+      monitor, mode: as for :class:`StopOnPlateau`.
 
     Attributes:
       best, best_epoch: the best value and its epoch (from 1).

@@ -33,7 +33,7 @@ class TrainerConfig:
     eval_batch_size: int = 1000
     steps_per_execution: int = 1
     jit_compile: bool = False
-    log_every_n_steps: int = 200
+    log_every_n_steps: Optional[int] = None  # None: one line per epoch; N: also a line every N steps
     checkpoint_every_n_steps: int = 1000
     keep_checkpoints: int = 3
     deterministic: bool = False
@@ -73,7 +73,7 @@ class FreezeConfig:
 
 @dataclasses.dataclass
 class EarlyStoppingConfig:
-    """``early_stopping.*``: :class:`trainer.callbacks.EarlyStopping` and ``BestWeights``."""
+    """``early_stopping.*``: :class:`trainer.callbacks.StopOnPlateau` and ``BestWeights``."""
 
     monitor: Optional[str] = None  # None: off; else an epoch metric such as val_loss or val_accuracy
     patience: int = 3
@@ -143,29 +143,49 @@ EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
 class ConfigError(ValueError):
-    """A config value is out of its allowed range (raised before anything is built)."""
+    """A config value is out of its allowed range or a key is unknown (raised before anything is built).
+
+    Args:
+      message: names the key and the bad value (the error's one line).
+      hint: one line of advice (the nearest valid name, the valid names); ``None``: the general hint.
+    """
+
+    def __init__(self, message: str, hint: Optional[str] = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 def check_config(cfg: DictConfig) -> None:
     """Checks ranges the types cannot express.
 
+    Every key must be one the schema (or the group's config file) declares:
+    ``+trainer.epoch=5`` is refused, not ignored (:mod:`trainer.config_keys`);
+    the optimizer needs a known name and hyper-parameters in range
+    (:mod:`trainer.optimizer_config`).
+
     Raises:
-      ConfigError: naming the key, the bad value and what is allowed.
+      ConfigError: naming the key, the bad value and what is allowed (with a hint line).
     """
+    from trainer.config_keys import unknown_key
+    from trainer.optimizer_config import optimizer_problem
+
+    for message, hint in (unknown_key(cfg, Config), optimizer_problem(cfg.optimizer)):
+        if message:
+            raise ConfigError(message, hint)
     t = cfg.trainer
     positive = {
         "trainer.epochs": t.epochs,
         "trainer.batch_size": t.batch_size,
         "trainer.eval_batch_size": t.eval_batch_size,
         "trainer.steps_per_execution": t.steps_per_execution,
-        "trainer.log_every_n_steps": t.log_every_n_steps,
         "trainer.checkpoint_every_n_steps": t.checkpoint_every_n_steps,
         "trainer.keep_checkpoints": t.keep_checkpoints,
         "log.summary_every_n_steps": cfg.log.summary_every_n_steps,
         "log.histogram_every_n_steps": cfg.log.histogram_every_n_steps,
     }
-    if t.max_steps is not None:
-        positive["trainer.max_steps"] = t.max_steps
+    for key, value in (("trainer.max_steps", t.max_steps), ("trainer.log_every_n_steps", t.log_every_n_steps)):
+        if value is not None:
+            positive[key] = value
     for key, value in positive.items():
         positive_int(key, value, error=ConfigError)
     if t.nan_policy not in NAN_POLICIES:

@@ -24,9 +24,9 @@ import sys
 import tempfile
 from typing import Callable, Optional, Sequence
 
-__all__ = ["NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
-           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "run_job", "run_reporting_errors",
-           "user_errors", "verbose_requested"]
+__all__ = ["ConsoleFilter", "ConsoleFormatter", "NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
+           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "run_job",
+           "run_reporting_errors", "user_errors", "verbose_requested"]
 
 VERBOSE_ENV = "TRAINER_VERBOSE"
 NATIVE_NOISE = re.compile(
@@ -49,13 +49,16 @@ def verbose_requested(argv: Optional[Sequence[str]] = None) -> bool:
 def import_tensorflow_quietly(*, verbose: Optional[bool] = None) -> None:
     """Imports TensorFlow and lists its devices, dropping only its known start-up noise from stderr.
 
-    Nothing happens when TensorFlow is already imported (the caller chose
-    its own logging) or when verbose. Lines that are not known noise
-    (warnings, errors) are written to stderr after the import.
+    When TensorFlow was imported before (``import keras`` first), its import
+    lines are already written, but the device listing's (``failed call to
+    cuInit``, which would come at the first op) is still caught here. Nothing
+    happens when verbose. Lines that are not known noise (warnings, errors)
+    are written to stderr after the import.
     """
-    if "tensorflow" in sys.modules or (verbose_requested() if verbose is None else verbose):
+    if verbose_requested() if verbose is None else verbose:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         stderr_fd = sys.stderr.fileno()
     except (AttributeError, ValueError, OSError):  # no real stderr (a notebook): nothing to catch
@@ -80,6 +83,27 @@ def import_tensorflow_quietly(*, verbose: Optional[bool] = None) -> None:
         sys.stderr.write("\n".join(kept) + "\n")
 
 
+class ConsoleFormatter(logging.Formatter):
+    """The console's format under Hydra: the ``trainer`` logger's INFO lines as they are, others prefixed.
+
+    Hydra's ``[2026-12-03 16:31:32,758][trainer][INFO] - `` (44 characters)
+    is kept for other loggers and levels (``[tensorflow][WARNING] - ...``) and
+    for the run's log file (its own formatter).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name.split(".")[0] == "trainer" and record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"[{record.name}][{record.levelname}] - {super().format(record)}"
+
+
+class ConsoleFilter(logging.Filter):
+    """Keeps the per-save ``checkpoint <path>`` lines off the console (the run's log file still has them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "trainer" and record.msg == "checkpoint %s")
+
+
 def quiet_python_loggers(verbose: bool) -> None:
     """Raises TensorFlow's and absl's Python loggers to WARNING unless ``verbose``."""
     level = logging.INFO if verbose else logging.WARNING
@@ -102,7 +126,9 @@ def user_errors() -> tuple:
 
 
 def hint_for(error: BaseException) -> str:
-    """One line of advice for a user error."""
+    """One line of advice for a user error (its own ``hint`` where it has one)."""
+    if getattr(error, "hint", None):
+        return str(error.hint)
     from trainer.config import ConfigError
     from trainer.data import DataError
     from trainer.controller import NonFiniteLossError

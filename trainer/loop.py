@@ -27,6 +27,9 @@ from trainer.hooks import LoopState, default_display, with_display  # noqa: F401
 from trainer.guard import GUARDS, NAN_POLICIES, check_policy, forward_writes, guard_for  # noqa: F401 (re-exported)
 from trainer.masks import MaskRegistry
 from trainer.masks.checks import positive_int
+from trainer.history import History
+from trainer.identifiers import loss_from, optimizer_from
+from trainer.keras_callbacks import adapt_callbacks
 from trainer.evaluation import Evaluator, clone_metric, make_metric, masked_gradients, results
 from trainer.step import Executions, StepCounters
 
@@ -41,9 +44,11 @@ class Trainer:
 
     Args:
       model: a built ``keras.Model``.
-      optimizer: any Keras 3 optimizer; it is built once with every
-        trainable variable of the model.
-      loss: a ``keras.losses.Loss`` or a callable ``(y_true, y_pred) -> scalar``.
+      optimizer: any Keras 3 optimizer, or its identifier as
+        ``keras.optimizers.get`` takes it (``"adam"``); it is built once with
+        every trainable variable of the model.
+      loss: a ``keras.losses.Loss``, its name (``"sparse_categorical_crossentropy"``)
+        or a callable ``(y_true, y_pred) -> scalar``.
       metrics: Keras metrics or names (``"accuracy"`` means
         ``SparseCategoricalAccuracy``: integer labels, logits or probabilities).
       registry: a :class:`~trainer.masks.MaskRegistry` of ``model``; ``None``
@@ -96,8 +101,8 @@ class Trainer:
         self.strategy = strategy if strategy is not None else tf.distribute.get_strategy()
         self.replicas = int(self.strategy.num_replicas_in_sync)
         self.model = model
-        self.optimizer = optimizer
-        self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+        self.optimizer = optimizer_from(optimizer)
+        self.loss = loss_from(loss)
         self.registry = registry if registry is not None else MaskRegistry(model)
         self.jit_compile = bool(jit_compile)
         self.nan_policy = nan_policy
@@ -109,7 +114,7 @@ class Trainer:
         self.train_loss = keras.metrics.Mean(name="loss")
         self._evaluator = Evaluator(model, self.loss, eval_metrics, jit_compile=self.jit_compile)
         with self.strategy.scope():
-            self.registry.attach_optimizer(optimizer)
+            self.registry.attach_optimizer(self.optimizer)
             self.counters = StepCounters()  # written in the step, read between executions
         self._executions = Executions(self)  # the compiled step, its executions and their training iterator
         self._controller = Controller(self)  # the outer loop, and where the run stands
@@ -249,7 +254,7 @@ class Trainer:
         steps_per_epoch: Optional[int] = None,
         callbacks: Iterable[Callback] = (),
         verbose: Any = "auto",
-    ) -> List[Dict[str, float]]:
+    ) -> History:
         """Trains ``epochs`` epochs on the data it is given, as Keras' ``Model.fit`` does.
 
         Each call trains ``epochs`` more epochs from where the trainer stands
@@ -286,8 +291,10 @@ class Trainer:
             (``optimizer.iterations``, counted over the trainer's life).
           steps_per_epoch: batches per epoch; by default the dataset's
             cardinality, which must then be known.
-          callbacks: outer-loop hooks (:mod:`trainer.callbacks`:
-            ``EarlyStopping``, ``BestWeights``, ``LogLines``; ``ProgressBar``
+          callbacks: Keras callbacks (``keras.callbacks.EarlyStopping``,
+            ``ModelCheckpoint``, ``TensorBoard``... called with Keras's hooks:
+            :mod:`trainer.keras_callbacks`) and outer-loop hooks (:mod:`trainer.callbacks`:
+            ``StopOnPlateau``, ``BestWeights``, ``LogLines``; ``ProgressBar``
             in :mod:`trainer.progress`), each called with a
             :class:`~trainer.controller.LoopState`.
           verbose: ``"auto"`` shows a progress bar when standard output is a
@@ -295,7 +302,9 @@ class Trainer:
             ``False`` never. Ignored when ``callbacks`` already hold a display.
 
         Returns:
-          One logs dict per completed epoch of this call.
+          A :class:`~trainer.history.History`: a list of one logs dict per
+          completed epoch of this call, with Keras's ``history.history``
+          (``{key: [value per epoch]}``).
 
         Raises:
           ValueError: the epoch length is unknown or zero, ``epochs`` /
@@ -316,8 +325,11 @@ class Trainer:
         self._check_inputs(train_ds)
         schedule = self._controller.schedule(steps_per_epoch=steps_per_epoch, epochs=epochs, max_steps=max_steps,
                                              initial_epoch=initial_epoch)
-        callbacks = with_display(callbacks, verbose)
-        return self._controller.fit(schedule, self._executions.iterator(train_ds), validation_ds, callbacks)
+        callbacks = with_display(adapt_callbacks(callbacks, self.model, self.optimizer), verbose)
+        first_epoch = schedule.epoch_of(self.step)
+        logs = self._controller.fit(schedule, self._executions.iterator(train_ds), validation_ds, callbacks)
+        return History(logs, epoch=list(range(first_epoch, first_epoch + len(logs))), model=self.model,
+                       params={"epochs": schedule.final_epoch, "steps": steps_per_epoch})
 
     # ------------------------------------------------- what the controller calls
     def train_steps(self, iterator, k: int) -> None:

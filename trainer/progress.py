@@ -123,14 +123,15 @@ class ProgressBar(Callback):
         self._end_epoch()
 
 
-def progress_callback(mode: str = "auto", every_n_steps: int = 200, *, stream=None) -> Callback:
+def progress_callback(mode: str = "auto", every_n_steps: Optional[int] = None, *, stream=None) -> Callback:
     """The terminal display for a run.
 
     Args:
       mode: ``"bar"`` (:class:`ProgressBar`), ``"lines"``
-        (:class:`~trainer.callbacks.LogLines` every ``every_n_steps`` steps) or
+        (:class:`~trainer.callbacks.LogLines`: a line per epoch, and every
+        ``every_n_steps`` steps unless it is ``None``) or
         ``"auto"`` (the bar when ``stream`` is a terminal, else lines).
-      every_n_steps: the log-line interval (steps).
+      every_n_steps: the log-line interval (steps); ``None``: epoch lines only.
       stream: the stream checked by ``auto`` (default ``sys.stdout``).
 
     Raises:
@@ -166,13 +167,12 @@ def print_summary(result: Mapping[str, Any], *, console: Optional[Console] = Non
 
     A rich table when ``stream`` (default ``sys.stdout``) is a terminal or a
     ``console`` is given; otherwise plain ``label: text`` log lines through
-    the ``trainer`` logger (so they reach the run's log file).
+    the ``trainer`` logger as one record (one block in the log; so they reach the run's log file).
     """
     rows = summary_rows(result)
     stream = sys.stdout if stream is None else stream
     if console is None and not getattr(stream, "isatty", lambda: False)():
-        for label, text in rows:
-            log.info("summary | %s: %s", label, text)
+        log.info("\n".join(f"summary | {label}: {text}" for label, text in rows))
         return
     table = Table(title="run summary", show_header=False)
     table.add_column(style="bold")

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer import report as reports
 from trainer import rundir
 from trainer.banner import log_banner
-from trainer.callbacks import BestWeights, Callback, EarlyStopping, TestEachEpoch
+from trainer.callbacks import BestWeights, Callback, StopOnPlateau, TestEachEpoch
 from trainer.checkpoint import Checkpointing
 from trainer.config import ConfigError, check_config
 from trainer.controller import stop_on_signals
@@ -38,7 +38,7 @@ from trainer.progress import print_plan, print_summary, progress_callback
 from trainer.resume import ResumeError, check_resumable, nothing_to_resume
 from trainer.rundir import RunDirError, RunLock
 from trainer.sft import apply_sft
-from trainer.summaries import Profile, TensorBoard
+from trainer.summaries import FreezeSummaries, Profile
 
 __all__ = ["build", "build_registry", "check_run_dir", "early_stopping_callbacks", "finish_run", "hparams_of",
            "load_data", "make_optimizer", "run", "run_dir_of", "run_fingerprint"]
@@ -230,7 +230,7 @@ def check_run_dir(cfg: DictConfig, run_dir: str) -> List[Dict[str, Any]]:
 
 
 def early_stopping_callbacks(cfg: DictConfig, run_dir: str, *, has_validation: bool) -> List[Callback]:
-    """``early_stopping.*`` as callbacks: :class:`EarlyStopping` and, with ``save_best``, :class:`BestWeights`.
+    """``early_stopping.*`` as callbacks: :class:`StopOnPlateau` and, with ``save_best``, :class:`BestWeights`.
 
     Returns:
       An empty list when ``early_stopping.monitor`` is null.
@@ -245,7 +245,7 @@ def early_stopping_callbacks(cfg: DictConfig, run_dir: str, *, has_validation: b
     if monitor.startswith("val_") and not has_validation:
         raise ConfigError(f"early_stopping.monitor={monitor} needs a validation split, but data.validation_size is 0; "
                           "set data.validation_size > 0 or monitor loss / accuracy")
-    out: List[Callback] = [EarlyStopping(monitor, patience=int(stopping.get("patience", 3)),
+    out: List[Callback] = [StopOnPlateau(monitor, patience=int(stopping.get("patience", 3)),
                                          min_delta=float(stopping.get("min_delta", 0.0)),
                                          restore_best_weights=bool(stopping.get("restore_best_weights", True)))]
     if stopping.get("save_best", True):
@@ -319,7 +319,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
             raise nothing_to_resume(run_dir)
         record.restore(checkpointing.restored_record)
     rundir.write_records(run_dir, cfg, registry.plan(), record.fingerprint, resume=resume)
-    tensorboard = TensorBoard(
+    tensorboard = FreezeSummaries(
         os.path.join(run_dir, "tb"),
         summary_every_n_steps=int(cfg.log.summary_every_n_steps),
         histogram_every_n_steps=int(cfg.log.histogram_every_n_steps),
@@ -327,7 +327,7 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
         hparams=hparams_of(cfg),
         gradient_batch=(splits.x_train[:int(t.batch_size)], splits.y_train[:int(t.batch_size)]),
     )
-    callbacks = [progress_callback(str(cfg.log.progress), int(t.log_every_n_steps)), tensorboard, record,
+    callbacks = [progress_callback(str(cfg.log.progress), t.log_every_n_steps), tensorboard, record,
                  checkpointing]
     if cfg.log.profile_steps:
         callbacks.append(Profile(os.path.join(run_dir, "tb", "train"), list(cfg.log.profile_steps)))

@@ -1,6 +1,6 @@
 """TensorBoard summaries written from the outer loop through ``tf.summary``.
 
-Nothing here runs inside the compiled step: the :class:`TensorBoard` callback
+Nothing here runs inside the compiled step: the :class:`FreezeSummaries` callback
 reads variables and the registry between executions.
 
 Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
@@ -18,7 +18,8 @@ Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
   prune-and-regrow rules, at each update, ``regrow/<path>/dropped``,
   ``grown``, ``drop_fraction`` and ``density`` (trainable fraction); texts
   ``config`` and ``freeze_plan``; a profile under ``plugins/profile`` when
-  asked (:class:`Profile`).
+  asked (:class:`Profile`); the Custom Scalars layout, freezing first
+  (:mod:`trainer.tb_layout`).
 - ``tb/validation``: ``loss`` and every metric after each epoch, and the final
   ``test/<metric>``.
 - ``tb/hparams``: the HParams plugin's session record (the run's
@@ -45,8 +46,9 @@ from tensorboard.plugins.hparams import api as hp
 from trainer.callbacks import Callback, Throughput, crossed
 from trainer.masks import audit
 from trainer.masks.checks import is_whole
+from trainer.tb_layout import write_layout
 
-__all__ = ["Profile", "TensorBoard", "current_learning_rate", "hparam_value", "mask_image", "model_stats",
+__all__ = ["FreezeSummaries", "Profile", "TensorBoard", "current_learning_rate", "hparam_value", "mask_image", "model_stats",
            "variable_stats"]
 
 log = logging.getLogger("trainer")
@@ -120,8 +122,12 @@ def hparam_value(value: Any) -> Any:
     return str(value)
 
 
-class TensorBoard(Callback):
-    """Writes scalars, mask statistics, histograms, mask images, texts and hparams.
+class FreezeSummaries(Callback):
+    """Writes scalars, mask statistics, histograms, mask images, texts and hparams (the run's TensorBoard logs).
+
+    Named apart from ``keras.callbacks.TensorBoard`` (which also works in
+    :meth:`trainer.Trainer.fit`); ``trainer.summaries.TensorBoard`` is this
+    class under its former name.
 
     Args:
       logdir: the ``tb/`` directory; ``train/`` and ``validation/`` are made in it.
@@ -237,6 +243,7 @@ class TensorBoard(Callback):
                 tf.summary.text(tag, text)
         if self.hparams_writer is not None:
             self.write_hparams(state)
+        write_layout(self.train_writer, state.registry.covered_paths())  # Custom Scalars: the freezing view first
         self.write_masks(state, step, force=True)
         self.train_writer.flush()
         self.throughput.start(state)
@@ -300,6 +307,9 @@ class TensorBoard(Callback):
         for writer in (self.train_writer, self.val_writer, self.hparams_writer):
             if writer is not None:
                 writer.close()
+
+
+TensorBoard = FreezeSummaries  # the former name (this project's hooks, not Keras's): kept for existing code
 
 
 class Profile(Callback):

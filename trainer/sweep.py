@@ -17,12 +17,13 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Dict, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SweepResults", "job_rows", "metric_value", "optimized_value", "print_table", "rank", "split_overrides",
-           "summarize_sweep", "write_error", "write_tables"]
+__all__ = ["SweepResults", "job_rows", "metric_value", "optimized_value", "print_table", "rank", "short_override",
+           "split_overrides", "summarize_sweep", "write_error", "write_tables"]
 
 try:  # Hydra >= 1.1
     from hydra.experimental.callback import Callback as HydraCallback
@@ -105,7 +106,7 @@ def job_rows(sweep_dir: str) -> List[Dict[str, Any]]:
         overrides_file = os.path.join(job, ".hydra", "overrides.yaml")
         if not os.path.isfile(overrides_file):
             continue
-        overrides = [str(o) for o in OmegaConf.load(overrides_file)]
+        overrides = [short_override(str(o)) for o in OmegaConf.load(overrides_file)]
         row: Dict[str, Any] = {"job": name, "overrides": " ".join(overrides), "status": "no report"}
         report_file = os.path.join(job, "report.json")
         error_file = os.path.join(job, ERROR_FILE)
@@ -123,6 +124,19 @@ def job_rows(sweep_dir: str) -> List[Dict[str, Any]]:
             row["status"] = error
         rows.append(row)
     return rows
+
+
+LONG_FLOAT = re.compile(r"^(?P<key>[^=]+=)(?P<value>[-+]?\d*\.\d{5,}(?:[eE][-+]?\d+)?)$")
+
+
+def short_override(override: str) -> str:
+    """``key=value`` with a float value of 5 or more decimals written with 4 significant digits.
+
+    Optuna's draws (``optimizer.learning_rate=0.0012345678901234``) would
+    otherwise wrap every row of the table; other overrides are returned as given.
+    """
+    match = LONG_FLOAT.match(override)
+    return f"{match['key']}{float(match['value']):.4g}" if match else override
 
 
 def _format(value: Any) -> str:

@@ -30,6 +30,7 @@ from trainer.masks import audit, schedules
 from trainer.masks.checks import check_known
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.plan import Planner, VariablePlan
+from trainer.masks.paths import resolve_path
 from trainer.masks.regrow_updates import Regrower
 from trainer.masks.rules import FreezeRule
 from trainer.masks.state import MaskState, RuleStateTrackable
@@ -344,14 +345,12 @@ class MaskRegistry(tf.Module):
         return audit.exact(self._refs.state, self._combine)
 
     def trainable_mask(self, path: str) -> np.ndarray:
-        """The trainable-mask of one variable (all True for uncovered ones).
+        """The trainable-mask of one variable (all True for uncovered ones), by path or unique trailing sub-path.
 
         Raises:
-          KeyError: no variable has that path (the message lists the paths).
+          KeyError: no variable has that path (the message lists the paths), or several end with it.
         """
-        if path not in self._refs.state.by_path:
-            raise KeyError(f"no variable {path!r}; the variable paths are: {', '.join(self._refs.state.by_path)}")
-        return self._refs.state.trainable_mask(path)
+        return self._refs.state.trainable_mask(resolve_path(path, list(self._refs.state.by_path)))
 
     def trainable_masks(self) -> Dict[str, np.ndarray]:
         """``{variable path: bool trainable-mask}`` for every trainable variable."""
