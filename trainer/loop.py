@@ -336,7 +336,7 @@ class Trainer:
 
     @property
     def nonfinite_seen(self) -> bool:
-        """True once a step met a non-finite loss or gradient (and was not applied)."""
+        """True when a step of the last execution met a non-finite loss or gradient (and was not applied)."""
         return bool(self.counters.nonfinite.numpy())
 
     def train_logs(self) -> Dict[str, float]:
