@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from trainer.callbacks import Callback, crossed
 from trainer.rundir import checkpoint_steps, write_text
+from trainer.writes import writing
 
 __all__ = ["CheckpointError", "Checkpointing", "checkpoint_is_readable", "latest_good", "make_checkpoint",
            "write_index"]
@@ -194,11 +195,17 @@ class Checkpointing(Callback):
         return self.restored_from
 
     def save(self, state, status: str = "running") -> str:
-        """Writes a checkpoint at the current step (with the record, if any); returns its path."""
+        """Writes a checkpoint at the current step (with the record, if any); returns its path.
+
+        Raises:
+          WriteError: the checkpoint could not be written (disk full, ...), in
+            one line (:mod:`trainer.writes`); the earlier checkpoints stay.
+        """
         manager = self._manager(state)
         if self._record_var is not None:
             self._record_var.assign(json.dumps(self.record(state, status)))
-        path = manager.save(checkpoint_number=state.step)
+        with writing(f"the checkpoint of step {state.step} in {self.directory}"):
+            path = manager.save(checkpoint_number=state.step)
         self._saved, self._pending = (state.step, status), False
         log.info("checkpoint %s", path)
         return path
