@@ -15,11 +15,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from trainer.rundir import (ALLOW_KEY, RunDirError, change_allowed, check_changes, checkpoint_steps, config_changes,
-                            fingerprint, has_checkpoints)
+from trainer.data_digest import comparable
+from trainer.rundir import (ALLOW_KEY, RunDirError, change_allowed, check_changes, checkpoint_steps,
+                            config_changes, fingerprint, has_checkpoints)
 
-__all__ = ["ResumeError", "check_resumable", "compose_fingerprint", "has_checkpoint", "latest_run", "nothing_to_resume",
-           "resolve_resume"]
+__all__ = ["ResumeError", "check_resumable", "compose_fingerprint", "has_checkpoint",
+           "latest_run", "nothing_to_resume", "resolve_resume"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TRUE = ("true", "True", "yes", "1")
@@ -70,7 +71,7 @@ def check_resumable(run_dir: str, new: Dict[str, Any], allowed: Sequence[str] = 
     if not record or "fingerprint" not in record:
         raise RunDirError(f"resume={run_dir}: checkpoint {path} stores no config fingerprint, so the config cannot "
                           "be checked; start a new run without resume=")
-    return check_changes(run_dir, record["fingerprint"], new, allowed)
+    return check_changes(run_dir, *comparable(record["fingerprint"], new), allowed)
 
 
 def _override(argv: List[str], key: str) -> Optional[str]:
@@ -132,7 +133,8 @@ def latest_run(outputs_root: str, name: str, argv: Sequence[str] = ()) -> str:
     for run_dir in runs:
         _, record, _ = latest_good(run_dir)
         stored = (record or {}).get("fingerprint")
-        changes = config_changes(stored, wanted) if stored is not None else [("fingerprint", "(none)", "(this config)")]
+        changes = (config_changes(*comparable(stored, wanted)) if stored is not None
+                   else [("fingerprint", "(none)", "(this config)")])
         changes = [c for c in changes if not change_allowed(c[0], allowed)]
         if not changes:
             return run_dir

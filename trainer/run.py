@@ -28,6 +28,7 @@ from trainer.callbacks import BestWeights, Callback, EarlyStopping, TestEachEpoc
 from trainer.checkpoint import Checkpointing
 from trainer.config import ConfigError, check_config
 from trainer.controller import stop_on_signals
+from trainer.data_digest import data_digest
 from trainer.data import Splits, load_digits, load_mnist, select_classes, split_datasets, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
@@ -254,8 +255,9 @@ def early_stopping_callbacks(cfg: DictConfig, run_dir: str, *, has_validation: b
 
 
 def run_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
-    """:func:`trainer.rundir.fingerprint` of a composed config."""
-    return rundir.fingerprint(OmegaConf.to_container(cfg, resolve=True))
+    """:func:`trainer.rundir.fingerprint` of a composed config, plus its data digest (:mod:`trainer.data_digest`)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return {**rundir.fingerprint(config), **data_digest(config.get("data") or {})}
 
 
 def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
