@@ -36,7 +36,7 @@ from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model, enable_lora
 from trainer.pretrained import load_initial_weights
 from trainer.progress import print_plan, print_summary, progress_callback
-from trainer.resume import ResumeError, check_resumable, nothing_to_resume
+from trainer.resume import ResumeError, check_allowed, check_resumable, nothing_to_resume
 from trainer.rundir import RunDirError, RunLock
 from trainer.sft import apply_sft
 from trainer.summaries import Profile, TensorBoard
@@ -282,6 +282,8 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     """
     run_dir = run_dir or run_dir_of(cfg)
     check_config(cfg)  # a bad value is named first, whatever the run directory holds
+    if cfg.get("resume"):
+        check_allowed(list(cfg.get(rundir.ALLOW_KEY) or []))  # before the run directory is touched
     if cfg.get("resume") and not os.path.isdir(run_dir):
         raise ResumeError(f"resume={run_dir!r} is not a directory; pass the run directory of an earlier run")
     distribute = cfg.get("distribute") or {}

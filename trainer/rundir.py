@@ -27,10 +27,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["ALLOW_KEY", "FINGERPRINT_NAME", "LENGTH_KEYS", "OUTPUT_NAMES", "RUN_MARKERS", "TRAJECTORY_KEYS",
-           "RunDirError", "RunLock", "atomic_write", "change_allowed", "check_changes", "check_fresh",
-           "checkpoint_steps", "clean_leftovers", "config_changes", "fingerprint", "has_checkpoints", "hydra_config",
-           "write_json", "write_records", "write_text"]
+__all__ = ["ALLOW_KEY", "CHANGEABLE_KEYS", "FINGERPRINT_NAME", "LENGTH_KEYS", "OUTPUT_NAMES", "RUN_MARKERS",
+           "TRAJECTORY_KEYS", "RunDirError", "RunLock", "atomic_write", "change_allowed", "check_changes",
+           "check_fresh", "checkpoint_steps", "clean_leftovers", "config_changes", "fingerprint", "has_checkpoints",
+           "hydra_config", "write_json", "write_records", "write_text"]
 
 log = logging.getLogger("trainer")
 
@@ -47,6 +47,9 @@ TRAJECTORY_KEYS = ("seed", "data", "model", "optimizer", "freeze", "sft", "train
                    "trainer.nan_policy", "trainer.mixed_precision", "distribute")
 LENGTH_KEYS = ("trainer.epochs", "trainer.max_steps")
 ALLOW_KEY = "resume_allow_changes"
+# The keys resume_allow_changes may name: the checkpoint's state does not depend on them (:mod:`trainer.resume`).
+CHANGEABLE_KEYS = LENGTH_KEYS + ("trainer.batch_size", "trainer.steps_per_execution", "trainer.jit_compile",
+                                 "trainer.deterministic", "trainer.nan_policy")
 
 
 class RunDirError(ValueError):
@@ -113,16 +116,12 @@ def _run_inside(path: str) -> Optional[str]:
 def clean_leftovers(run_dir: str) -> List[str]:
     """Removes the temporaries a killed run left, by the exact names this project writes; returns their paths.
 
-    Only these are removed: ``.tmp-<pid>-<name>`` in ``run_dir`` where
-    ``<name>`` is one of :data:`OUTPUT_NAMES` (:func:`atomic_write`'s
-    temporaries, ``saved_model``'s ``.old`` too), the same for the three
-    files of ``.hydra/``, and in ``checkpoints/`` our ``.tmp-<pid>-checkpoint``,
-    TensorFlow's ``ckpt-<step>_temp`` (a cut save) and ``checkpoint.tmp<hex>``
-    (a cut index update). Any other name (``.tmp-notes``, say) stays, and so
-    does a directory that holds a run of its own (a ``report.json``,
-    ``fingerprint.json`` or ``run.lock`` at any depth): it is named in a
-    warning instead. What is removed is logged, one line. Call it with the
-    lock held.
+    Only ``.tmp-<pid>-<name>`` in ``run_dir`` with ``<name>`` one of :data:`OUTPUT_NAMES`
+    (:func:`atomic_write`'s temporaries, ``saved_model``'s ``.old`` too), the same for the files of
+    ``.hydra/``, and in ``checkpoints/`` our ``.tmp-<pid>-checkpoint``, TensorFlow's ``ckpt-<step>_temp``
+    (a cut save) and ``checkpoint.tmp<hex>`` (a cut index update). Any other name (``.tmp-notes``) stays,
+    and so does a directory holding a run of its own (one of :data:`RUN_MARKERS` at any depth): a warning
+    names it. What is removed is logged in one line. Call it with the lock held.
 
     Returns:
       The removed paths, relative to ``run_dir``, sorted by directory.
@@ -367,8 +366,8 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
 
 
 def change_allowed(key: str, allowed: Sequence[str]) -> bool:
-    """True when ``allowed`` (``resume_allow_changes``) names ``key``, a prefix of it (``optimizer``) or ``"*"``."""
-    return any(a == "*" or key == a or key.startswith(a + ".") for a in allowed)
+    """True when ``allowed`` (``resume_allow_changes``) names ``key``, or has ``"*"`` and ``key`` can change."""
+    return any((a == "*" and key in CHANGEABLE_KEYS) or key == a or key.startswith(a + ".") for a in allowed)
 
 
 def check_changes(run_dir: str, old: Dict[str, Any], new: Dict[str, Any],
