@@ -25,7 +25,7 @@ import numpy as np
 from trainer.masks.elements import selector_name
 from trainer.masks.errors import FreezeConfigError
 
-__all__ = ["check_window_conflicts", "step_overlap"]
+__all__ = ["check_window_conflicts", "late_initial", "step_overlap"]
 
 VALUE_DEPENDENT = ("magnitude", "magnitude_threshold", "n_m")
 
@@ -94,3 +94,25 @@ def check_window_conflicts(planner: Any, state: Any, others: Iterable[Any], step
                     f"{path!r} to different values, e.g. element {index}: {float(theirs[index])!r} and "
                     f"{float(mine[index])!r}; give them the same value, make their element selections disjoint, "
                     "or end one window where the other starts")
+
+
+def late_initial(path: str, read_now: bool, optimizer: Any) -> None:
+    """Refuses a ``value: initial`` pin read from a variable the optimizer has already trained.
+
+    ``initial`` means the value before training (when the registry and its
+    rules were made); read after an update it would be the trained value.
+
+    Args:
+      path: the variable's path.
+      read_now: the pin would be read from the variable (no ``initial_values`` entry).
+      optimizer: the attached optimizer, or ``None``.
+
+    Raises:
+      FreezeConfigError: ``read_now`` and ``optimizer.iterations > 0``.
+    """
+    step = 0 if optimizer is None else int(optimizer.iterations.numpy())
+    if read_now and step > 0:
+        raise FreezeConfigError(
+            f"value 'initial' pins {path!r} to its value before training, but the optimizer has applied {step} "
+            "update(s) since: add the rule before training, pass MaskRegistry(initial_values={path: array}), "
+            "or use value 'current' (the value now)")

@@ -340,7 +340,7 @@ class Planner:
             self.fresh.clear()
             rules.remove_rule(rule.name)
             for path in added_initial:
-                del self.initial_values[path]
+                self.initial_values.pop(path, None)  # a refused read leaves none
             raise
         return state
 
