@@ -4,13 +4,13 @@ A refused key is named with the reason before the run directory is read (here ev
 unreadable), and every byte of the run directory stays as it was (each file's hash and mtime compared).
 """
 
-import hashlib
 import os
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONFIGS
+from tests.test_resume_data import tree_hashes
 from trainer.config import register
 from trainer.resume import check_allowed
 from trainer.run import run
@@ -28,16 +28,6 @@ CAN = ("trainer.epochs, trainer.max_steps, trainer.batch_size, trainer.steps_per
 def compose_cfg(overrides):
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
-
-
-def tree(root):
-    out = {}
-    for directory, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +52,13 @@ def trained(tmp_path_factory):
     ([], "bogus", "bogus (it is not a key of the run's fingerprint)"),
 ])
 def test_a_key_that_cannot_change_is_refused_before_anything_is_read(trained, overrides, allowed, reason):
-    before = tree(trained)
+    before = tree_hashes(trained)
     with pytest.raises(RunDirError) as caught:
         run(compose_cfg([*BASE, *overrides, f"resume={trained}", f"resume_allow_changes=[{allowed}]"]),
             run_dir=str(trained))
     assert str(caught.value) == (f"resume_allow_changes names keys that cannot change on resume: {reason}. "
                                  f"The keys that can change are {CAN}")
-    assert tree(trained) == before
+    assert tree_hashes(trained) == before
 
 
 def test_the_refusal_comes_before_the_checkpoints_are_read(tmp_path):
