@@ -313,10 +313,9 @@ def test_current_captures_what_an_earlier_rule_pinned_but_a_later_value_conflict
         registry.freeze("fc/kernel", elements={"indices": [4]}, value="zero", name="zero")
 
 
-def test_conflict_between_a_scheduled_rule_and_a_static_one_is_found_when_it_switches_on():
+def test_conflict_between_a_scheduled_rule_and_a_static_one_is_found_when_it_is_added():
+    # Issue 26, item 6: found when the scheduled rule is added (it used to be found only when it switched on).
     registry = MaskRegistry(net())
     registry.freeze("fc/kernel", value="zero", name="static")
-    registry.freeze("fc/kernel", elements={"indices": [0]}, value=1.0, name="later", start_step=3)
-    registry.update(2)
     with pytest.raises(FreezeConfigError, match=r"rules 'static' \(value zero\) and 'later' \(value 1.0\)"):
-        registry.update(3)
+        registry.freeze("fc/kernel", elements={"indices": [0]}, value=1.0, name="later", start_step=3)

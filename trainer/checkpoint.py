@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from trainer.callbacks import Callback, crossed
 from trainer.rundir import checkpoint_steps, write_text
+from trainer.writes import writing
 
 __all__ = ["CheckpointError", "Checkpointing", "checkpoint_is_readable", "latest_good", "make_checkpoint",
            "write_index"]
@@ -108,14 +109,32 @@ def latest_good(run_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]], 
     return None, None, bad
 
 
+def _index_names(ckpt_dir: str) -> Optional[Tuple[str, List[str]]]:
+    """``(latest, all)`` checkpoint names of the index, when it parses and names only files in ``ckpt_dir``."""
+    try:
+        state = tf.train.get_checkpoint_state(ckpt_dir)
+    except Exception:  # noqa: BLE001 - a cut or crafted index raises a parse error of several kinds
+        return None
+    if state is None:
+        return None
+    paths = [state.model_checkpoint_path, *state.all_model_checkpoint_paths]
+    if any(os.path.dirname(os.path.abspath(os.path.join(ckpt_dir, p))) != os.path.abspath(ckpt_dir) for p in paths):
+        return None
+    return os.path.basename(paths[0]), [os.path.basename(p) for p in paths[1:]]
+
+
 def write_index(ckpt_dir: str, latest_step: int) -> None:
     """Rewrites ``checkpoints/checkpoint`` (atomically) to name ``ckpt-<latest_step>`` and the older ones.
 
     Paths are relative to ``ckpt_dir``, so nothing outside it is ever named
     (``CheckpointManager`` deletes what the index lists beyond ``max_to_keep``).
+    An index that already names exactly these is left as it is (a resume,
+    even a refused one, changes no byte of a sound index).
     """
     run_dir = os.path.dirname(ckpt_dir)
     steps = [s for s in checkpoint_steps(run_dir) if s <= latest_step]
+    if _index_names(ckpt_dir) == (f"ckpt-{latest_step}", [f"ckpt-{s}" for s in steps]):
+        return  # already right: left as written, timestamps and bytes included
     lines = [f'model_checkpoint_path: "ckpt-{latest_step}"']
     lines += [f'all_model_checkpoint_paths: "ckpt-{s}"' for s in steps]
     write_text(os.path.join(ckpt_dir, "checkpoint"), "\n".join(lines) + "\n")
@@ -194,11 +213,17 @@ class Checkpointing(Callback):
         return self.restored_from
 
     def save(self, state, status: str = "running") -> str:
-        """Writes a checkpoint at the current step (with the record, if any); returns its path."""
+        """Writes a checkpoint at the current step (with the record, if any); returns its path.
+
+        Raises:
+          WriteError: the checkpoint could not be written (disk full, ...), in
+            one line (:mod:`trainer.writes`); the earlier checkpoints stay.
+        """
         manager = self._manager(state)
         if self._record_var is not None:
             self._record_var.assign(json.dumps(self.record(state, status)))
-        path = manager.save(checkpoint_number=state.step)
+        with writing(f"the checkpoint of step {state.step} in {self.directory}"):
+            path = manager.save(checkpoint_number=state.step)
         self._saved, self._pending = (state.step, status), False
         log.info("checkpoint %s", path)
         return path

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import inputs
+from trainer import fit_checks, inputs
 from trainer.callbacks import Callback
 from trainer.controller import Controller, Progress, check_lengths
 from trainer.hooks import LoopState, default_display, with_display  # noqa: F401 (default_display re-exported)
@@ -198,7 +198,10 @@ class Trainer:
         Returns:
           ``{"loss": mean loss per example, <metric name>: value, ...}``.
         """
-        return self._evaluator.evaluate(inputs.evaluation_inputs(x, y, batch_size=batch_size))
+        fit_checks.check_fit_inputs(self.model, self.loss, x, y, None)
+        dataset = inputs.evaluation_inputs(x, y, batch_size=batch_size)
+        fit_checks.check_dataset(self.model, dataset, what="the evaluation data")
+        return self._evaluator.evaluate(dataset)
 
     def predict(self, x: Any, *, batch_size: Optional[int] = None) -> np.ndarray:
         """The model's outputs (``training=False``) for every example, as one NumPy array.
@@ -215,28 +218,12 @@ class Trainer:
         Raises:
           ValueError: no batches.
         """
+        fit_checks.check_arrays(self.model, self.loss, x)
         dataset = x if inputs.is_dataset(x) else inputs.from_arrays(x, None, batch_size, shuffle=False, seed=None)
+        fit_checks.check_dataset(self.model, dataset, what="the prediction data", pairs=False)
         if isinstance(dataset.element_spec, tuple):
             dataset = dataset.map(lambda features, *rest: features)
         return self._evaluator.predict(dataset)
-
-    def _check_inputs(self, dataset: tf.data.Dataset) -> None:
-        """Refuses a dataset whose inputs do not fit the model, before any step runs."""
-        spec = dataset.element_spec
-        if not isinstance(spec, tuple) or len(spec) != 2:
-            raise ValueError(f"the training dataset must yield batched (x, y) pairs, got elements of {spec}")
-        first = tf.nest.flatten(spec[0])[0]  # inputs may be a dict of tensors (e.g. keras_hub models)
-        if first.shape.rank is not None and first.shape.rank > 0 and spec[1].shape.rank == 0:
-            raise ValueError("the training dataset yields single examples, not batches: batch it with "
-                             "dataset.batch(n), or pass NumPy arrays with batch_size")
-        expected = getattr(self.model, "input_shape", None)
-        if (isinstance(spec[0], tf.TensorSpec) and isinstance(expected, tuple)
-                and all(isinstance(d, (int, type(None))) for d in expected)):
-            got = tuple(spec[0].shape)[1:]
-            want = tuple(expected)[1:]
-            if len(got) != len(want) or any(g is not None and w is not None and g != w for g, w in zip(got, want)):
-                raise ValueError(f"the model expects inputs of shape (batch, {', '.join(map(str, want))}) "
-                                 f"but the dataset yields {spec[0].shape}")
 
     def fit(
         self,
@@ -309,11 +296,15 @@ class Trainer:
         Raises:
           ValueError: the epoch length is unknown or zero, ``epochs`` /
             ``max_steps`` is not a positive integer, ``initial_epoch`` does not
-            match the optimizer step, or the inputs do not fit the model.
-          TypeError: inputs that are neither a dataset nor arrays.
+            match the optimizer step, the inputs or ``validation_data`` do not
+            fit the model or loss, or a callback monitors a key no epoch will
+            log (all before any step: :mod:`trainer.fit_checks`).
+          TypeError: inputs that are neither a dataset nor numeric arrays, or a
+            callback that is not a :class:`~trainer.callbacks.Callback`.
           NonFiniteLossError: with ``nan_policy="stop"``, at the first
             non-finite loss or gradient (that update is not applied).
         """
+        fit_checks.check_fit_inputs(self.model, self.loss, x, y, validation_data)
         train_ds, validation_ds = inputs.training_inputs(
             x, y, batch_size=batch_size, validation_data=validation_data, validation_split=validation_split,
             shuffle=shuffle, seed=seed)
@@ -322,7 +313,9 @@ class Trainer:
             if steps_per_epoch < 0:
                 raise ValueError("the training dataset's length is unknown or infinite: pass steps_per_epoch")
         check_lengths(steps_per_epoch=steps_per_epoch, epochs=epochs, max_steps=max_steps, initial_epoch=initial_epoch)
-        self._check_inputs(train_ds)
+        fit_checks.check_dataset(self.model, train_ds)
+        callbacks = fit_checks.check_callbacks(callbacks, names=list(self.train_logs()),
+                                               validation=validation_ds is not None)
         schedule = self._controller.schedule(steps_per_epoch=steps_per_epoch, epochs=epochs, max_steps=max_steps,
                                              initial_epoch=initial_epoch)
         callbacks = with_display(adapt_callbacks(callbacks, self.model, self.optimizer), verbose)
@@ -348,7 +341,7 @@ class Trainer:
 
     @property
     def nonfinite_seen(self) -> bool:
-        """True once a step met a non-finite loss or gradient (and was not applied)."""
+        """True when a step of the last execution met a non-finite loss or gradient (and was not applied)."""
         return bool(self.counters.nonfinite.numpy())
 
     def train_logs(self) -> Dict[str, float]:

@@ -15,6 +15,7 @@ from trainer.callbacks import Callback
 from trainer.masks import audit as masks_audit
 from trainer.sft import trainable_elements
 from trainer.sparse_export import write_sparse_weights
+from trainer.writes import WriteError, failure_text, writing
 
 __all__ = ["RunRecord", "audit", "audit_line", "early_stopping_summary", "export_masks", "export_model",
            "export_saved_model", "export_sparse_weights", "export_weights", "run_report", "totals", "write_json",
@@ -238,32 +239,56 @@ def run_report(state, record: RunRecord, *, status: str, test: Dict[str, Any],
 
 def write_run_files(run_dir: str, model, registry, result: Dict[str, Any], *, sparse: bool, keras: bool,
                     saved_model: bool) -> None:
-    """Writes a run's ``report.json`` and ``masks.npz`` and, unless it failed, its exports, each atomically.
+    """Writes a run's exports and then its ``report.json``, each atomically; a failed write is said, not hidden.
 
-    A completed or interrupted run also gets ``weights.npz`` and, as asked,
-    ``sparse_weights.npz`` (written first: ``result["sparse_export"]`` gets
-    its sizes, which ``report.json`` gives), ``model.keras`` and ``saved_model/``.
-    A failed run (``result["status"] == "failed"``) gets no weights or model.
+    ``masks.npz`` is always written; a completed or interrupted run also gets
+    ``weights.npz`` and, as asked, ``sparse_weights.npz`` (its sizes go into
+    ``result["sparse_export"]``), ``model.keras`` and ``saved_model/``. A
+    failed run (``result["status"] == "failed"``) gets no weights or model.
+    ``report.json`` comes last, so a report that says ``completed`` means
+    every export is on disk. An export that cannot be written (disk full)
+    does not stop the others; the report then says ``status: "failed"``,
+    ``error`` and ``export_errors`` (``{file: error}``), and the call raises.
 
     Args:
       run_dir: the run directory (its lock held).
       model: the trained Keras model.
       registry: its :class:`~trainer.masks.MaskRegistry`.
-      result: the :func:`run_report` dict (``sparse_export`` is added to it).
+      result: the :func:`run_report` dict (``sparse_export`` and, on a failed
+        write, ``export_errors`` are added to it; ``status`` and ``error`` may be set).
       sparse, keras, saved_model: the ``export.*`` switches.
+
+    Raises:
+      WriteError: one line naming every file that could not be written
+        (:mod:`trainer.writes`), after ``report.json`` was written if it could be.
     """
-    failed = result["status"] == "failed"
-    if sparse and not failed:  # before report.json, which gives its size
-        size = result["sparse_export"] = export_sparse_weights(model, registry, os.path.join(run_dir,
-                                                                                             "sparse_weights.npz"))
+    def path(name):
+        return os.path.join(run_dir, name)
+
+    def sparse_export():
+        size = result["sparse_export"] = export_sparse_weights(model, registry, path("sparse_weights.npz"))
         log.info("sparse_weights.npz | %s bytes (dense weights %s bytes) | %s of %s covered elements stored",
                  f"{size['bytes']:,}", f"{size['dense_bytes']:,}", f"{size['nonzero']:,}", f"{size['elements']:,}")
-    write_json(os.path.join(run_dir, "report.json"), result)
-    export_masks(registry, os.path.join(run_dir, "masks.npz"))
-    if failed:
-        return
-    export_weights(model, os.path.join(run_dir, "weights.npz"))
-    if keras:
-        export_model(model, os.path.join(run_dir, "model.keras"))
-    if saved_model:
-        export_saved_model(model, os.path.join(run_dir, "saved_model"))
+
+    exports = [("masks.npz", lambda: export_masks(registry, path("masks.npz")))]
+    if result["status"] != "failed":
+        exports += [("sparse_weights.npz", sparse_export)] if sparse else []
+        exports += [("weights.npz", lambda: export_weights(model, path("weights.npz")))]
+        exports += [("model.keras", lambda: export_model(model, path("model.keras")))] if keras else []
+        exports += [("saved_model", lambda: export_saved_model(model, path("saved_model")))] if saved_model else []
+    errors: Dict[str, str] = {}
+    for name, export in exports:
+        try:
+            with writing(f"{name} in {run_dir}"):
+                export()
+        except WriteError as err:
+            errors[name] = failure_text(err.__cause__)
+    if errors:
+        listed = "; ".join(f"{name}: {text}" for name, text in errors.items())
+        message = f"could not write the exports of {run_dir} ({listed}); report.json says which"
+        result.update(status="failed", export_errors=errors,
+                      error=result.get("error") or f"{WriteError.__name__}: {message}")
+    with writing(f"report.json in {run_dir}"):
+        write_json(path("report.json"), result)
+    if errors:
+        raise WriteError(message)

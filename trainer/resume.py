@@ -15,11 +15,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from trainer.rundir import (ALLOW_KEY, RunDirError, change_allowed, check_changes, checkpoint_steps, config_changes,
-                            fingerprint, has_checkpoints)
+from trainer.data_digest import comparable
+from trainer.rundir import (ALLOW_KEY, CHANGEABLE_KEYS, RunDirError, change_allowed, check_changes, checkpoint_steps,
+                            config_changes, fingerprint, has_checkpoints)
 
-__all__ = ["ResumeError", "check_resumable", "compose_fingerprint", "has_checkpoint", "latest_run", "nothing_to_resume",
-           "resolve_resume"]
+__all__ = ["FIXED_KEYS", "ResumeError", "check_allowed", "check_resumable", "compose_fingerprint", "has_checkpoint",
+           "latest_run", "nothing_to_resume", "resolve_resume"]
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 TRUE = ("true", "True", "yes", "1")
@@ -37,6 +38,57 @@ def has_checkpoint(run_dir: str) -> bool:
 def nothing_to_resume(run_dir: str) -> ResumeError:
     """The error for a resumed run directory without a ``checkpoints/ckpt-*.index`` file (returned, for ``raise``)."""
     return ResumeError(f"resume: {run_dir!r} has no checkpoints/ckpt-*.index to continue from")
+
+
+# Why each other key cannot change on resume: what the checkpoint holds that was made with the old value.
+FIXED_KEYS = {
+    "seed": "the digits split, the data order and the rules' random draws come from it, and the checkpoint holds "
+            "the masks drawn with the old seed",
+    "data": "the checkpoint's position in the data (batches drawn) and the data digest belong to the old data",
+    "model": "the checkpoint holds the old model's variables, by path and shape",
+    "freeze": "the checkpoint holds the old rules' masks, pinned values and compact slots",
+    "sft": "the checkpoint holds the masks of the old selection",
+    "optimizer": "the checkpoint holds the old optimizer's slots, step and learning rate",
+    "trainer.mixed_precision": "it changes the optimizer (a loss-scale wrapper) whose state the checkpoint holds",
+    "distribute": "it changes how each step's batch and gradients are split across replicas",
+}
+
+
+def check_allowed(allowed: Sequence[str]) -> List[str]:
+    """Refuses ``resume_allow_changes`` entries that name keys which cannot change, before anything is read.
+
+    Each entry must be ``"*"`` (every key of
+    :data:`~trainer.rundir.CHANGEABLE_KEYS`) or one of those keys; the run
+    length, batch size, steps per execution, XLA, determinism and NaN policy
+    act from the restored step on. Every other key decides something the
+    checkpoint holds (:data:`FIXED_KEYS` says what), so a resume with it
+    changed could not restore or would restore a state the new value did
+    not make.
+
+    Args:
+      allowed: the ``resume_allow_changes`` entries.
+
+    Returns:
+      ``allowed`` as a list of strings.
+
+    Raises:
+      RunDirError: one line naming each refused entry with its reason and
+        listing the keys that can change.
+    """
+    allowed = [str(a) for a in allowed]
+    refused = []
+    for entry in allowed:
+        if entry == "*" or entry in CHANGEABLE_KEYS:
+            continue
+        reason = next((why for key, why in FIXED_KEYS.items()
+                       if entry == key or entry.startswith(key + ".") or key.startswith(entry + ".")),
+                      "it is not a key of the run's fingerprint")
+        refused.append(f"{entry} ({reason})")
+    if refused:
+        raise RunDirError(f"{ALLOW_KEY} names keys that cannot change on resume: {'; '.join(refused)}. The keys "
+                          f"that can change are {', '.join(CHANGEABLE_KEYS)} ('*' allows all of them); for any "
+                          "other change start a new run without resume=")
+    return allowed
 
 
 def check_resumable(run_dir: str, new: Dict[str, Any], allowed: Sequence[str] = ()) -> List[Dict[str, Any]]:
@@ -57,10 +109,13 @@ def check_resumable(run_dir: str, new: Dict[str, Any], allowed: Sequence[str] = 
     Raises:
       ResumeError: no checkpoint to continue from.
       CheckpointError: checkpoints exist but none reads back whole.
-      RunDirError: the checkpoint stores no fingerprint, or the config changed.
+      RunDirError: an ``allowed`` key that cannot change (:func:`check_allowed`,
+        before the checkpoint is read), no fingerprint in the checkpoint, or
+        the config changed.
     """
     from trainer.checkpoint import CheckpointError, latest_good
 
+    allowed = check_allowed(allowed)
     path, record, bad = latest_good(run_dir)
     if path is None:
         if bad:
@@ -70,7 +125,7 @@ def check_resumable(run_dir: str, new: Dict[str, Any], allowed: Sequence[str] = 
     if not record or "fingerprint" not in record:
         raise RunDirError(f"resume={run_dir}: checkpoint {path} stores no config fingerprint, so the config cannot "
                           "be checked; start a new run without resume=")
-    return check_changes(run_dir, record["fingerprint"], new, allowed)
+    return check_changes(run_dir, *comparable(record["fingerprint"], new), allowed)
 
 
 def _override(argv: List[str], key: str) -> Optional[str]:
@@ -127,12 +182,13 @@ def latest_run(outputs_root: str, name: str, argv: Sequence[str] = ()) -> str:
         raise ResumeError(f"resume=true: no run with a checkpoint under {base!r}; "
                           "pass resume=<run dir> or start a new run without resume")
     wanted = compose_fingerprint(list(argv))
-    allowed = _list_override(_override(list(argv), ALLOW_KEY))
+    allowed = check_allowed(_list_override(_override(list(argv), ALLOW_KEY)))
     differences = []
     for run_dir in runs:
         _, record, _ = latest_good(run_dir)
         stored = (record or {}).get("fingerprint")
-        changes = config_changes(stored, wanted) if stored is not None else [("fingerprint", "(none)", "(this config)")]
+        changes = (config_changes(*comparable(stored, wanted)) if stored is not None
+                   else [("fingerprint", "(none)", "(this config)")])
         changes = [c for c in changes if not change_allowed(c[0], allowed)]
         if not changes:
             return run_dir

@@ -28,6 +28,7 @@ from trainer.callbacks import BestWeights, Callback, StopOnPlateau, TestEachEpoc
 from trainer.checkpoint import Checkpointing
 from trainer.config import ConfigError, check_config
 from trainer.controller import stop_on_signals
+from trainer.data_digest import data_digest
 from trainer.data import Splits, load_digits, load_mnist, select_classes, split_datasets, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
@@ -35,7 +36,7 @@ from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model, enable_lora
 from trainer.pretrained import load_initial_weights
 from trainer.progress import print_plan, print_summary, progress_callback
-from trainer.resume import ResumeError, check_resumable, nothing_to_resume
+from trainer.resume import ResumeError, check_allowed, check_resumable, nothing_to_resume
 from trainer.rundir import RunDirError, RunLock
 from trainer.sft import apply_sft
 from trainer.summaries import FreezeSummaries, Profile
@@ -254,8 +255,9 @@ def early_stopping_callbacks(cfg: DictConfig, run_dir: str, *, has_validation: b
 
 
 def run_fingerprint(cfg: DictConfig) -> Dict[str, Any]:
-    """:func:`trainer.rundir.fingerprint` of a composed config."""
-    return rundir.fingerprint(OmegaConf.to_container(cfg, resolve=True))
+    """:func:`trainer.rundir.fingerprint` of a composed config, plus its data digest (:mod:`trainer.data_digest`)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return {**rundir.fingerprint(config), **data_digest(config.get("data") or {})}
 
 
 def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
@@ -280,6 +282,8 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
     """
     run_dir = run_dir or run_dir_of(cfg)
     check_config(cfg)  # a bad value is named first, whatever the run directory holds
+    if cfg.get("resume"):
+        check_allowed(list(cfg.get(rundir.ALLOW_KEY) or []))  # before the run directory is touched
     if cfg.get("resume") and not os.path.isdir(run_dir):
         raise ResumeError(f"resume={run_dir!r} is not a directory; pass the run directory of an earlier run")
     distribute = cfg.get("distribute") or {}

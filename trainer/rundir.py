@@ -27,10 +27,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["ALLOW_KEY", "FINGERPRINT_NAME", "LENGTH_KEYS", "OUTPUT_NAMES", "TRAJECTORY_KEYS", "RunDirError", "RunLock",
-           "atomic_write", "change_allowed", "check_changes", "check_fresh", "checkpoint_steps", "clean_leftovers",
-           "config_changes", "fingerprint", "has_checkpoints", "hydra_config", "write_json", "write_records",
-           "write_text"]
+__all__ = ["ALLOW_KEY", "CHANGEABLE_KEYS", "FINGERPRINT_NAME", "LENGTH_KEYS", "OUTPUT_NAMES", "RUN_MARKERS",
+           "TRAJECTORY_KEYS", "RunDirError", "RunLock", "atomic_write", "change_allowed", "check_changes",
+           "check_fresh", "checkpoint_steps", "clean_leftovers", "config_changes", "fingerprint", "has_checkpoints",
+           "hydra_config", "write_json", "write_records", "write_text"]
 
 log = logging.getLogger("trainer")
 
@@ -47,6 +47,9 @@ TRAJECTORY_KEYS = ("seed", "data", "model", "optimizer", "freeze", "sft", "train
                    "trainer.nan_policy", "trainer.mixed_precision", "distribute")
 LENGTH_KEYS = ("trainer.epochs", "trainer.max_steps")
 ALLOW_KEY = "resume_allow_changes"
+# The keys resume_allow_changes may name: the checkpoint's state does not depend on them (:mod:`trainer.resume`).
+CHANGEABLE_KEYS = LENGTH_KEYS + ("trainer.batch_size", "trainer.steps_per_execution", "trainer.jit_compile",
+                                 "trainer.deterministic", "trainer.nan_policy")
 
 
 class RunDirError(ValueError):
@@ -92,24 +95,54 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def clean_leftovers(run_dir: str) -> List[str]:
-    """Removes the temporaries a killed run left; returns their names.
+# The temporaries this package and TensorFlow's checkpointing write, by exact name (see :func:`clean_leftovers`).
+_OWN_TEMPORARY = re.compile(r"\.tmp-\d+-(?:%s)(?:\.old)?" % "|".join(map(re.escape, OUTPUT_NAMES)))
+_HYDRA_TEMPORARY = re.compile(r"\.tmp-\d+-(?:config|hydra|overrides)\.yaml")
+_CKPT_TEMPORARY = re.compile(r"\.tmp-\d+-checkpoint|ckpt-\d+_temp|checkpoint\.tmp[0-9a-f]+")
+RUN_MARKERS = ("report.json", FINGERPRINT_NAME, LOCK_NAME)  # a directory holding one holds a run of its own
 
-    Only names this package and ``tf.train.CheckpointManager`` create:
-    ``.tmp-*`` in ``run_dir``, ``checkpoints/ckpt-*_temp`` (a cut save) and
-    ``checkpoints/checkpoint.tmp*`` (a cut index update). Call it with the
-    lock held.
+
+def _run_inside(path: str) -> Optional[str]:
+    """The first file of :data:`RUN_MARKERS` found at any depth under the directory ``path`` (``None``: none)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return None
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name in RUN_MARKERS:
+                return os.path.relpath(os.path.join(root, name), path)
+    return None
+
+
+def clean_leftovers(run_dir: str) -> List[str]:
+    """Removes the temporaries a killed run left, by the exact names this project writes; returns their paths.
+
+    Only ``.tmp-<pid>-<name>`` in ``run_dir`` with ``<name>`` one of :data:`OUTPUT_NAMES`
+    (:func:`atomic_write`'s temporaries, ``saved_model``'s ``.old`` too), the same for the files of
+    ``.hydra/``, and in ``checkpoints/`` our ``.tmp-<pid>-checkpoint``, TensorFlow's ``ckpt-<step>_temp``
+    (a cut save) and ``checkpoint.tmp<hex>`` (a cut index update). Any other name (``.tmp-notes``) stays,
+    and so does a directory holding a run of its own (one of :data:`RUN_MARKERS` at any depth): a warning
+    names it. What is removed is logged in one line. Call it with the lock held.
+
+    Returns:
+      The removed paths, relative to ``run_dir``, sorted by directory.
     """
     removed = []
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    for directory, test in ((run_dir, lambda n: n.startswith(TMP_PREFIX)),
-                            (ckpt_dir, lambda n: re.fullmatch(r"ckpt-\d+_temp.*|checkpoint\.tmp.*", n) is not None)):
-        if not os.path.isdir(directory):
+    places = ((run_dir, _OWN_TEMPORARY), (os.path.join(run_dir, ".hydra"), _HYDRA_TEMPORARY),
+              (os.path.join(run_dir, "checkpoints"), _CKPT_TEMPORARY))
+    for directory, pattern in places:
+        if not os.path.isdir(directory) or os.path.islink(directory):
             continue
         for name in sorted(os.listdir(directory)):
-            if test(name):
-                _remove(os.path.join(directory, name))
-                removed.append(os.path.relpath(os.path.join(directory, name), run_dir))
+            path = os.path.join(directory, name)
+            if pattern.fullmatch(name) is None:
+                continue
+            marker = _run_inside(path)
+            if marker is not None:
+                log.warning("kept %s: it is named like a temporary of this project but holds a run of its own (%s)",
+                            os.path.relpath(path, run_dir), marker)
+                continue
+            _remove(path)
+            removed.append(os.path.relpath(path, run_dir))
     if removed:
         log.info("removed leftovers of an interrupted write: %s", ", ".join(removed))
     return removed
@@ -333,8 +366,8 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
 
 
 def change_allowed(key: str, allowed: Sequence[str]) -> bool:
-    """True when ``allowed`` (``resume_allow_changes``) names ``key``, a prefix of it (``optimizer``) or ``"*"``."""
-    return any(a == "*" or key == a or key.startswith(a + ".") for a in allowed)
+    """True when ``allowed`` (``resume_allow_changes``) names ``key``, or has ``"*"`` and ``key`` can change."""
+    return any((a == "*" and key in CHANGEABLE_KEYS) or key == a or key.startswith(a + ".") for a in allowed)
 
 
 def check_changes(run_dir: str, old: Dict[str, Any], new: Dict[str, Any],

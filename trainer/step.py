@@ -36,8 +36,9 @@ class StepCounters:
 
     Attributes:
       skipped: int64, steps dropped as non-finite (name ``skipped_steps``).
-      nonfinite: bool, whether some step met a non-finite loss or gradient
-        (name ``nonfinite_seen``).
+      nonfinite: bool, whether some step of the last execution met a
+        non-finite loss or gradient (name ``nonfinite_seen``; reset as each
+        execution starts, so a trainer that stopped on one trains again).
       examples: int64, training examples of applied steps (name ``examples_seen``).
       grad_norm: float32, the global L2 norm of the last applied step's update
         gradients (name ``grad_norm``; 0 under ``nan_policy="unchecked"``).
@@ -285,6 +286,7 @@ class Executions:
         is due at the step the execution ends on.
         """
         step = int(self.parts.optimizer.iterations.numpy())
+        self.parts.counters.nonfinite.assign(False)  # each execution reports its own non-finite step only
         self.function(capture=self.parts.registry.gradients_due(step + k))(iterator, tf.constant(k, dtype=tf.int64))
 
 

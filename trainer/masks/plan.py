@@ -1,13 +1,11 @@
 """The freeze plan: rules + variables + step -> per variable path, which elements are frozen and their pins.
 
-Pure NumPy: nothing here touches TensorFlow. A :class:`RuleState` remembers
-what a rule captured when it was applied: whether it is active, when it last
-re-selected, and, only for selectors whose result depends on values at that
-moment (``magnitude``, ``magnitude_threshold``, ``mask_file``), the frozen
-elements as packed bits. Every other selector (``all``, ``random`` with its
-seed, ``indices``, ``slice``, ``units``...) is a pure function of the rule and
-the variable's shape, so it is recomputed when needed instead of stored: the
-registry keeps no dense host copy of masks or values.
+Pure NumPy: nothing here touches TensorFlow. A :class:`RuleState` remembers what a rule captured when it
+was applied: whether it is active, when it last re-selected, and, only for selectors whose result depends
+on values at that moment (``magnitude``, ``magnitude_threshold``, ``mask_file``), the frozen elements as
+packed bits. Every other selector (``all``, ``random`` with its seed, ``indices``, ``slice``, ``units``...)
+is a pure function of the rule and the variable's shape, so it is recomputed when needed instead of
+stored: the registry keeps no dense host copy of masks or values.
 
 Pins are bit patterns: ``zero`` is +0.0, a constant is the value cast to the
 variable's dtype (``-0.0`` stays ``-0.0``), ``initial`` the value read when the
@@ -25,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from trainer.masks.allocation import LayerAllocation, allocate_densities
+from trainer.masks.conflicts import check_window_conflicts
 from trainer.masks.elements import ElementContext, selector_name
 from trainer.masks.scores import global_topk_masks
 from trainer.masks.errors import FreezeConfigError
@@ -334,13 +333,14 @@ class Planner:
             else:
                 for path in paths:
                     self.select(state, path, step)
+            check_window_conflicts(self, state, rules.rules.values(), step)  # pins of overlapping windows
             rules.add_rule(state)
             apply(paths)
         except FreezeConfigError:
             self.fresh.clear()
             rules.remove_rule(rule.name)
             for path in added_initial:
-                del self.initial_values[path]
+                self.initial_values.pop(path, None)  # a refused read leaves none
             raise
         return state
 

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.masks import audit
+from trainer.masks.conflicts import late_initial
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.plan import RuleState, VariablePlan, bits
 from trainer.masks import sampled_layers
@@ -149,13 +150,15 @@ class MaskState:
         return out
 
     def initial_value(self, path: str, given: Optional[Dict[str, Any]]) -> np.ndarray:
-        """What a ``value: initial`` rule pins ``path`` to: ``given[path]``, else the value now.
+        """What a ``value: initial`` rule pins ``path`` to: ``given[path]``, else the value now (before training).
 
         Raises:
-          FreezeConfigError: the given array's shape is not the variable's.
+          FreezeConfigError: the given array's shape is not the variable's, or
+            no array is given and the optimizer has trained (:func:`~trainer.masks.conflicts.late_initial`).
         """
         variable = self.by_path[path].variable
         value = (given or {}).get(path)
+        late_initial(path, value is None, self.optimizer)
         value = np.asarray(variable.numpy() if value is None else value)
         if value.shape != tuple(variable.shape):
             raise FreezeConfigError(f"initial_values[{path!r}] has shape {value.shape}, the variable "
