@@ -12,10 +12,9 @@ them. Exactly two methods change what the step sees and bump
 
 What a rule captured when it was applied (the elements a ``magnitude`` or
 ``mask_file`` selector chose, when a gradual-pruning rule last updated) and
-the digests of ``current`` pins live in NumPy; :class:`RuleStateTrackable`
-stores them in the same ``tf.train.Checkpoint`` through
-``tf.train.experimental.PythonState``. Every key is a variable path, never a
-sanitized string.
+the digests of ``current`` pins live in NumPy; :class:`RuleStateTrackable` stores
+them in the same ``tf.train.Checkpoint`` through ``tf.train.experimental.PythonState``.
+Every key is a variable path, never a sanitized string.
 """
 
 from __future__ import annotations
