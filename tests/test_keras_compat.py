@@ -97,6 +97,6 @@ def test_keras_tensorboard_writes_epoch_scalars(tmp_path, data):
 
 def test_other_objects_are_refused_by_name(data):
     x, y = data
-    with pytest.raises(TypeError, match="^callbacks must be keras.callbacks.Callback or trainer.callbacks.Callback "
-                                        "objects, got int$"):
+    with pytest.raises(TypeError, match=r"^callbacks\[0\] is a int, not a keras.callbacks.Callback or a "
+                                        r"trainer.callbacks.Callback$"):
         trainer_of(small_model()).fit(x, y, epochs=1, callbacks=[3], verbose=False)

@@ -195,9 +195,10 @@ def test_resume_true_continues_the_latest_run_of_the_experiment(tmp_path):
 @pytest.mark.slow
 def test_second_sigint_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
-    # one execution = a whole epoch of 1,257 single-example steps: the first SIGINT waits for it
+    # one execution = a whole epoch of 1,257 single-example steps: the first SIGINT waits for it. The wider MLP
+    # makes that execution last seconds, not the 0.9 s LeNet-300-100 takes, so the second SIGINT lands inside it.
     args = [f"hydra.run.dir={run_dir}", "trainer.batch_size=1", "trainer.steps_per_execution=1257",
-            "trainer.epochs=50", "export.keras=false"]
+            "trainer.epochs=50", "export.keras=false", "model.hidden=[1024,1024]"]
     proc = subprocess.Popen(cli(args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log_file = wait_for_log(run_dir, proc, "epoch 1 |")
     proc.send_signal(signal.SIGINT)

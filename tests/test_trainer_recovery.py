@@ -78,17 +78,17 @@ def test_validation_data_is_checked_before_the_first_epoch():
 
 
 def test_callbacks_are_checked_before_the_first_epoch(tmp_path):
-    from trainer.callbacks import BestWeights, EarlyStopping
+    from trainer.callbacks import BestWeights, StopOnPlateau
 
     trainer = make_trainer()
-    fit_raises(trainer, TypeError, "callbacks[0] is a object, not a trainer.callbacks.Callback (Keras callbacks do "
-                                   "not apply: see trainer.callbacks)", X, Y, callbacks=[object()])
-    fit_raises(trainer, ValueError, "callbacks[0]: EarlyStopping: the monitored metric 'val_loss' is not in the "
+    fit_raises(trainer, TypeError, "callbacks[0] is a object, not a keras.callbacks.Callback or a "
+                                   "trainer.callbacks.Callback", X, Y, callbacks=[object()])
+    fit_raises(trainer, ValueError, "callbacks[0]: StopOnPlateau: the monitored metric 'val_loss' is not in the "
                                     "epoch's logs ['loss']; fit has no validation data: pass validation_data or "
-                                    "validation_split", X, Y, callbacks=[EarlyStopping("val_loss")])
-    fit_raises(trainer, ValueError, "callbacks[0]: EarlyStopping: the monitored metric 'bogus' is not in the "
+                                    "validation_split", X, Y, callbacks=[StopOnPlateau("val_loss")])
+    fit_raises(trainer, ValueError, "callbacks[0]: StopOnPlateau: the monitored metric 'bogus' is not in the "
                                     "epoch's logs ['loss', 'val_loss']; monitor one of those", X, Y,
-               validation_split=0.25, callbacks=[EarlyStopping("bogus")])
+               validation_split=0.25, callbacks=[StopOnPlateau("bogus")])
     missing = tmp_path / "no" / "best.npz"
     fit_raises(trainer, ValueError, f"callbacks[0]: BestWeights cannot write '{missing}': its directory "
                                     f"'{missing.parent}' does not exist or is not writable", X, Y,

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.callbacks import BestWeights, Callback, EarlyStopping, TestEachEpoch
+from trainer.callbacks import BestWeights, Callback, StopOnPlateau, TestEachEpoch
 
 __all__ = ["check_arrays", "check_callbacks", "check_dataset", "check_fit_inputs", "sparse_classes"]
 
@@ -132,6 +132,12 @@ def check_fit_inputs(model: keras.Model, loss: Any, x: Any, y: Any, validation_d
         check_arrays(model, loss, *validation_data, what="validation_data x", labels="validation_data y")
 
 
+def is_callback(cb: Any) -> bool:
+    """``cb`` is a Keras callback, one of ours, or has our two hooks (``on_epoch_end``, ``on_train_end``)."""
+    return isinstance(cb, (Callback, keras.callbacks.Callback)) or all(
+        hasattr(cb, hook) for hook in ("on_epoch_end", "on_train_end"))
+
+
 def check_callbacks(callbacks: Iterable[Any], *, names: Sequence[str], validation: bool) -> List[Any]:
     """Refuses callbacks that would fail only after an epoch has trained.
 
@@ -144,8 +150,10 @@ def check_callbacks(callbacks: Iterable[Any], *, names: Sequence[str], validatio
       The callbacks as a list.
 
     Raises:
-      TypeError: an entry that is not a :class:`~trainer.callbacks.Callback`.
-      ValueError: an ``EarlyStopping`` / ``BestWeights`` monitor that no
+      TypeError: an entry that is neither a ``keras.callbacks.Callback`` nor a
+        :class:`~trainer.callbacks.Callback` (nor has its ``on_epoch_end`` and
+        ``on_train_end`` hooks).
+      ValueError: a ``StopOnPlateau`` / ``BestWeights`` monitor that no
         epoch's logs will hold, or a ``BestWeights`` path whose directory
         does not exist or cannot be written.
     """
@@ -153,10 +161,10 @@ def check_callbacks(callbacks: Iterable[Any], *, names: Sequence[str], validatio
     testing = any(isinstance(cb, TestEachEpoch) for cb in callbacks)
     known = list(names) + [f"val_{n}" for n in names] * validation + [f"test_{n}" for n in names] * testing
     for i, cb in enumerate(callbacks):
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks[{i}] is a {type(cb).__name__}, not a trainer.callbacks.Callback "
-                            "(Keras callbacks do not apply: see trainer.callbacks)")
-        if isinstance(cb, (EarlyStopping, BestWeights)) and cb.monitor not in known:
+        if not is_callback(cb):
+            raise TypeError(f"callbacks[{i}] is a {type(cb).__name__}, not a keras.callbacks.Callback or a "
+                            "trainer.callbacks.Callback")
+        if isinstance(cb, (StopOnPlateau, BestWeights)) and cb.monitor not in known:
             head = (f"callbacks[{i}]: {type(cb).__name__}: the monitored metric {cb.monitor!r} is not in the "
                     f"epoch's logs {sorted(set(known))}")
             if cb.monitor.startswith("val_") and not validation:

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List
 import keras
 
 from trainer.callbacks import Callback
+from trainer.fit_checks import is_callback
 
 __all__ = ["KerasCallback", "ModelView", "adapt_callbacks"]
 
@@ -90,16 +91,16 @@ def adapt_callbacks(callbacks: Iterable[Any], model: keras.Model, optimizer) -> 
     """``callbacks`` with every ``keras.callbacks.Callback`` wrapped in a :class:`KerasCallback` (in order).
 
     Raises:
-      TypeError: an object that is neither a Keras callback nor a :class:`trainer.callbacks.Callback`.
+      TypeError: an object that is not a callback (:func:`trainer.fit_checks.is_callback`).
     """
     out: List[Callback] = []
     view = ModelView(model, optimizer)  # ``model.optimizer`` for the callbacks (ReduceLROnPlateau, TensorBoard)
-    for cb in callbacks:
+    for i, cb in enumerate(callbacks):
         if isinstance(cb, keras.callbacks.Callback):
             out.append(KerasCallback(cb, view))
-        elif isinstance(cb, Callback) or all(hasattr(cb, hook) for hook in ("on_epoch_end", "on_train_end")):
+        elif is_callback(cb):
             out.append(cb)
         else:
-            raise TypeError(f"callbacks must be keras.callbacks.Callback or trainer.callbacks.Callback objects, "
-                            f"got {type(cb).__name__}")
+            raise TypeError(f"callbacks[{i}] is a {type(cb).__name__}, not a keras.callbacks.Callback or a "
+                            "trainer.callbacks.Callback")
     return out
