@@ -200,9 +200,13 @@ def test_second_sigint_exits_at_once(tmp_path):
     args = [f"hydra.run.dir={run_dir}", "trainer.batch_size=1", "trainer.steps_per_execution=1257",
             "trainer.epochs=50", "export.keras=false", "model.hidden=[1024,1024]"]
     proc = subprocess.Popen(cli(args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log_file = wait_for_log(run_dir, proc, "epoch 1 |")
+    # After epoch 1's checkpoint comes epoch 2's execution. Python runs a signal handler only when that compiled
+    # execution returns, and two SIGINTs that arrive during it are one: the second is sent once the first was seen,
+    # while the run finishes (validation, checkpoint, test evaluation, report).
+    log_file = wait_for_log(run_dir, proc, "checkpoints/ckpt-1257")
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.3)
+    wait_for_log(run_dir, proc, "SIGINT received")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
