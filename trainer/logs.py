@@ -146,7 +146,7 @@ def hint_for(error: BaseException) -> str:
     elif isinstance(error, ResumeError):
         advice = "resume=<run dir> continues that run; leave resume out to start a new run"
     elif isinstance(error, RunDirError):
-        advice = "README's \"Nothing lost\" section says what a run directory guarantees and refuses"
+        advice = "docs/reliability.md (\"Nothing lost\") says what a run directory guarantees and refuses"
     elif isinstance(error, NonFiniteLossError):
         advice = "lower optimizer.learning_rate, or set trainer.nan_policy=skip_step"
     else:
