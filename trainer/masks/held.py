@@ -91,7 +91,7 @@ def changed_current(state, combine: Callable[[str], VariablePlan]) -> List[str]:
 
 
 def reproject(state, held: HeldValues, combine: Callable[[str], VariablePlan]) -> None:
-    """``MaskRegistry.reproject``: copies written back, then (eagerly) derivable pins rebuilt and ``current`` ones checked.
+    """``MaskRegistry.reproject``: copies written back; eagerly, derivable pins rebuilt and ``current`` ones checked.
 
     Raises:
       RuntimeError: inside a ``tf.function``, a covered variable with frozen

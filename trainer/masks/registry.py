@@ -274,7 +274,7 @@ class MaskRegistry(tf.Module):
         one copy of the variable (its bytes) per covered variable, on its device (:mod:`trainer.masks.held`).
 
         Args:
-          grads: one per variable: a tensor of the variable's shape, a ``tf.IndexedSlices`` (an ``Embedding``'s) or ``None``.
+          grads: one per variable: a tensor of its shape, a ``tf.IndexedSlices`` (an ``Embedding``'s) or ``None``.
           variables: the variables, in the same order.
 
         Returns:
@@ -323,11 +323,7 @@ class MaskRegistry(tf.Module):
         apply_updates(optimizer, grads, variables, self._refs.state.lookup, pinned, apply_if)
 
     def reproject(self) -> None:
-        """Writes every frozen element back to its pin after ``optimizer.apply_gradients`` (eager or compiled).
-
-        Frozen elements of variables :meth:`mask_gradients` copied are set back to their copied values,
-        bit-exact for every pin and optimizer; eagerly, zero / constant / initial pins moved by a write
-        outside the step are rebuilt too, and changed ``current`` pins are refused.
+        """Sets frozen elements back to their pins after ``apply_gradients``: :func:`trainer.masks.held.reproject`.
 
         Raises:
           RuntimeError: a ``current``-pinned element changed where no copy restores it (the message names
@@ -394,6 +390,10 @@ class MaskRegistry(tf.Module):
     def covered_paths(self) -> List[str]:
         """The paths of the variables some rule targets, in the order they were first covered."""
         return list(self._refs.state.covered)
+
+    def internals(self):
+        """``(store, planner)``: what :mod:`trainer.masked_saving` saves and restores (not for other callers)."""
+        return self._refs.state, self._refs.planner
 
     def is_dynamic(self) -> bool:
         """True when some rule switches on or off, or re-selects, during training."""
