@@ -36,7 +36,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     Args:
       inner: the optimizer doing the update (any ``keras.optimizers.Optimizer``, unbuilt: the registry
-        builds it on :meth:`~trainer.masks.registry.MaskRegistry.optimizer_variables`).
+        builds it here on :meth:`~trainer.masks.registry.MaskRegistry.optimizer_variables`, so add every
+        rule before, and create this optimizer in the strategy's scope under ``tf.distribute``).
       registry: the :class:`~trainer.masks.registry.MaskRegistry` of the model being compiled. ``None``
         only from :meth:`from_config`: the registry is then rebuilt from the saved rules on the
         variables :meth:`build` gets.
@@ -65,6 +66,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         if registry is not None:
             self._check(registry)
         self.registry = registry
+        if registry is not None:  # built now, eagerly (in the strategy's scope where compiled there)
+            self.build(registry.trainable_variables())
 
     @staticmethod
     def _check(registry: MaskRegistry) -> None:
@@ -74,6 +77,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
 
     def build(self, var_list: List[keras.Variable]) -> None:
         """Builds the registry (when restored from a config) and the inner optimizer on its optimizer variables."""
+        if self.built:  # built in __init__ (compile_from_config builds again)
+            return
         if self.registry is None:
             self.registry = pending_registry(self._pending, var_list)
         self._check(self.registry)
