@@ -148,3 +148,34 @@ def test_fit_under_mirrored_strategy_on_two_logical_cpus():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK 2")
+
+
+def test_keras_hub_causal_lm_and_text_classifier_fine_tune_through_task_fit():
+    keras_hub = pytest.importorskip("keras_hub")
+    rng = np.random.default_rng(0)
+    args = dict(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=32, intermediate_dim=64,
+                max_sequence_length=16)
+    keras.utils.set_random_seed(0)
+    lm = keras_hub.models.GPT2CausalLM(backbone=keras_hub.models.GPT2Backbone(**args), preprocessor=None)
+    clf = keras_hub.models.BertTextClassifier(backbone=keras_hub.models.BertBackbone(**args), num_classes=3,
+                                              preprocessor=None)
+    tokens = rng.integers(0, 100, (8, 16)).astype("int32")
+    ones = np.ones((8, 16), "int32")
+    for task, x, y, exclude in [
+        (lm, {"token_ids": tokens, "padding_mask": ones}, rng.integers(0, 100, (8, 16)), None),
+        (clf, {"token_ids": tokens, "segment_ids": 0 * ones, "padding_mask": ones}, rng.integers(0, 3, 8),
+         ["pooled_dense/*", "logits/*"]),
+    ]:
+        registry = MaskRegistry(task)
+        registry.freeze("*", exclude=exclude, non_trainable="skip", elements={"random": 0.995, "seed": 0},
+                        name="sparse")
+        backbone = [r for r in registry.plan() if r["rules"]]
+        frozen = sum(r["frozen_elements"] for r in backbone) / sum(int(np.prod(r["shape"])) for r in backbone)
+        assert frozen >= 0.995
+        before = {v.path: v.numpy().copy() for v in task.trainable_variables}
+        task.compile(optimizer=MaskedOptimizer(keras.optimizers.AdamW(1e-2), registry),
+                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), weighted_metrics=[],
+                     jit_compile=False)  # XLA is tested above; here it would only cost compile time
+        task.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        assert int(task.optimizer.iterations) == 2
+        assert_frozen_kept(task, registry, before)
