@@ -93,6 +93,14 @@ def test_tf_train_checkpoint_restores_masks_compact_values_and_slots(tmp_path, d
     for a, b in zip(bits(model), bits(other)):
         np.testing.assert_array_equal(a, b)
 
+    # Weights set outside fit reach the compact [k] values through sync().
+    kernel, compact, indices = (other.get_layer("fc1").kernel, other_registry.compact["mlp/fc1/kernel"],
+                                other_registry.indices["mlp/fc1/kernel"].numpy())
+    kernel.assign(kernel.numpy() + 1.0)  # frozen elements too: reproject-free check of the [k] values only
+    assert not np.array_equal(compact.numpy(), kernel.numpy().reshape(-1)[indices])
+    other.optimizer.sync()
+    np.testing.assert_array_equal(compact.numpy(), kernel.numpy().reshape(-1)[indices])
+
 
 @pytest.mark.parametrize("rule, message", [
     (dict(select="fc1/kernel", elements={"random": 0.5, "seed": 0}, end_step=10),
