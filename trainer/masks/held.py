@@ -13,9 +13,11 @@ bit-exact), eagerly or inside a ``tf.function`` (with or without XLA).
 Memory: one copy per covered variable passed to ``mask_gradients`` (its
 element count × its dtype's bytes, e.g. 4 bytes per element of a float32
 kernel), on the variable's device, created on the first call and kept while
-the registry lives. Loops that never call ``mask_gradients`` (the
-:class:`~trainer.Trainer`, ``registry.apply_gradients``,
-:class:`~trainer.MaskedOptimizer`) never allocate it.
+the registry lives (``MaskRegistry.memory_bytes`` does not count it; :meth:`HeldValues.memory_bytes`
+does). The :class:`~trainer.Trainer`'s step, ``registry.apply_gradients`` and
+:class:`~trainer.MaskedOptimizer` never call ``mask_gradients``, so they never allocate it
+(``Trainer.masked_gradients`` does). Not for a replica context of a ``tf.distribute`` strategy: the
+copies are plain variables written per call.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import tensorflow as tf
 from trainer.masks import audit
 from trainer.masks.plan import VariablePlan
 from trainer.masks.updates import keep_where
+
+__all__ = ["HeldValues", "changed_current", "reproject", "uncopied"]
 
 
 class HeldValues:
