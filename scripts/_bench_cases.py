@@ -180,7 +180,8 @@ def _masked_layer_classes():
 
 
 class KerasFitCase(StepCase):
-    """``model.fit`` of a Keras 3 model; ``variant`` is ``dense``, ``constraint`` or ``masked_layer``."""
+    """``model.fit`` of a Keras 3 model; ``variant`` is ``dense``, ``constraint``, ``masked_layer`` or
+    ``masked_optimizer`` (:class:`trainer.MaskedOptimizer` with the masked trainer case's rule)."""
 
     def __init__(self, *args, variant: str, hidden, input_shape, classes, ds, **kwargs):
         super().__init__(*args, **kwargs)
@@ -193,7 +194,7 @@ class KerasFitCase(StepCase):
 
         keras.utils.set_random_seed(0)
         base = build_model("mlp", self.input_shape, self.classes, hidden=list(self.hidden))
-        if self.variant == "dense":
+        if self.variant in ("dense", "masked_optimizer"):
             model = base
         else:
             MaskConstraint, MaskedDense = _masked_layer_classes()
@@ -211,7 +212,14 @@ class KerasFitCase(StepCase):
             for new, old in zip([lay for lay in model.layers if isinstance(lay, keras.layers.Dense)], dense):
                 new.kernel.assign(old.kernel.numpy() * masks[old.kernel.path])
                 new.bias.assign(old.bias.numpy())
-        model.compile(optimizer=keras.optimizers.Adam(LR), loss=_loss(), metrics=["accuracy"],
+        optimizer = keras.optimizers.Adam(LR)
+        if self.variant == "masked_optimizer":  # the Trainer's masked case's rule, through model.fit
+            from trainer import MaskedOptimizer, MaskRegistry
+
+            registry = MaskRegistry(model)
+            registry.freeze("*/kernel", elements={"random": SPARSITY, "seed": 0}, value="zero")
+            optimizer = MaskedOptimizer(optimizer, registry)
+        model.compile(optimizer=optimizer, loss=_loss(), metrics=["accuracy"],
                       jit_compile=self.jit, steps_per_execution=self.k)
         self.model = model
         self.callback = fit_clock(keras.callbacks.Callback, self.clock, self.k)

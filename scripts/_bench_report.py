@@ -32,9 +32,11 @@ RATIOS = {
     "wide_masked_vs_unmasked": ("wide_trainer_masked", "wide_trainer_dense"),
     "wide_trainer_vs_keras_fit": ("wide_trainer_masked", "wide_keras_fit"),
     "wide_masked_vs_unmasked_noxla": ("wide_trainer_masked_noxla", "wide_trainer_dense_noxla"),
+    "masked_optimizer_fit_vs_trainer": ("keras_masked_optimizer", "trainer_masked"),
 }
 TARGETS = {"masked_vs_unmasked": 0.98, "trainer_vs_keras_fit": 1.0, "trainer_vs_constraint": 1.0,
-           "trainer_vs_tfmot": 1.0, "trainer_defaults_vs_keras_fit_defaults": 1.5}
+           "trainer_vs_tfmot": 1.0, "trainer_defaults_vs_keras_fit_defaults": 1.5,
+           "masked_optimizer_fit_vs_trainer": 0.95}
 MFU_TARGET = 0.5
 
 

@@ -64,7 +64,8 @@ median over rounds of the ratio within a round:
 ``masked_vs_unmasked`` = trainer_masked / trainer_dense,
 ``trainer_vs_keras_fit`` = trainer_masked / keras_fit (dense, same K and XLA),
 ``trainer_vs_constraint`` = trainer_masked / keras_constraint,
-``trainer_vs_tfmot`` = trainer_masked / tfmot (``null`` when it did not run).
+``trainer_vs_tfmot`` = trainer_masked / tfmot (``null`` when it did not run),
+``masked_optimizer_fit_vs_trainer`` = keras_masked_optimizer / trainer_masked (target 0.95).
 
 Layout: this file is the command line and the case list; the cases are in
 ``_bench_cases.py`` (``tfmot``: ``_bench_tfmot.py``, also its worker), what
@@ -153,6 +154,8 @@ def build_cases(args, x, y, classes) -> List[Case]:
         ("keras_masked_layer", "keras", dict(desc="model.fit, Dense subclass kernel*mask", variant="masked_layer",
                                              k=k, jit=True)),
         ("matmuls_only", "matmuls", dict(desc="the step's matmuls alone (linear layers, SGD)", k=k, jit=True)),
+        ("keras_masked_optimizer", "keras", dict(desc="model.fit, trainer.MaskedOptimizer, 90% random zero mask",
+                                                 variant="masked_optimizer", k=k, jit=True)),
     ]
     defaults = trainer_defaults()
     specs.append(("trainer_defaults", "trainer", dict(desc="trainer, mask, Trainer(...) at its defaults",

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import REPO
 
-REQUIRED_CASES = ["keras_fit", "trainer_dense", "trainer_masked", "keras_constraint", "keras_masked_layer"]
+REQUIRED_CASES = ["keras_fit", "trainer_dense", "trainer_masked", "keras_constraint", "keras_masked_layer",
+                  "keras_masked_optimizer"]
 REQUIRED_RATIOS = ["masked_vs_unmasked", "trainer_vs_keras_fit", "trainer_vs_constraint", "trainer_vs_tfmot"]
 
 
@@ -37,6 +38,7 @@ def test_quick_bench_writes_cases_ratios_and_mfu(tmp_path):
     assert set(REQUIRED_RATIOS) <= set(ratios)
     for key in REQUIRED_RATIOS[:3]:
         assert ratios[key] > 0, key
+    assert ratios["masked_optimizer_fit_vs_trainer"] > 0  # model.fit + MaskedOptimizer / the trainer
     assert ratios["trainer_vs_tfmot"] is None  # --no-tfmot: reported as not run, not as a number
     assert result["settings"]["tfmot_skipped"] == "--no-tfmot"
 

@@ -7,6 +7,7 @@ import_tensorflow_quietly()  # TensorFlow's native start-up lines off (unless lo
 from trainer.hooks import LoopState  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.masks import FreezeConfigError, FreezeRule, MaskRegistry  # noqa: E402
+from trainer.masked_optimizer import MaskedOptimizer  # noqa: E402
 
-__all__ = ["FreezeConfigError", "FreezeRule", "MaskRegistry", "LoopState", "Trainer"]
+__all__ = ["FreezeConfigError", "FreezeRule", "MaskRegistry", "MaskedOptimizer", "LoopState", "Trainer"]
 __version__ = "0.1.0"

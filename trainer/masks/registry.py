@@ -29,6 +29,7 @@ import tensorflow as tf
 from trainer.masks import audit, schedules
 from trainer.masks.checks import check_known
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.held import HeldValues, reproject
 from trainer.masks.plan import Planner, VariablePlan
 from trainer.masks.paths import resolve_path
 from trainer.masks.regrow_updates import Regrower
@@ -49,6 +50,7 @@ class _Refs:
         self.model, self.state, self.planner = model, state, planner
         self.initial_values = initial_values  # a reference, read lazily
         self.regrower = Regrower()  # not checkpointed: its buffers are filled and used within one execution
+        self.held = HeldValues()  # pre-update copies of the plain loop (mask_gradients -> reproject)
 
 
 class MaskRegistry(tf.Module):
@@ -157,6 +159,7 @@ class MaskRegistry(tf.Module):
             return self._refs.state.apply(paths, self._combine)
         finally:
             self._refs.planner.fresh.clear()
+            self._refs.held.refresh(self._refs.state)
 
     def optimizer_variables(self) -> List[keras.Variable]:
         """The variables the optimizer updates: compact variables in place of compactly updated ones.
@@ -265,16 +268,19 @@ class MaskRegistry(tf.Module):
         return self._refs.state.trainable_variables()
 
     def mask_gradients(self, grads: Sequence[Any], variables: Sequence[keras.Variable]) -> List[Any]:
-        """Returns the gradients with every frozen element set to exactly 0, in the variables' shapes.
+        """The gradients with every frozen element exactly 0, in the variables' shapes (the plain Keras loop).
+
+        Also copies each covered variable first, for :meth:`reproject` after ``optimizer.apply_gradients``:
+        one copy of the variable (its bytes) per covered variable, on its device (:mod:`trainer.masks.held`).
 
         Args:
-          grads: one gradient per variable: a dense ``tf.Tensor`` of the variable's shape,
-            a ``tf.IndexedSlices`` (e.g. an ``Embedding`` gradient), or ``None``.
+          grads: one per variable: a tensor of its shape, a ``tf.IndexedSlices`` (an ``Embedding``'s) or ``None``.
           variables: the variables, in the same order.
 
         Returns:
           A list of the same structure; gradients of uncovered variables are returned unchanged.
         """
+        self._refs.held.take(self._refs.state, variables)
         return step_gradients(grads, variables, self._refs.state.lookup, gathered=False)
 
     def update_gradients(self, grads: Sequence[Any], variables: Sequence[keras.Variable]) -> List[Any]:
@@ -317,20 +323,13 @@ class MaskRegistry(tf.Module):
         apply_updates(optimizer, grads, variables, self._refs.state.lookup, pinned, apply_if)
 
     def reproject(self) -> None:
-        """Writes every rebuildable pin (zero, constant, initial) back into its frozen elements, eagerly.
-
-        The step never changes a frozen element, so this only repairs writes made outside it.
-        A ``current`` pin is the variable's own value and cannot be rebuilt: :meth:`exact`
-        reports a changed one.
+        """Sets frozen elements back to their pins after ``apply_gradients``: :func:`trainer.masks.held.reproject`.
 
         Raises:
-          RuntimeError: called inside a ``tf.function`` (it reads values on the host).
+          RuntimeError: a ``current``-pinned element changed where no copy restores it (the message names
+            the variables), or, in a ``tf.function``, a variable with frozen elements was never copied.
         """
-        if not tf.executing_eagerly():
-            raise RuntimeError("MaskRegistry.reproject() runs eagerly, between steps; in a compiled step use "
-                               "registry.update_gradients and registry.apply_gradients, which never change a "
-                               "frozen element")
-        self._refs.state.reproject(self._combine)
+        reproject(self._refs.state, self._refs.held, self._combine)
 
     def drift(self) -> Dict[str, float]:
         """Per covered variable path, the max ``|value - pinned|`` over its frozen elements.
@@ -391,6 +390,10 @@ class MaskRegistry(tf.Module):
     def covered_paths(self) -> List[str]:
         """The paths of the variables some rule targets, in the order they were first covered."""
         return list(self._refs.state.covered)
+
+    def internals(self):
+        """``(store, planner)``: what :mod:`trainer.masked_saving` saves and restores (not for other callers)."""
+        return self._refs.state, self._refs.planner
 
     def is_dynamic(self) -> bool:
         """True when some rule switches on or off, or re-selects, during training."""
