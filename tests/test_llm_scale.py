@@ -99,7 +99,9 @@ def library_ops(graph_def):
     xla_roots = [n for n, f in functions.items() if f.attr["_XlaMustCompile"].b]
     inside = closure(xla_roots)
     outside = closure(called(graph_def.node)) - inside
-    ops = lambda names: {node.op for n in names for node in functions[n].node_def} | set()  # noqa: E731
+    def ops(names):
+        return {node.op for name in names for node in functions[name].node_def}
+
     return ops(inside), ops(outside) | {node.op for node in graph_def.node}
 
 
