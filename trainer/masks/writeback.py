@@ -3,7 +3,7 @@
 A scatter into a model variable *inside* an XLA program is not done in place:
 XLA gives the program a new full-size buffer for every variable it writes
 (measured: about 4 bytes per parameter of peak memory for float32 kernels at
-0.1 % trainable; ``/work/shared/tools/write_back_probe.py``, README of issue 29).
+0.1 % trainable, by the write-back probe of issue 29; docs/llm_scale.md).
 The same ``ResourceScatterNdUpdate`` run by the TensorFlow runtime updates the
 variable's buffer in place (it copies only a buffer that something else still
 references, and nothing does once the compiled step has returned).
