@@ -13,13 +13,17 @@ execution. Cases (each in its own subprocess: peak RSS is a per-process maximum)
   trainable elements only);
 - ``trainer_compact_bfloat16`` / ``trainer_sampled_bfloat16``: the same with the
   backbone in ``dtype="bfloat16"`` (float32 master values for the trainable elements);
-- ``lora_fit``: keras-hub ``backbone.enable_lora(4)`` and Keras ``fit``;
-- ``fit_dense``: Keras ``fit``, every weight trains.
+- ``lora_fit`` / ``lora_fit_bfloat16``: keras-hub ``backbone.enable_lora(4)`` and Keras ``fit``;
+- ``fit_dense`` / ``fit_dense_bfloat16``: Keras ``fit``, every weight trains.
 
 Per case: ``peak_rss_mib`` (``resource.getrusage(...).ru_maxrss`` at the end:
 the whole process, model and TensorFlow included), ``bytes_per_param`` (that
 over the parameter count), ``rss_built_mib`` (after the model was built),
-``ms_per_step`` (the median over steps after the first, which compiles),
+``peak_compile_mib`` (the peak through the first, compiling step, run as its own
+``fit``), ``growth_bytes_per_param`` (the peak RSS of the timed ``fit`` of
+``--steps`` steps over the RSS before it, per parameter: what a step holds at
+once beyond the model; the peak mark is reset after the compiling step),
+``ms_per_step`` (the median over the timed steps),
 ``trainable``, and for the trainer cases ``frozen_exact`` (``registry.exact()``)
 and ``moved_fraction`` (of the trainable elements of the first query kernel).
 The machine is shared: timings vary with its load (``load`` in the output).
@@ -27,8 +31,13 @@ The machine is shared: timings vary with its load (``load`` in the output).
 Usage::
 
     python scripts/bench_llm.py --layers 2 --hidden 256 --out bench_llm.json      # a small shape, ~1 minute
-    python scripts/bench_llm.py --layers 22 --hidden 2048 --intermediate 5632 --heads 32 --kv-heads 4 \\
-        --vocab 32000 --cases trainer_sampled_bfloat16                            # the 1.1B shape, one case
+    python scripts/bench_llm.py --shape tinyllama-1.1b --steps 3 --out bench_1b.json  # issue 29's 1.1B table
+    python scripts/bench_llm.py --shape llama2-7b --steps 2 --out bench_7b.json \
+        --cases trainer_sampled_bfloat16 lora_fit_bfloat16 fit_dense_bfloat16       # the 6.7B row (bfloat16)
+
+(``--shape`` sets ``--layers``, ``--hidden``, ``--intermediate``, ``--heads``,
+``--kv-heads`` and ``--vocab``; every case runs in its own subprocess, one after
+another, so a machine needs the memory of the largest case only.)
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from _measure import Clock, fit_clock, machine, median, trainer_clock
+from _measure import Clock, MemoryProbe, fit_clock, grown, machine, median, trainer_clock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FROZEN = 0.999
@@ -53,7 +62,13 @@ CASES = {  # name: (how it trains, update mode, backbone dtype)
     "trainer_compact_bfloat16": ("trainer", "compact", "bfloat16"),
     "trainer_sampled_bfloat16": ("trainer", "sampled", "bfloat16"),
     "lora_fit": ("lora", None, "float32"),
+    "lora_fit_bfloat16": ("lora", None, "bfloat16"),
     "fit_dense": ("fit", None, "float32"),
+    "fit_dense_bfloat16": ("fit", None, "bfloat16"),
+}
+SHAPES = {  # --shape presets: the Llama-architecture shapes of issue 29 (vocabulary 32,000, random weights)
+    "tinyllama-1.1b": dict(layers=22, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000),
+    "llama2-7b": dict(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000),
 }
 
 
@@ -111,6 +126,8 @@ def run_case(name: str, args) -> Dict[str, Any]:
         out["trainable"] = int(sum(np.prod(v.shape) for v in model.trainable_weights))
         out["rss_built_mib"] = rss_mib()
         model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+        model.fit(ds.take(1), epochs=1, verbose=0)  # compiles
+        probe = steady(out)
         model.fit(ds, epochs=1, verbose=0, callbacks=[fit_clock(keras.callbacks.Callback, clock, 1)])
         out["steps"] = int(optimizer.iterations.numpy())
     else:
@@ -127,6 +144,8 @@ def run_case(name: str, args) -> Dict[str, Any]:
                                        else tf.uint32))[mask]
         out["rss_built_mib"] = rss_mib()
         trainer = Trainer(model, optimizer, loss, registry=registry, steps_per_execution=1, jit_compile=True)
+        trainer.fit(ds.take(1), epochs=1)  # compiles; the next fit, a new dataset of the same structure, does not
+        probe = steady(out)
         trainer.fit(ds, epochs=1, callbacks=[trainer_clock(clock)])
         out["steps"] = trainer.step
         out["frozen_exact"] = bool(registry.exact())
@@ -136,7 +155,15 @@ def run_case(name: str, args) -> Dict[str, Any]:
     out["ms_per_step"] = 1000.0 * median(clock.intervals())
     out["peak_rss_mib"] = peak_rss_mib()
     out["bytes_per_param"] = out["peak_rss_mib"] * 2 ** 20 / params
+    growth = grown(probe.peak(), out["rss_compiled_mib"]) if probe.resettable else None
+    out["growth_bytes_per_param"] = None if growth is None else growth * 2 ** 20 / params
     return out
+
+
+def steady(out: Dict[str, Any]):
+    """After the compiling first step: records the RSS and resets the peak mark (what later steps add)."""
+    out["rss_compiled_mib"], out["peak_compile_mib"] = rss_mib(), peak_rss_mib()
+    return MemoryProbe()
 
 
 def _subprocess(name: str, args) -> Dict[str, Any]:
@@ -154,21 +181,24 @@ SHAPE = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "toke
 
 def format_table(cases: List[Dict[str, Any]]) -> str:
     """A Markdown table of the cases' results."""
-    lines = ["| case | params | trainable | peak RSS (MiB) | bytes/param | ms/step | exact | moved |",
-             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| case | params | trainable | peak RSS (MiB) | bytes/param | growth B/param | ms/step | exact | moved |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for c in cases:
         if "error" in c:
-            lines.append(f"| {c['case']} | failed: {c['error'].strip().splitlines()[-1][:80]} |||||||")
+            lines.append(f"| {c['case']} | failed: {c['error'].strip().splitlines()[-1][:80]} ||||||||")
             continue
-        moved = c.get("moved_fraction")
+        moved, growth = c.get("moved_fraction"), c.get("growth_bytes_per_param")
         lines.append(f"| {c['case']} | {c['params']:,} | {c['trainable']:,} | {c['peak_rss_mib']:.0f} | "
-                     f"{c['bytes_per_param']:.2f} | {c['ms_per_step']:.0f} | {c.get('frozen_exact', '-')} | "
+                     f"{c['bytes_per_param']:.2f} | {'-' if growth is None else f'{growth:.2f}'} | "
+                     f"{c['ms_per_step']:.0f} | {c.get('frozen_exact', '-')} | "
                      f"{'-' if moved is None else f'{moved:.2f}'} |")
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="a preset shape (sets --layers ... --vocab; later flags do not override it)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden")
@@ -182,6 +212,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench_llm.json")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # a worker: one case, JSON on stdout
     args = parser.parse_args(argv)
+    for key, value in SHAPES.get(args.shape, {}).items():
+        setattr(args, key, value)
     if args.intermediate is None:
         args.intermediate = int(round(2.75 * args.hidden))
     return args

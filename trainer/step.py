@@ -6,7 +6,8 @@ not-fully-frozen variables -> ``registry.update_gradients`` (masked for a
 dense update, gathered ``[k]`` for a compact one) -> the sum across replicas
 -> the non-finite guard (:mod:`trainer.guard`) -> ``registry.apply_gradients``
 (the optimizer, then frozen elements restored or the compact values scattered
-back) -> the metrics and counters. Which update a variable uses is the
+back; a single-replica XLA step leaves that scatter to :func:`write_back`,
+run right after it outside XLA) -> the metrics and counters. Which update a variable uses is the
 registry's plan, not the step's; everything else the step decides (replicas,
 guard, RigL capture) is decided when it is traced. ``k`` steps run inside one
 ``tf.function`` (:func:`make_execution`: ``for _ in tf.range(k)``, ``k`` a
@@ -23,7 +24,8 @@ import keras
 import tensorflow as tf
 
 from trainer import guard as guards
-from trainer.masks import MaskRegistry
+from trainer.masks import MaskRegistry, writeback
+from trainer.masks.updates import CompactUpdate
 
 
 class StepCounters:
@@ -160,8 +162,9 @@ def make_step(parts: StepParts, capture: bool = False) -> Callable:
 
     Returns:
       ``step(x, y)`` returning a scalar bool Tensor (the update was applied):
-      a ``tf.function`` for one replica, a function for a ``tf.function``
-      (:func:`make_execution`) with several.
+      for one replica a ``tf.function`` (with ``jit_compile``: a function that
+      calls the XLA ``tf.function``, then :func:`write_back`, in place), a
+      function for a ``tf.function`` (:func:`make_execution`) with several.
     """
     variables, strategy, guard = parts.registry.trainable_variables(), parts.strategy, parts.guard_in_use
     several = strategy.num_replicas_in_sync > 1
@@ -192,7 +195,46 @@ def make_step(parts: StepParts, capture: bool = False) -> Callable:
 
     if several:  # called from the execution's tf.function: traced as it is, like the single-replica step
         return tf.autograph.experimental.do_not_convert(step)
-    return tf.function(step, jit_compile=parts.jit_compile, reduce_retracing=True, autograph=False)
+    if not parts.jit_compile:
+        return tf.function(step, reduce_retracing=True, autograph=False)
+    # The XLA program leaves the compact write-back to the TensorFlow runtime, which scatters in place
+    # (inside XLA a written variable gets a new full-size buffer): trainer.masks.writeback.
+    compiled = tf.function(writeback.deferring(step), jit_compile=True, reduce_retracing=True, autograph=False)
+
+    def step_then_write_back(x, y):
+        applied = compiled(x, y)
+        write_back(parts.registry)
+        return applied
+
+    return step_then_write_back
+
+
+def compact_updates(registry: MaskRegistry) -> List[CompactUpdate]:
+    """The :class:`~trainer.masks.updates.CompactUpdate` of every compactly updated variable of ``registry``.
+
+    Built from the registry's tracked ``indices`` and ``compact`` dicts (keyed by variable path).
+    """
+    by_path = {v.path: v for v in registry.model.weights}
+    return [CompactUpdate(by_path[path], registry.indices[path], registry.compact[path]) for path in registry.indices]
+
+
+def write_back(registry: MaskRegistry) -> None:
+    """Scatters every compact ``[k]`` variable of ``registry`` into its model variable, in place.
+
+    Only the trainable elements are written (rounded to the variable's dtype
+    where the compact values are float32 masters); frozen elements never are.
+    Run outside an XLA program (eagerly or in a plain ``tf.function``): the
+    TensorFlow runtime updates the variable's buffer in place, where XLA would
+    materialize a new full-size one (:mod:`trainer.masks.writeback`). The
+    single-replica XLA step (:func:`make_step`) calls it after every step.
+
+    Raises:
+      RuntimeError: called while :func:`trainer.masks.writeback.deferred` is active (it would write nothing).
+    """
+    if writeback.is_deferred():
+        raise RuntimeError("write_back() inside writeback.deferred() writes nothing; call it after the XLA step")
+    for update in compact_updates(registry):
+        update.release()
 
 
 def make_execution(step: Callable, last: Optional[Callable], *, counters: StepCounters,

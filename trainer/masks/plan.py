@@ -1,18 +1,15 @@
 """The freeze plan: rules + variables + step -> per variable path, which elements are frozen and their pins.
 
-Pure NumPy: nothing here touches TensorFlow. A :class:`RuleState` remembers what a rule captured when it
-was applied: whether it is active, when it last re-selected, and, only for selectors whose result depends
-on values at that moment (``magnitude``, ``magnitude_threshold``, ``mask_file``), the frozen elements as
-packed bits. Every other selector (``all``, ``random`` with its seed, ``indices``, ``slice``, ``units``...)
-is a pure function of the rule and the variable's shape, so it is recomputed when needed instead of
-stored: the registry keeps no dense host copy of masks or values.
+Pure NumPy: nothing here touches TensorFlow. A :class:`RuleState` remembers what a rule captured when it was
+applied: whether it is active, when it last re-selected, and, only for selectors whose result depends on values
+at that moment (``magnitude``, ``magnitude_threshold``, ``mask_file``), the frozen elements as packed bits. Every
+other selector (``all``, ``random`` with its seed, ``indices``, ``slice``...) is a pure function of the rule and
+the variable's shape, recomputed when needed: the registry keeps no dense host copy of masks or values.
 
-Pins are bit patterns: ``zero`` is +0.0, a constant is the value cast to the
-variable's dtype (``-0.0`` stays ``-0.0``), ``initial`` the value read when the
-rule was added (or given in ``initial_values``) and ``current`` whatever the
-variable holds when the rule is applied. Since the update never writes a
-frozen element (see :mod:`trainer.masks.updates`), a ``current`` pin is the
-variable's own value and needs no copy.
+Pins are bit patterns: ``zero`` is +0.0, a constant is the value cast to the variable's dtype (``-0.0`` stays
+``-0.0``), ``initial`` the value read when the rule was added (or given in ``initial_values``) and ``current``
+whatever the variable holds when the rule is applied. Since the update never writes a frozen element (see
+:mod:`trainer.masks.updates`), a ``current`` pin is the variable's own value and needs no copy.
 """
 
 from __future__ import annotations
@@ -378,6 +375,9 @@ class Planner:
             if not_float or scalars:
                 raise FreezeConfigError(f"rule {rule.name!r}: regrow needs float variables with at least one "
                                         f"axis, got {not_float + scalars}")
+            if rule.regrow.method == "rigl" and update_mode == "sampled":  # RigL grows where |dense grad| is largest
+                raise FreezeConfigError(f"rule {rule.name!r}: regrow method 'rigl' needs the dense gradient, which "
+                                        "update 'sampled' never forms; use method 'set' or update 'compact'")
         return paths
 
     def advance(self, states: Sequence[RuleState], step: int, epoch: int) -> List[str]:

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.masks.precision import master_dtype, refreshed
+from trainer.masks.writeback import is_deferred, scatter_flat
 
 UPDATE_MODES = ("auto", "dense", "compact", "sampled")  # sampled: compact, kernel gradients sampled
 
@@ -243,17 +244,12 @@ class CompactUpdate:
 
         ``keep`` is ignored: when a step is undone, the compact variable is
         selected back before this runs, and writing it back changes nothing.
+        Under :func:`~trainer.masks.writeback.deferred` (the XLA step) nothing
+        is written here: :func:`trainer.step.write_back` writes after the step.
         """
-        shape = self.shape
-
-        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
-
-        def scatter(v, indices, values):
-            # Flat index -> coordinates (tf.unravel_index has no XLA kernel).
-            coords = tf.stack([(indices // stride) % dim for stride, dim in zip(strides, shape)], axis=1)
-            v.scatter_nd_update(coords, values)
-
-        on_every_copy(self.variable, scatter, self.indices, tf.cast(self.compact.value, self.variable.dtype))
+        if not is_deferred():
+            on_every_copy(self.variable, scatter_flat, self.indices, tf.cast(self.compact.value, self.variable.dtype),
+                          self.shape)
 
     def memory_bytes(self) -> int:
         k = int(self.indices.shape[0])
