@@ -12,7 +12,7 @@ guards do this bit-exactly (``Trainer(guard=...)``):
 - ``"cond"`` runs the update in the finite branch of one ``tf.cond``.
 
 Either way the metrics and counters are updated in a ``tf.cond`` of their
-own. Measured on LeNet-300-100 with 90 % compact (README "Speed"): the
+own. Measured on LeNet-300-100 with 90 % compact (docs/benchmarks.md): the
 select let the masked step run at Keras ``fit``'s rate where the cond cost
 about 20 %; on a dense update the two cost the same time, and the select's
 copy of every weight and slot costs memory, hence ``"auto"``. With

@@ -54,10 +54,10 @@ class Trainer:
       registry: a :class:`~trainer.masks.MaskRegistry` of ``model``; ``None``
         trains without freezing.
       steps_per_execution: steps run inside one ``tf.function`` call
-        (default 100: the fastest setting measured, README "Speed"; an
+        (default 100: the fastest setting measured, docs/benchmarks.md; an
         execution always ends at an epoch's end and at ``max_steps``).
       jit_compile: compile the step with XLA (default on, as measured in
-        README "Speed"; pass ``False`` for a model with ops XLA cannot compile).
+        docs/benchmarks.md; pass ``False`` for a model with ops XLA cannot compile).
       nan_policy: ``"stop"`` raises :class:`~trainer.controller.NonFiniteLossError`
         naming the step; ``"skip_step"`` drops that update (no weight, slot or
         step change; what the forward pass wrote is set back:
@@ -70,7 +70,7 @@ class Trainer:
         wrote, ``"cond"`` runs it in one branch of a ``tf.cond``; ``"auto"``
         (default) takes ``"select"`` when some variable has a compact update
         and ``"cond"`` otherwise. Both are bit-exact; they differ in speed
-        and memory (README "Speed").
+        and memory (docs/benchmarks.md).
       strategy: a ``tf.distribute.Strategy`` (e.g. ``MirroredStrategy``);
         the model, optimizer and registry must have been created in its
         scope. Each dataset batch is the *global* batch, split across replicas.

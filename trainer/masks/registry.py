@@ -39,7 +39,7 @@ from trainer.masks.updates import UPDATE_MODES, apply_updates, step_gradients
 from trainer.masks.variables import index_variables
 
 # ``update="auto"`` uses a compact update where at most this fraction of a variable trains
-# (measured on the 100.7M MLP, see README "Scale").
+# (measured on the 100.7M MLP, see docs/scale.md).
 COMPACT_CROSSOVER = 0.5
 
 
