@@ -96,3 +96,13 @@ def test_cli_refuses_with_exit_code_2_and_no_run_directory(tmp_path, args, first
     assert len(proc.stderr.splitlines()) == 2 and proc.stdout == ""
     assert not run_dir.exists()
 
+
+
+def test_a_run_directory_that_is_a_file_is_refused_and_the_file_kept(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("keep")
+    with pytest.raises(ConfigError) as info:
+        preflight([f"hydra.run.dir={path}", "trainer.max_steps=2"])
+    assert error_lines(info.value) == (f"Error: ConfigError: hydra.run.dir={str(path)!r} is a file, not a directory\n"
+                                       "Hint: pass a new directory, or the directory of a run to resume")
+    assert path.read_text() == "keep"

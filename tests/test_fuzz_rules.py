@@ -108,6 +108,8 @@ def expected_frozen(shape, spec, values):
             frozen[tuple(as_index(p) for p in spec["_parts"])] = True
         except (IndexError, ValueError):
             return None
+        if not frozen.any():
+            return None  # a slice that selects nothing is refused
     elif "mask" in spec:
         mask = np.asarray(spec["mask"])
         if mask.shape != shape:
@@ -129,7 +131,7 @@ def expected_frozen(shape, spec, values):
         if key == "inputs" and len(shape) < 2:
             return None  # a vector has no input axis
         axis = {"units": len(shape) - 1, "rows": 0, "inputs": 0 if len(shape) <= 2 else len(shape) - 2}[key]
-        if any(not -shape[axis] <= p < shape[axis] for p in spec[key]):
+        if any(not 0 <= p < shape[axis] for p in spec[key]):  # no negative positions, as indices
             return None
         index = [slice(None)] * len(shape)
         index[axis] = spec[key]

@@ -37,6 +37,9 @@ def bad_files(tmp_path):
         pickle.dump(np.ones((5, 3), bool), f)
     np.savez(tmp_path / "archive.npz", mask=np.ones((5, 3), bool))
     np.savez(tmp_path / "weights.npz", other=np.ones((5, 3), np.float32))
+    np.savez(tmp_path / "nan_weights.npz", **{"net/fc/kernel": np.full((5, 3), np.nan, np.float32)})
+    np.savez(tmp_path / "bool_weights.npz", **{"net/fc/kernel": np.ones((5, 3), bool)})
+    np.save(tmp_path / "structured.npy", np.zeros((5, 3), dtype=[("a", "i4"), ("b", "f4")]))
     return tmp_path
 
 
@@ -97,6 +100,22 @@ CASES = [
      ["elements.units [3] out of range for variable 'net/fc/kernel' of shape (5, 3)", "axis 1 has 3 entries"]),
     ("inputs_out_of_range", {"select": "fc/kernel", "elements": {"inputs": [5, -6]}},
      ["elements.inputs [5, -6] out of range", "axis 0 has 5 entries"]),
+    # one answer for positions: no negative ones, as elements.indices (issue 26, item 12)
+    ("negative_unit", {"select": "fc/kernel", "elements": {"units": [-1]}},
+     ["elements.units [-1] out of range for variable 'net/fc/kernel' of shape (5, 3): axis 1 has 3 entries, "
+      "so positions must lie in [0, 2]"]),
+    ("negative_row", {"select": "fc/kernel", "elements": {"rows": [0, -5]}},
+     ["elements.rows [-5] out of range", "positions must lie in [0, 4]"]),
+    ("empty_slice", {"select": "fc/kernel", "elements": {"slice": "[100:, :]"}},
+     ["elements.slice '[100:, :]' selects no element of variable 'net/fc/kernel' of shape (5, 3)"]),
+    ("value_underflows_to_zero", {"select": "fc/kernel", "elements": {"indices": [0]}, "value": 1e-46},
+     ["value 1e-46 is not representable in float32 (it would become 0.0)"]),
+    ("weights_file_nan", {"select": "fc/kernel", "elements": {"magnitude": 0.5, "weights_file": "{tmp}/nan_weights.npz"}},
+     ["elements.weights_file '{tmp}/nan_weights.npz': 'net/fc/kernel' holds 15 non-finite values (NaN or infinity)"]),
+    ("weights_file_bool", {"select": "fc/kernel", "elements": {"magnitude": 0.5, "weights_file": "{tmp}/bool_weights.npz"}},
+     ["elements.weights_file '{tmp}/bool_weights.npz': 'net/fc/kernel' holds booleans, expected numbers"]),
+    ("mask_file_structured", {"select": "fc/kernel", "elements": {"mask_file": "{tmp}/structured.npy"}},
+     ["elements.mask_file '{tmp}/structured.npy' must hold booleans or 0/1 (1 = trainable), got dtype"]),
     ("rows_out_of_range", {"select": "fc/kernel", "elements": {"rows": [7]}},
      ["elements.rows [7] out of range for variable 'net/fc/kernel'", "axis 0 has 5 entries"]),
     ("inputs_of_a_bias", {"select": "fc/*", "elements": {"inputs": [0]}},

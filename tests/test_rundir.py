@@ -343,6 +343,8 @@ def test_init_from_values_are_checked(tmp_path):
          ": 'net/fc/kernel' holds 1e+39, beyond float32's largest value 3.40282e+38"),
         ({kernel: np.full((4, 3), "a"), bias: good[bias]},
          ": 'net/fc/kernel' holds dtype <U1, expected numbers for a float32 variable"),
+        ({kernel: np.ones((4, 3), bool), bias: good[bias]},
+         ": 'net/fc/kernel' holds booleans, expected numbers for a float32 variable"),
         ({kernel: good[kernel]},
          " has no array for 1 of the model's variables (net/fc/bias); they would keep their random initialization: "
          "exclude them with model.init_exclude, or set model.init_from_partial=true"),

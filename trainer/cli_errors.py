@@ -125,10 +125,16 @@ def preflight(args: Sequence[str]) -> None:
       args: ``sys.argv[1:]`` (``-m`` allowed; other flags skip the check and leave everything to Hydra).
 
     Raises:
-      ConfigError: the first mistake, worded with a hint (see the module docstring).
+      ConfigError: the first mistake, worded with a hint (see the module docstring), or a
+        ``hydra.run.dir`` / ``hydra.sweep.dir`` that is an existing file.
     """
     if any(arg.startswith("-") and arg not in PLAIN_FLAGS for arg in args):
         return
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and os.path.exists(value) and not os.path.isdir(value):
+            raise ConfigError(f"{key}={value!r} is a file, not a directory",
+                              "pass a new directory, or the directory of a run to resume")
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

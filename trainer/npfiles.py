@@ -215,12 +215,15 @@ def check_values(name: str, value: np.ndarray, dtype: str, where: str,
       ``value`` cast to ``dtype`` (bit-exact for same-dtype input).
 
     Raises:
-      error: a non-numeric dtype (strings, bytes, objects), a float array for an
+      error: a non-numeric dtype (strings, bytes, objects), booleans for a
+        non-boolean variable, a float array for an
         integer variable, NaN or infinity, or a value outside ``dtype``'s range.
     """
     target = np.dtype(dtype)
     if value.dtype.kind not in "biuf":
         raise error(f"{where}: {name!r} holds dtype {value.dtype}, expected numbers for a {target} variable")
+    if value.dtype.kind == "b" and target.kind != "b":
+        raise error(f"{where}: {name!r} holds booleans, expected numbers for a {target} variable")
     if target.kind in "biu" and value.dtype.kind == "f":
         raise error(f"{where}: {name!r} holds floats (dtype {value.dtype}) for an integer ({target}) variable")
     if value.dtype.kind == "f" and not np.isfinite(value).all():

@@ -45,12 +45,12 @@ def constant_pin(value: float, dtype: np.dtype, where: str) -> np.ndarray:
     """A constant pin as a 0-d array of ``dtype``, bit-exact (``-0.0`` stays ``-0.0``).
 
     Raises:
-      FreezeConfigError: the value overflows ``dtype`` (e.g. ``1e39`` for float32).
+      FreezeConfigError: the value overflows ``dtype`` (``1e39`` for float32) or underflows to 0 (``1e-46``).
     """
     dtype = np.dtype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
         pin = np.asarray(value, dtype=np.float64).astype(dtype)
-    if np.issubdtype(dtype, np.floating) and not np.isfinite(pin):
+    if np.issubdtype(dtype, np.floating) and (not np.isfinite(pin) or (pin == 0) != (float(value) == 0)):
         raise FreezeConfigError(f"{where}: value {value!r} is not representable in {dtype.name} "
                                 f"(it would become {float(pin)}); use a value within {dtype.name}'s range")
     return pin

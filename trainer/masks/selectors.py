@@ -19,7 +19,7 @@ from trainer.masks.elements import SELECTORS, ElementContext, int_list, normaliz
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.scores import n_m_mask
 from trainer.masks.slicing import parse_slice
-from trainer.npfiles import NpzReader, check_file, load_npy, path_is_npz
+from trainer.npfiles import NpzReader, check_file, check_values, load_npy, path_is_npz
 
 
 def load_array_file(path: str, what: str, key: Optional[str] = None) -> np.ndarray:
@@ -52,7 +52,8 @@ def load_weights(path: str, variable_path: str) -> np.ndarray:
     """The array of ``variable_path`` in a ``weights.npz`` (``elements.weights_file``).
 
     Raises:
-      FreezeConfigError: the file is unreadable or has no such array (the message lists what it holds).
+      FreezeConfigError: the file is unreadable, has no such array (the message lists what it holds), or
+        the array is not numbers, or holds NaN or infinity (the checks of ``model.init_from``).
     """
     with NpzReader(path, "elements.weights_file", FreezeConfigError) as data:
         if variable_path not in data.files:
@@ -60,7 +61,8 @@ def load_weights(path: str, variable_path: str) -> np.ndarray:
                 f"elements.weights_file {os.fspath(path)!r} has no array for variable {variable_path!r}; "
                 f"it holds {sorted(data.files)}"
             )
-        return data.array(variable_path)
+        where = f"elements.weights_file {os.fspath(path)!r}"
+        return check_values(variable_path, data.array(variable_path), "float64", where, FreezeConfigError)
 
 
 def _path_seed(seed: int, path: str) -> int:
@@ -90,11 +92,11 @@ def _axis_selection(ctx: ElementContext, key: str, positions: list, axis: int) -
         raise FreezeConfigError(f"elements.{key} needs a variable with at least one axis; {ctx.path!r} is a scalar")
     axis = axis % len(ctx.shape)
     length = ctx.shape[axis]
-    bad = [p for p in positions if not -length <= p < length]
-    if bad:
+    bad = [p for p in positions if not 0 <= p < length]
+    if bad:  # as elements.indices: no negative positions
         raise FreezeConfigError(
-            f"elements.{key} {bad} out of range for variable {ctx.path!r} of shape {tuple(ctx.shape)} "
-            f"(axis {axis} has {length} entries)"
+            f"elements.{key} {bad} out of range for variable {ctx.path!r} of shape {tuple(ctx.shape)}: "
+            f"axis {axis} has {length} entries, so positions must lie in [0, {length - 1}]"
         )
     frozen = np.zeros(ctx.shape, dtype=bool)
     index = [slice(None)] * len(ctx.shape)
@@ -171,13 +173,16 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
             raise FreezeConfigError(
                 f"elements.slice {value!r} does not fit variable {ctx.path!r} of shape {tuple(ctx.shape)}: {err}"
             ) from None
+        if not frozen.any():
+            raise FreezeConfigError(f"elements.slice {value!r} selects no element of variable {ctx.path!r} "
+                                    f"of shape {tuple(ctx.shape)}")
         return frozen
     if key == "mask":
         trainable = _check_shape(np.asarray(value), ctx, f"elements.mask for {ctx.path!r}")
         return ~trainable.astype(bool)
     if key == "mask_file":
         array = load_array_file(value, "elements.mask_file", key=ctx.path)
-        if array.dtype != bool and not np.isin(array, (0, 1)).all():
+        if array.dtype != bool and (array.dtype.kind not in "iuf" or not np.isin(array, (0, 1)).all()):
             raise FreezeConfigError(
                 f"elements.mask_file {value!r} must hold booleans or 0/1 (1 = trainable), got dtype {array.dtype}"
             )

@@ -63,7 +63,7 @@ def index_variables(model: keras.layers.Layer) -> List[VariableInfo]:
     variables = list(model.variables)
     if not variables:
         raise FreezeConfigError(
-            f"model {model.name!r} has no variables; build it (call it on an input) before freezing"
+            f"model {model.name!r} has no variables; build it (call it on an input) before creating its MaskRegistry"
         )
     owners = {}
     for layer in _flatten_layers(model):
