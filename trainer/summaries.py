@@ -12,7 +12,7 @@ Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
   ``masks/<variable path>/<stat>`` with stats ``sparsity`` (fraction of exact
   zeros), ``frozen_fraction``, ``frozen_drift`` (max |value - pinned| over
   frozen elements; must stay 0) and ``trainable_norm`` (L2 norm of the
-  trainable elements); ``model/sparsity`` and ``model/frozen_fraction`` over
+  trainable elements), for the variables a rule covers; ``model/sparsity`` and ``model/frozen_fraction`` over
   all of them; histograms ``weights/<path>`` and ``gradients/<path>`` (the
   trainable elements only); images ``masks/<path>/trainable``; for
   prune-and-regrow rules, at each update, ``regrow/<path>/dropped``,
@@ -81,7 +81,7 @@ def mask_image(trainable: np.ndarray) -> np.ndarray:
 
 
 def variable_stats(registry, rows: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Dict[str, float]]:
-    """Mask statistics of every variable in the registry's plan (trainable or pinned).
+    """Mask statistics of every variable some rule covers (a variable without a rule has none to show).
 
     Args:
       registry: the :class:`~trainer.masks.MaskRegistry`.
@@ -94,8 +94,10 @@ def variable_stats(registry, rows: Optional[List[Dict[str, Any]]] = None) -> Dic
       expected; ``inf`` for NaN) and the L2 norm of the trainable elements.
     """
     rows = audit.variable_rows(registry) if rows is None else rows
+    covered = set(registry.covered_paths())
     return {r["path"]: {"sparsity": r["sparsity"], "frozen_fraction": r["frozen_fraction"],
-                        "frozen_drift": r["drift"], "trainable_norm": r["trainable_norm"]} for r in rows}
+                        "frozen_drift": r["drift"], "trainable_norm": r["trainable_norm"]} for r in rows
+            if r["path"] in covered}
 
 
 def model_stats(registry, rows: Optional[List[Dict[str, Any]]] = None) -> Dict[str, float]:
@@ -167,7 +169,7 @@ class FreezeSummaries(Callback):
         return hash(tuple(sorted((p, m.tobytes()) for p, m in registry.trainable_masks().items())))
 
     def write_masks(self, state, step: int, force: bool = False) -> bool:
-        """Writes ``masks/<path>/trainable`` images of every trainable variable of rank >= 2.
+        """Writes ``masks/<path>/trainable`` images of every variable of rank >= 2 that a rule covers.
 
         Skipped (returns False) when no mask changed since the last write,
         unless ``force``.
@@ -177,8 +179,9 @@ class FreezeSummaries(Callback):
             return False
         self._mask_version = snapshot
         with self.train_writer.as_default(step=step):
+            covered = set(state.registry.covered_paths())
             for path, mask in state.registry.trainable_masks().items():
-                if mask.ndim >= 2:
+                if mask.ndim >= 2 and path in covered:
                     tf.summary.image(f"masks/{path}/trainable", mask_image(mask), max_outputs=1)
         return True
 
