@@ -12,8 +12,8 @@ Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
   ``masks/<variable path>/<stat>`` with stats ``sparsity`` (fraction of exact
   zeros), ``frozen_fraction``, ``frozen_drift`` (max |value - pinned| over
   frozen elements; must stay 0) and ``trainable_norm`` (L2 norm of the
-  trainable elements), for the variables a rule covers; ``model/sparsity`` and ``model/frozen_fraction`` over
-  all of them; histograms ``weights/<path>`` and ``gradients/<path>`` (the
+  trainable elements), for the variables a rule covers; ``model/sparsity``
+  and ``model/frozen_fraction`` over all variables; histograms ``weights/<path>`` and ``gradients/<path>`` (the
   trainable elements only); images ``masks/<path>/trainable``; for
   prune-and-regrow rules, at each update, ``regrow/<path>/dropped``,
   ``grown``, ``drop_fraction`` and ``density`` (trainable fraction); texts
