@@ -106,3 +106,30 @@ def test_a_run_directory_that_is_a_file_is_refused_and_the_file_kept(tmp_path):
     assert error_lines(info.value) == (f"Error: ConfigError: hydra.run.dir={str(path)!r} is a file, not a directory\n"
                                        "Hint: pass a new directory, or the directory of a run to resume")
     assert path.read_text() == "keep"
+
+
+def test_a_run_refused_inside_training_leaves_no_directory_behind(tmp_path):
+    run_dir = tmp_path / "new" / "run"
+    args = [sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", "+freeze.rules.x.select=nomatch/*"]
+    proc = subprocess.run(args, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[0].startswith(
+        "Error: FreezeConfigError: rule 'x': select 'nomatch/*' matches no variable")
+    assert not (tmp_path / "new").exists()  # the run directory and the parent made for it
+
+
+def test_a_refused_run_keeps_directories_that_existed_before(tmp_path, monkeypatch):
+    from trainer.logs import remember_existing_dirs, remove_made_empty_dirs
+
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    monkeypatch.setattr("trainer.logs.EXISTING_DIRS", set())  # a fresh process's record
+    remember_existing_dirs([f"hydra.run.dir={mine / 'a' / 'b'}", "trainer.epochs=1"])
+    (mine / "a" / "b").mkdir(parents=True)  # what Hydra makes
+    assert remove_made_empty_dirs(str(mine / "a" / "b")) == [str(mine / "a" / "b"), str(mine / "a")]
+    assert mine.is_dir()  # it existed before the run
+    (mine / "a").mkdir()
+    (mine / "a" / "notes").write_text("keep")
+    assert remove_made_empty_dirs(str(mine / "a")) == []  # not empty

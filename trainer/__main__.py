@@ -17,7 +17,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from trainer.cli_errors import preflight  # noqa: E402
 from trainer.config import ConfigError, register  # noqa: E402
-from trainer.logs import error_lines, run_job  # noqa: E402
+from trainer.logs import error_lines, remember_existing_dirs, run_job  # noqa: E402
 from trainer.sweep import optimized_value  # noqa: E402
 from trainer.resume import ResumeError, resolve_resume  # noqa: E402
 
@@ -42,6 +42,7 @@ def entry() -> None:
     """Console entry point (also used by ``python -m trainer``)."""
     try:
         sys.argv = [sys.argv[0]] + resolve_resume(sys.argv[1:])
+        remember_existing_dirs(sys.argv[1:])  # a refused run removes only the directories Hydra made for it
         if os.environ.get("HYDRA_FULL_ERROR") != "1":
             preflight(sys.argv[1:])  # our one-line errors, before Hydra makes a run directory
     except (ResumeError, ConfigError) as err:

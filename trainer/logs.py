@@ -22,10 +22,11 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 __all__ = ["ConsoleFilter", "ConsoleFormatter", "NATIVE_NOISE", "VERBOSE_ENV", "error_lines", "full_errors_requested", "hint_for",
-           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "run_job",
+           "import_tensorflow_quietly", "one_line", "quiet_python_loggers", "remember_existing_dirs",
+           "remove_made_empty_dirs", "run_job",
            "run_reporting_errors", "user_errors", "verbose_requested"]
 
 VERBOSE_ENV = "TRAINER_VERBOSE"
@@ -199,11 +200,47 @@ def run_reporting_errors(fn: Callable, *args, verbose: bool,
         return None
 
 
+EXISTING_DIRS: set = set()  # the given run directory and its ancestors that existed before Hydra ran
+
+
+def remember_existing_dirs(args: Sequence[str]) -> None:
+    """Notes which of ``hydra.run.dir=<dir>`` (from the command line) and its ancestors exist now, before Hydra."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        path = os.path.abspath(value) if key == "hydra.run.dir" and value else None
+        while path and os.path.dirname(path) != path:
+            if os.path.exists(path):
+                EXISTING_DIRS.add(path)
+            path = os.path.dirname(path)
+
+
+def remove_made_empty_dirs(run_dir: str) -> List[str]:
+    """Removes the run directory a refused run leaves empty, and its empty parents this run made.
+
+    A directory that existed before Hydra ran (:func:`remember_existing_dirs`),
+    the working directory and anything not empty are kept.
+
+    Returns:
+      The removed directories, innermost first.
+    """
+    removed, path, stop = [], os.path.abspath(run_dir), os.path.abspath(os.getcwd())
+    while path != stop and path not in EXISTING_DIRS and os.path.isdir(path) and not os.listdir(path):
+        try:
+            os.rmdir(path)
+        except OSError:
+            break
+        removed.append(path)
+        path = os.path.dirname(path)
+    return removed
+
+
 def run_job(run: Callable, cfg) -> Optional[dict]:
     """One Hydra job, quiet unless ``log.verbose``: ``run(cfg)`` with user errors as one line.
 
     In a multirun a user error is also left in the job's folder
-    (:func:`trainer.sweep.write_error`) and the sweep goes on.
+    (:func:`trainer.sweep.write_error`) and the sweep goes on; in a single
+    run, the run directory Hydra made for it is removed if the refusal left
+    it empty (:func:`remove_made_empty_dirs`), and so are the empty parents it made.
 
     Returns:
       ``run``'s report, or ``None`` after a user error in a multirun job.
@@ -215,13 +252,19 @@ def run_job(run: Callable, cfg) -> Optional[dict]:
 
     verbose = bool(cfg.log.get("verbose", False))
     quiet_python_loggers(verbose)
-    on_error = None
+    on_error, run_dir = None, None
     try:
         hydra_cfg = HydraConfig.get()
+        run_dir = hydra_cfg.runtime.output_dir
         if hydra_cfg.mode == RunMode.MULTIRUN:
             job_dir = hydra_cfg.runtime.output_dir
             overrides = list(hydra_cfg.overrides.task)
             on_error = lambda err: write_error(job_dir, one_line(err), overrides)  # noqa: E731
     except ValueError:  # outside Hydra
         pass
-    return run_reporting_errors(run, cfg, verbose=verbose, on_error=on_error)
+    try:
+        return run_reporting_errors(run, cfg, verbose=verbose, on_error=on_error)
+    except SystemExit:
+        if run_dir is not None:
+            remove_made_empty_dirs(run_dir)
+        raise
