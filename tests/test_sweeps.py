@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -109,9 +110,11 @@ def test_optuna_search_runs_parallel_jobs_and_prints_the_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "sweep_results.csv")))
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
-    for row in rows:  # folders named by their overrides; the values Optuna chose are in them
-        assert row["job"].split("_")[0] in ("0", "1") and "optimizer.learning_rate=" in row["job"]
+    for row in rows:  # folders named <job number>_<hash of the overrides>; the values Optuna chose in the table
+        number, digest = row["job"].split("_")
+        assert number in ("0", "1") and re.fullmatch("[0-9a-f]{8}", digest), row["job"]
         assert "freeze.rules.sparse.elements.random=" in row["overrides"]
+        assert "optimizer.learning_rate=" in row["overrides"]
     best = yaml_best = OmegaConf.load(sweep / "optimization_results.yaml")
     assert best.best_value == pytest.approx(max(float(r["val_accuracy"]) for r in rows))
     assert yaml_best.name == "optuna"

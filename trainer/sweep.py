@@ -7,12 +7,15 @@ the sweep once the multirun ends (whatever the launcher: basic, joblib,
 processes or submitit, whose jobs run in other processes) and prints and writes
 ``sweep_results.csv`` / ``sweep_results.md``: each job's overrides, status and
 final metrics, best first (the pattern of lightning-hydra-template's
-``optimized_metric``).
+``optimized_metric``). Job folders are named ``<job number>_<short hash of its
+overrides>`` (``hydra.sweep.subdir``, the ``short_hash`` resolver registered
+here); the table gives each folder's overrides in full.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -23,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["SweepResults", "job_rows", "metric_value", "optimized_value", "print_table", "rank", "short_override",
-           "split_overrides", "summarize_sweep", "write_error", "write_tables"]
+           "short_hash", "split_overrides", "summarize_sweep", "write_error", "write_tables"]
 
 try:  # Hydra >= 1.1
     from hydra.experimental.callback import Callback as HydraCallback
@@ -31,6 +34,14 @@ except ImportError:  # pragma: no cover - hydra-core is a dependency
     HydraCallback = object
 
 log = logging.getLogger("trainer")
+
+def short_hash(text: Any) -> str:
+    """The first 8 hex digits of the SHA-256 of ``str(text)``: a job folder's name from its overrides."""
+    return hashlib.sha256(str(text).encode("utf-8")).hexdigest()[:8]
+
+
+if not OmegaConf.has_resolver("short_hash"):  # ${short_hash:...} in configs/config.yaml's hydra.sweep.subdir
+    OmegaConf.register_new_resolver("short_hash", short_hash)
 
 METRIC_COLUMNS = ("test_accuracy", "test_loss", "val_accuracy", "val_loss", "steps", "wall_seconds")
 ERROR_FILE = "error.txt"
