@@ -15,10 +15,15 @@ from typing import Any, Dict, List, Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from trainer.masks import FreezeRule, MaskRegistry
 
-__all__ = ["load_state", "pending_registry", "refusal", "rule_configs", "save_state"]
+__all__ = ["load_state", "loop_refusal", "pending_registry", "refusal", "rule_configs", "save_state"]
+
+# CrossDeviceOps that reduce without TensorFlow's collective ops (no call-time instance key).
+_PLAIN_REDUCTIONS = (tf.distribute.ReductionToOneDevice, tf.distribute.HierarchicalCopyAllReduce,
+                     tf.distribute.NcclAllReduce)
 
 _KINDS = ("masks", "pins", "indices", "compact")
 
@@ -44,6 +49,47 @@ def refusal(registry: MaskRegistry) -> Optional[str]:
         return (f"MaskedOptimizer cannot run rule {rule.name!r}: {what}, and model.fit calls nothing between "
                 "steps to change masks; use trainer.Trainer, or a custom loop calling registry.update")
     return None
+
+
+def _nested_in_control_flow() -> bool:
+    """True where the graph being traced is a function called from inside another function's loop or cond.
+
+    Keras's multi-step execution (``steps_per_execution > 1``) calls its one-step ``tf.function`` inside
+    a ``tf.cond`` in a ``tf.while_loop``; one step per execution calls it directly.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    while getattr(graph, "is_control_flow_graph", False):  # this function's own loops and conds
+        graph = graph.outer_graph
+    graph = getattr(graph, "outer_graph", None)
+    while graph is not None:
+        if getattr(graph, "is_control_flow_graph", False):
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def loop_refusal() -> Optional[str]:
+    """Why this step cannot run where it is being traced (one line), or ``None``; call it in the step.
+
+    TensorFlow's collective all-reduce (``MirroredStrategy``'s default cross-device ops, and
+    ``MultiWorkerMirroredStrategy``'s) feeds its instance key at call time, and that value is never fed
+    to a function called inside another function's ``tf.while_loop``: Keras's multi-step loop fails
+    then with "You must feed a value for placeholder tensor ... while/cond", with any optimizer (Keras
+    issue 19246). Reductions without collectives (``ReductionToOneDevice``...) run there.
+    """
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None
+    strategy = tf.distribute.get_strategy()
+    reduction = getattr(strategy.extended, "_cross_device_ops", None)  # no public getter
+    if strategy.num_replicas_in_sync < 2 or reduction is None or isinstance(reduction, _PLAIN_REDUCTIONS):
+        return None
+    if not _nested_in_control_flow():
+        return None
+    return (f"MaskedOptimizer cannot run under {type(strategy).__name__} with steps_per_execution > 1 and "
+            "the strategy's collective all-reduce: Keras runs these steps inside a tf.while_loop, where the "
+            "collective's instance key is never fed (this fails with any optimizer, Keras issue 19246); "
+            "create the strategy with cross_device_ops=tf.distribute.ReductionToOneDevice(), or compile "
+            "with steps_per_execution=1")
 
 
 def _plain(value: Any) -> Any:
