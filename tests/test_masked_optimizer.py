@@ -70,6 +70,7 @@ def test_fit_xla_k2_callbacks_then_load_model_continues_bit_exactly(tmp_path, da
     resumed = keras.saving.load_model(tmp_path / "e1.keras")
     assert isinstance(resumed.optimizer, MaskedOptimizer) and int(resumed.optimizer.iterations) == 4
     assert resumed.optimizer.registry.update_modes() == registry.update_modes()
+    assert [v.path for v in resumed.trainable_variables] == [v.path for v in model.trainable_variables]
     assert resumed.optimizer.registry.exact()
     resumed.fit(x, y, batch_size=16, epochs=2, initial_epoch=1, shuffle=False, verbose=0)
     for a, b in zip(bits(model), bits(resumed)):
@@ -101,6 +102,20 @@ def test_tf_train_checkpoint_restores_masks_compact_values_and_slots(tmp_path, d
     assert not np.array_equal(compact.numpy(), kernel.numpy().reshape(-1)[indices])
     other.optimizer.sync()
     np.testing.assert_array_equal(compact.numpy(), kernel.numpy().reshape(-1)[indices])
+
+
+def test_a_restored_optimizer_refuses_variables_other_than_those_saved():
+    """Paths that differ by more than the prefix load_model drops from a Sequential's layers are refused."""
+    model, registry = build()
+    config = MaskedOptimizer(keras.optimizers.SGD(0.1), registry).get_config()
+    other = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="h1"), keras.layers.Dense(3, name="h2")],
+                             name="mlp")
+    with pytest.raises(ValueError) as error:
+        MaskedOptimizer.from_config(config).build(other.trainable_variables)
+    assert str(error.value) == (
+        "MaskedOptimizer was saved for trainable variables [('mlp/fc1/kernel', [6, 8]), ('mlp/fc1/bias', [8]), "
+        "('mlp/fc2/kernel', [8, 3]), ('mlp/fc2/bias', [3])], and is built for [('mlp/h1/kernel', [6, 8]), "
+        "('mlp/h1/bias', [8]), ('mlp/h2/kernel', [8, 3]), ('mlp/h2/bias', [3])]")
 
 
 @pytest.mark.parametrize("rule, message", [

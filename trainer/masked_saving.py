@@ -140,23 +140,30 @@ class _Variables:
 
 
 def _keep_paths(pending: Dict[str, Any], variables: List[keras.Variable]) -> None:
-    """Gives the variables of a loaded model the paths they were saved with, where only their paths differ.
+    """Gives the variables of a loaded model the paths they were saved with, where Keras dropped a prefix.
 
-    ``keras.saving.load_model`` can build a ``Sequential``'s layers outside its name scope (``fc/kernel``
-    for a saved ``net/fc/kernel``); the registry is keyed by path and seeds random selections by path.
+    ``keras.saving.load_model`` builds a ``Sequential``'s layers while deserializing them, outside the
+    model's name scope: a saved ``mlp/fc1/kernel`` comes back as ``fc1/kernel`` (functional models keep
+    their paths). The registry keys its state by path and seeds ``random`` selections by path, so the
+    restored one must see the saved paths. Keras has no public way to set a path (``Variable.path`` is
+    read-only, taken from the name scope when the variable is created, before this optimizer is
+    deserialized), so the path is written where ``keras.Variable`` keeps it, and only where the saved
+    path is the loaded one with a prefix before it (``with keras.name_scope("mlp"): load_model(...)``
+    restores the same paths without this).
 
     Raises:
-      ValueError: the variables are not those saved (count or shapes differ).
+      ValueError: the variables are not those saved (count, shapes, or paths other than a dropped prefix).
     """
     paths, shapes = pending.get("paths"), pending.get("shapes")
     if paths is None or [v.path for v in variables] == paths:
         return
     have = [[int(d) for d in v.shape] for v in variables]
-    if have != shapes:
+    if have != shapes or any(saved != v.path and not saved.endswith("/" + v.path)
+                             for saved, v in zip(paths, variables)):
         raise ValueError(f"MaskedOptimizer was saved for trainable variables {list(zip(paths, shapes))}, "
                          f"and is built for {[(v.path, s) for v, s in zip(variables, have)]}")
     for variable, path in zip(variables, paths):
-        variable._path = path  # keras.Variable keeps its path there (no public setter)
+        variable._path = path  # no public setter (see above)
 
 
 def pending_registry(pending: Dict[str, Any], variables: List[keras.Variable]) -> MaskRegistry:
