@@ -116,3 +116,61 @@ def test_run_in_process_returns_report(tmp_path):
     assert report["steps"] == 5
     assert report["frozen_exact"] is True
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 5
+
+
+# Experiments whose model.init_from is another run's weights.npz: the experiment that writes it, and where.
+NEEDS_A_RUN = {
+    "transformer_sft": ("transformer_task_a", "multirun/transformer/task_a"),
+    "transformer_lora": ("transformer_task_a", "multirun/transformer/task_a"),
+    "transformer_full": ("transformer_task_a", "multirun/transformer/task_a"),
+    "continual_task_b": ("continual_task_a", "multirun/continual/task_a"),
+    "continual_task_b_freeze": ("continual_task_a", "multirun/continual/task_a"),
+}
+
+
+def test_every_experiment_starting_from_another_runs_file_is_listed_above():
+    needing = {e for e in EXPERIMENTS if str(compose_cfg([f"+experiment={e}"]).model.get("init_from") or "")}
+    assert needing == set(NEEDS_A_RUN)
+
+
+@pytest.mark.parametrize("experiment", sorted(NEEDS_A_RUN))
+def test_a_missing_input_of_another_run_is_refused_naming_the_command_that_makes_it(experiment, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no multirun/ here
+    maker, where = NEEDS_A_RUN[experiment]
+    cfg = compose_cfg([f"+experiment={experiment}", "seed=3", "data=digits"])  # digits: the file is checked first
+    with pytest.raises(ValueError) as info:
+        run(cfg, run_dir=str(tmp_path / "run"))
+    assert str(info.value) == (f"model.init_from '{where}/seed3/weights.npz' does not exist; make it with: "
+                               f"python -m trainer +experiment={maker} seed=3 hydra.run.dir={where}/seed3")
+
+
+def test_another_init_from_is_not_given_the_experiments_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg(["+experiment=continual_task_b", "data=digits", "model.init_from=elsewhere/weights.npz"])
+    with pytest.raises(ValueError) as info:
+        run(cfg, run_dir=str(tmp_path / "run"))
+    assert str(info.value) == ("model.init_from 'elsewhere/weights.npz' does not exist; pass the path of a .npz "
+                               "archive saved with np.savez(path, **arrays_by_variable_path) (a run's weights.npz)")
+
+
+@pytest.mark.slow
+def test_the_named_command_makes_the_missing_file(tmp_path, mnist_dir):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TRAINER_DATA_DIR=mnist_dir, PYTHONPATH=REPO)
+    short = ["trainer.max_steps=2", "trainer.steps_per_execution=1", "trainer.jit_compile=false", "export.keras=false"]
+
+    def cli_here(args):
+        return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    refused = cli_here(["+experiment=continual_task_b", "hydra.run.dir=b", *short])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    first = refused.stderr.splitlines()[0]
+    prefix = ("Error: ValueError: model.init_from 'multirun/continual/task_a/seed0/weights.npz' does not exist; "
+              "make it with: ")
+    assert first == prefix + ("python -m trainer +experiment=continual_task_a seed=0 "
+                              "hydra.run.dir=multirun/continual/task_a/seed0")
+    made = cli_here([*first[len(prefix):].split()[3:], *short])  # the command as printed, shortened
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (tmp_path / "multirun/continual/task_a/seed0/weights.npz").is_file()
+    assert cli_here(["+experiment=continual_task_b", "hydra.run.dir=b2", *short]).returncode == 0

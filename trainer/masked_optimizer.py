@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from trainer.masked_saving import load_state, pending_registry, refusal, rule_configs, save_state
+from trainer.masked_saving import load_state, loop_refusal, pending_registry, refusal, rule_configs, save_state
 from trainer.masks import MaskRegistry
 
 __all__ = ["MaskedOptimizer"]
@@ -49,7 +49,8 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         pruning, prune-and-regrow / RigL: ``model.fit`` gives no place between steps to update masks),
         the registry samples gradients (``update="sampled"``), the inner optimizer is not a Keras
         optimizer, or a base optimizer argument (``weight_decay``, ``clipnorm``...) is given here
-        instead of to ``inner``.
+        instead of to ``inner``; when the step is traced, ``steps_per_execution > 1`` under a strategy
+        whose all-reduce is TensorFlow's collective one (:func:`trainer.masked_saving.loop_refusal`).
     """
 
     def __init__(self, inner: keras.optimizers.Optimizer, registry: Optional[MaskRegistry] = None, *,
@@ -99,6 +100,9 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
             self.built = True
         registry = self.registry
         self._check(registry)  # a rule added after compile is checked when the step is traced
+        reason = loop_refusal()
+        if reason:
+            raise ValueError(reason)
         state, _ = registry.internals()
         kept = [(g, v) for g, v in zip(grads, variables) if not state.lookup(v.path)[1]]  # frozen entirely: out
         grads, variables = [g for g, _ in kept], [v for _, v in kept]

@@ -15,10 +15,15 @@ from typing import Any, Dict, List, Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from trainer.masks import FreezeRule, MaskRegistry
 
-__all__ = ["load_state", "pending_registry", "refusal", "rule_configs", "save_state"]
+__all__ = ["load_state", "loop_refusal", "pending_registry", "refusal", "rule_configs", "save_state"]
+
+# CrossDeviceOps that reduce without TensorFlow's collective ops (no call-time instance key).
+_PLAIN_REDUCTIONS = (tf.distribute.ReductionToOneDevice, tf.distribute.HierarchicalCopyAllReduce,
+                     tf.distribute.NcclAllReduce)
 
 _KINDS = ("masks", "pins", "indices", "compact")
 
@@ -44,6 +49,47 @@ def refusal(registry: MaskRegistry) -> Optional[str]:
         return (f"MaskedOptimizer cannot run rule {rule.name!r}: {what}, and model.fit calls nothing between "
                 "steps to change masks; use trainer.Trainer, or a custom loop calling registry.update")
     return None
+
+
+def _nested_in_control_flow() -> bool:
+    """True where the graph being traced is a function called from inside another function's loop or cond.
+
+    Keras's multi-step execution (``steps_per_execution > 1``) calls its one-step ``tf.function`` inside
+    a ``tf.cond`` in a ``tf.while_loop``; one step per execution calls it directly.
+    """
+    graph = tf.compat.v1.get_default_graph()
+    while getattr(graph, "is_control_flow_graph", False):  # this function's own loops and conds
+        graph = graph.outer_graph
+    graph = getattr(graph, "outer_graph", None)
+    while graph is not None:
+        if getattr(graph, "is_control_flow_graph", False):
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def loop_refusal() -> Optional[str]:
+    """Why this step cannot run where it is being traced (one line), or ``None``; call it in the step.
+
+    TensorFlow's collective all-reduce (``MirroredStrategy``'s default cross-device ops, and
+    ``MultiWorkerMirroredStrategy``'s) feeds its instance key at call time, and that value is never fed
+    to a function called inside another function's ``tf.while_loop``: Keras's multi-step loop fails
+    then with "You must feed a value for placeholder tensor ... while/cond", with any optimizer (Keras
+    issue 19246). Reductions without collectives (``ReductionToOneDevice``...) run there.
+    """
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None
+    strategy = tf.distribute.get_strategy()
+    reduction = getattr(strategy.extended, "_cross_device_ops", None)  # no public getter
+    if strategy.num_replicas_in_sync < 2 or reduction is None or isinstance(reduction, _PLAIN_REDUCTIONS):
+        return None
+    if not _nested_in_control_flow():
+        return None
+    return (f"MaskedOptimizer cannot run under {type(strategy).__name__} with steps_per_execution > 1 and "
+            "the strategy's collective all-reduce: Keras runs these steps inside a tf.while_loop, where the "
+            "collective's instance key is never fed (this fails with any optimizer, Keras issue 19246); "
+            "create the strategy with cross_device_ops=tf.distribute.ReductionToOneDevice(), or compile "
+            "with steps_per_execution=1")
 
 
 def _plain(value: Any) -> Any:
@@ -94,23 +140,30 @@ class _Variables:
 
 
 def _keep_paths(pending: Dict[str, Any], variables: List[keras.Variable]) -> None:
-    """Gives the variables of a loaded model the paths they were saved with, where only their paths differ.
+    """Gives the variables of a loaded model the paths they were saved with, where Keras dropped a prefix.
 
-    ``keras.saving.load_model`` can build a ``Sequential``'s layers outside its name scope (``fc/kernel``
-    for a saved ``net/fc/kernel``); the registry is keyed by path and seeds random selections by path.
+    ``keras.saving.load_model`` builds a ``Sequential``'s layers while deserializing them, outside the
+    model's name scope: a saved ``mlp/fc1/kernel`` comes back as ``fc1/kernel`` (functional models keep
+    their paths). The registry keys its state by path and seeds ``random`` selections by path, so the
+    restored one must see the saved paths. Keras has no public way to set a path (``Variable.path`` is
+    read-only, taken from the name scope when the variable is created, before this optimizer is
+    deserialized), so the path is written where ``keras.Variable`` keeps it, and only where the saved
+    path is the loaded one with a prefix before it (``with keras.name_scope("mlp"): load_model(...)``
+    restores the same paths without this).
 
     Raises:
-      ValueError: the variables are not those saved (count or shapes differ).
+      ValueError: the variables are not those saved (count, shapes, or paths other than a dropped prefix).
     """
     paths, shapes = pending.get("paths"), pending.get("shapes")
     if paths is None or [v.path for v in variables] == paths:
         return
     have = [[int(d) for d in v.shape] for v in variables]
-    if have != shapes:
+    if have != shapes or any(saved != v.path and not saved.endswith("/" + v.path)
+                             for saved, v in zip(paths, variables)):
         raise ValueError(f"MaskedOptimizer was saved for trainable variables {list(zip(paths, shapes))}, "
                          f"and is built for {[(v.path, s) for v, s in zip(variables, have)]}")
     for variable, path in zip(variables, paths):
-        variable._path = path  # keras.Variable keeps its path there (no public setter)
+        variable._path = path  # no public setter (see above)
 
 
 def pending_registry(pending: Dict[str, Any], variables: List[keras.Variable]) -> MaskRegistry:

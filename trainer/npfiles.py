@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import zipfile
-from typing import Dict, List, Tuple, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import numpy as np
 
@@ -28,7 +28,7 @@ NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def check_file(path: str, what: str, error: Type[Exception] = ValueError, *, expected: str = "file",
-               max_bytes: int = MAX_BYTES) -> str:
+               max_bytes: int = MAX_BYTES, made_by: Optional[str] = None) -> str:
     """Refuses a missing, non-regular or too large file, without opening it.
 
     Args:
@@ -37,6 +37,7 @@ def check_file(path: str, what: str, error: Type[Exception] = ValueError, *, exp
       error: the exception class raised.
       expected: what to pass instead, for messages (``".npy file saved with np.save(path, array)"``).
       max_bytes: the size limit.
+      made_by: the command that writes ``path`` (another run's output), named when the file is missing.
 
     Returns:
       ``path`` as a ``str``.
@@ -49,7 +50,8 @@ def check_file(path: str, what: str, error: Type[Exception] = ValueError, *, exp
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise error(f"{what} {path!r} does not exist; pass the path of a {expected}") from None
+        fix = f"make it with: {made_by}" if made_by else f"pass the path of a {expected}"
+        raise error(f"{what} {path!r} does not exist; {fix}") from None
     except OSError as err:
         raise error(f"{what} {path!r} cannot be read: {err.strerror}") from None
     if stat.S_ISDIR(info.st_mode):
@@ -142,6 +144,7 @@ class NpzReader:
       error: the exception class raised.
       expected: what to pass instead, for messages.
       max_bytes: the limit for the file and for each array.
+      made_by: the command that writes the archive (see :func:`check_file`).
 
     Raises:
       error: see :func:`check_file`, or the file is not a zip archive.
@@ -150,8 +153,8 @@ class NpzReader:
     def __init__(self, path: str, what: str, error: Type[Exception] = ValueError, *,
                  expected: str = ".npz archive saved with np.savez(path, **arrays_by_variable_path) "
                                  "(a run's weights.npz)",
-                 max_bytes: int = MAX_BYTES):
-        self.path = check_file(path, what, error, expected=expected, max_bytes=max_bytes)
+                 max_bytes: int = MAX_BYTES, made_by: Optional[str] = None):
+        self.path = check_file(path, what, error, expected=expected, max_bytes=max_bytes, made_by=made_by)
         self.what, self.error, self.expected, self.max_bytes = what, error, expected, max_bytes
         kind = _kind(self.path)
         if kind != "npz":

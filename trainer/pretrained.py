@@ -8,17 +8,30 @@ matching the path or a trailing sub-path).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import os
+from typing import List, Optional, Sequence
 
 import keras
 
 from trainer.masks.variables import path_matches
 from trainer.npfiles import NpzReader, check_values
 
-__all__ = ["load_initial_weights"]
+__all__ = ["load_initial_weights", "made_by_for"]
 
 
-def load_initial_weights(model: keras.Model, path: str, exclude: Sequence[str], partial: bool = False) -> List[str]:
+def made_by_for(path: str, command: Optional[str]) -> Optional[str]:
+    """``command`` when it writes ``path``: it runs into the file's directory (``hydra.run.dir=<dir>``).
+
+    An experiment names the run that makes its default ``model.init_from`` (``model.init_from_made_by``);
+    after ``model.init_from=<another file>`` that command would make another file, and is not named.
+    """
+    if not command:
+        return None
+    return command if f"hydra.run.dir={os.path.dirname(os.fspath(path))}" in command.split() else None
+
+
+def load_initial_weights(model: keras.Model, path: str, exclude: Sequence[str], partial: bool = False,
+                         made_by: Optional[str] = None) -> List[str]:
     """Assigns values from a ``weights.npz`` (arrays keyed by variable path) to matching variables.
 
     Variables matching an ``exclude`` pattern are left at their initialization
@@ -36,19 +49,22 @@ def load_initial_weights(model: keras.Model, path: str, exclude: Sequence[str], 
         (``model.init_exclude``).
       partial: allow variables that the file lacks to keep their random
         initialization (``model.init_from_partial``).
+      made_by: the command that writes ``path`` (``model.init_from_made_by``, e.g.
+        ``"python -m trainer +experiment=transformer_task_a seed=0 hydra.run.dir=multirun/transformer/task_a/seed0"``):
+        a missing file is refused naming it (:func:`made_by_for`).
 
     Returns:
       The variable paths loaded, in model order.
 
     Raises:
-      ValueError: one line naming the file and the problem: not a regular
-        ``.npz`` file, a shape, dtype or value that does not fit, variables the
+      ValueError: one line naming the file and the problem: missing (with the
+        command that makes it, where ``made_by`` writes it), not a regular ``.npz`` file, a shape, dtype or value that does not fit, variables the
         file lacks (without ``partial``), or none of the model's variables.
     """
     where = f"model.init_from {str(path)!r}"
     wanted = [v for v in model.variables if not any(path_matches(p, v.path) for p in exclude)]
     values = {}
-    with NpzReader(path, "model.init_from") as data:
+    with NpzReader(path, "model.init_from", made_by=made_by_for(path, made_by)) as data:
         for v in wanted:
             if v.path not in data.files:
                 continue

@@ -109,8 +109,8 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
     return splits
 
 
-MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial", "lora_rank", "lora_layers",
-                  "lora_alpha")
+MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial", "init_from_made_by",
+                  "lora_rank", "lora_layers", "lora_alpha")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -186,7 +186,8 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
         keras.utils.set_random_seed(int(cfg.seed))
         if model_cfg.get("init_from"):
             loaded = load_initial_weights(model, str(model_cfg["init_from"]), model_cfg.get("init_exclude") or [],
-                                          partial=bool(model_cfg.get("init_from_partial")))
+                                          partial=bool(model_cfg.get("init_from_partial")),
+                                          made_by=model_cfg.get("init_from_made_by"))
             log.info("initialized %d variables from %s", len(loaded), model_cfg["init_from"])
         if model_cfg.get("lora_rank"):
             enabled = enable_lora(model, rank=model_cfg["lora_rank"], layers=model_cfg.get("lora_layers"),
