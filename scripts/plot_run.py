@@ -108,14 +108,17 @@ def read_hparams(acc: Optional[ea.EventAccumulator]) -> Dict[str, object]:
 def read_run(run_dir: str) -> Dict[str, object]:
     """``{"dir", "scalars": {writer: {tag: (steps, values)}}, "hparams": {...}}`` of one run.
 
-    ``writer`` is ``train`` or ``validation``; the hyperparameters come from ``tb/hparams``.
+    ``writer`` is ``train`` or ``validation``; the hyperparameters come from the session record in
+    ``tb/validation`` (``tb/hparams`` in runs of earlier versions).
     """
     tb = os.path.join(run_dir, "tb")
     scalars = {}
     for writer in WRITERS:
         acc = _accumulator(os.path.join(tb, writer))
         scalars[writer] = read_scalars(acc) if acc is not None else {}
-    return {"dir": run_dir, "scalars": scalars, "hparams": read_hparams(_accumulator(os.path.join(tb, "hparams")))}
+    hparams = read_hparams(_accumulator(os.path.join(tb, "validation"))) or read_hparams(
+        _accumulator(os.path.join(tb, "hparams")))
+    return {"dir": run_dir, "scalars": scalars, "hparams": hparams}
 
 
 def _fmt(value: object) -> str:

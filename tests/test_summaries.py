@@ -48,7 +48,7 @@ def scalars(acc, tag):
 
 
 def session_hparams(hparams_dir):
-    """``({name: value}, {final scalar tag: value})`` of a run's ``tb/hparams``."""
+    """``({name: value}, {final scalar tag: value})`` of the run directory holding the session record."""
     acc = load(hparams_dir)
     content = acc.PluginTagToContent("hparams")
     assert hparams_metadata.EXPERIMENT_TAG not in content  # TensorBoard builds the table from the sessions
@@ -156,13 +156,12 @@ def test_texts_hold_config_and_freeze_plan(train_events):
 
 
 def test_single_run_writes_fixed_hparams_and_final_metrics(digits_run, validation_events):
-    values, final = session_hparams(digits_run[0] / "tb" / "hparams")
+    assert sorted(os.listdir(digits_run[0] / "tb")) == ["train", "validation"]  # no third run in the legend
+    values, final = session_hparams(digits_run[0] / "tb" / "validation")
     assert values["seed"] == 0 and values["optimizer.name"] == "adam" and values["data.name"] == "digits"
     assert "log.summary_every_n_steps" not in values  # log.* overrides do not change results
-    assert sorted(final) == ["model/sparsity", "test/accuracy", "test/loss", "train/accuracy", "train/loss",
-                             "validation/accuracy", "validation/loss"]
-    assert final["test/accuracy"] == scalars(validation_events, "test/accuracy")[-1][1]
-    assert final["validation/accuracy"] == scalars(validation_events, "accuracy")[-1][1]
+    assert sorted(final) == ["accuracy", "loss", "model/sparsity", "test/accuracy", "test/loss"]
+    assert [s for s, _ in scalars(validation_events, "model/sparsity")] == [30]  # one value, at the end
     assert 0.85 < final["model/sparsity"] < 0.9
 
 
@@ -189,10 +188,10 @@ def test_multirun_jobs_write_their_own_hparams(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for num, sparsity in (("0", 0.5), ("1", 0.8)):
         (job,) = sweep.glob(f"{num}_*")  # job folders are named by their overrides
-        values, final = session_hparams(job / "tb" / "hparams")
+        values, final = session_hparams(job / "tb" / "validation")
         assert values["freeze.rules.sparse.elements.random"] == sparsity
         assert values["trainer.max_steps"] == 3 and values["freeze"] == "random_90"
-        assert final["test/accuracy"] == scalars(load(job / "tb" / "validation"), "test/accuracy")[-1][1]
+        assert final["test/accuracy"] > 0 and 0 < final["model/sparsity"] <= sparsity
 
 
 def test_mask_image_reshapes_conv_kernels():

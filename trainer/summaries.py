@@ -22,14 +22,14 @@ Layout of a run's ``tb/`` directory (one TensorBoard run per writer):
   (:mod:`trainer.tb_layout`).
 - ``tb/validation``: ``loss`` and every metric after each epoch, and the final
   ``test/<metric>``.
-- ``tb/hparams``: the HParams plugin's session record (the run's
-  hyperparameters) and, at the end, the few final values the HParams table
-  shows as metrics: ``test/<metric>``, ``validation/<metric>`` (last epoch),
-  ``train/<metric>`` (last step) and ``model/sparsity``. No experiment record
-  is written: TensorBoard then builds the table from every session under its
+- The HParams plugin's session record (the run's hyperparameters) goes into
+  ``tb/validation`` too, with ``model/sparsity`` at the last step, so there is
+  no third run in the Scalars legend. The HParams table shows the last value
+  of each of that run's scalars: the last epoch's validation metrics, the
+  final ``test/<metric>`` and ``model/sparsity``. No experiment record is
+  written: TensorBoard then builds the table from every session under its
   logdir (typed columns, differing hyperparameters first), so the jobs of a
-  Hydra multirun, each in its own directory, compare in one table, and its
-  metric columns are only these final values, not every scalar of the run.
+  Hydra multirun, each in its own directory, compare in one table.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ __all__ = ["FreezeSummaries", "Profile", "TensorBoard", "current_learning_rate",
 
 log = logging.getLogger("trainer")
 
-TRAIN, VALIDATION, HPARAMS = "train", "validation", "hparams"
+TRAIN, VALIDATION = "train", "validation"
 
 
 def mask_image(trainable: np.ndarray) -> np.ndarray:
@@ -138,8 +138,8 @@ class FreezeSummaries(Callback):
       texts: ``{tag: markdown}`` written once at the first step (e.g. the
         config as YAML, the freeze plan as a Markdown table).
       hparams: ``{name: bool | int | float | str}`` for the HParams plugin
-        (other values are written as ``str``), in ``tb/hparams`` with the
-        final metrics (see the module docstring); ``None`` writes no hparams.
+        (other values are written as ``str``), in ``tb/validation`` (see the
+        module docstring); ``None`` writes no hparams.
       gradient_batch: a fixed ``(x, y)`` batch on which the masked gradients
         are computed (eagerly, with :meth:`Trainer.masked_gradients`) for the
         ``gradients/<path>`` histograms; ``None`` writes no gradient histograms.
@@ -157,8 +157,6 @@ class FreezeSummaries(Callback):
         self.gradient_batch = gradient_batch
         self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, TRAIN))
         self.val_writer = tf.summary.create_file_writer(os.path.join(logdir, VALIDATION))
-        self.hparams_writer = None if hparams is None else tf.summary.create_file_writer(os.path.join(logdir, HPARAMS))
-        self._final: Dict[str, float] = {}
         self.throughput = Throughput()
         self._mask_version: Optional[int] = None
         self._scalars_at: Optional[int] = None
@@ -233,10 +231,10 @@ class FreezeSummaries(Callback):
                     tf.summary.histogram(f"gradients/{v.path}", np.asarray(grads[v.path].numpy())[trainable])
 
     def write_hparams(self, state) -> None:
-        """This run's HParams session record (its hyperparameters) in ``tb/hparams``."""
-        with self.hparams_writer.as_default(step=state.step):
+        """This run's HParams session record (its hyperparameters) in ``tb/validation``."""
+        with self.val_writer.as_default(step=state.step):
             hp.hparams(self.hparams)
-        self.hparams_writer.flush()
+        self.val_writer.flush()
 
     # ------------------------------------------------------------------- hooks
     def on_train_begin(self, state) -> None:
@@ -244,7 +242,7 @@ class FreezeSummaries(Callback):
         with self.train_writer.as_default(step=step):
             for tag, text in self.texts.items():
                 tf.summary.text(tag, text)
-        if self.hparams_writer is not None:
+        if self.hparams is not None:
             self.write_hparams(state)
         write_layout(self.train_writer, state.registry.covered_paths())  # Custom Scalars: the freezing view first
         self.write_masks(state, step, force=True)
@@ -274,7 +272,6 @@ class FreezeSummaries(Callback):
             for name, value in logs.items():
                 if name.startswith("val_"):
                     tf.summary.scalar(name[4:], value)
-                    self._final[f"validation/{name[4:]}"] = float(value)
         self.val_writer.flush()
         self.throughput.resume()
 
@@ -283,33 +280,23 @@ class FreezeSummaries(Callback):
             self.write_scalars(state, step, logs)
         if self._histograms_at != step:
             self.write_histograms(state, step)
-        self._final.update({f"train/{k}": float(v) for k, v in logs.items() if not k.startswith(("val_", "test_"))})
-        self._final["model/sparsity"] = model_stats(state.registry)["sparsity"]
+        if self.hparams is not None:  # a final value for the HParams table
+            with self.val_writer.as_default(step=step):
+                tf.summary.scalar("model/sparsity", model_stats(state.registry)["sparsity"])
         self.train_writer.flush()
         self.val_writer.flush()
 
     def write_test(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Writes the final test metrics as ``test/<name>`` in the validation writer.
-
-        With hparams, also the HParams table's final values in ``tb/hparams``
-        (``test/<name>``, and the last validation and train values).
-        """
+        """Writes the final test metrics as ``test/<name>`` in the validation writer (an HParams table column)."""
         with self.val_writer.as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.scalar(f"test/{name}", value)
         self.val_writer.flush()
-        if self.hparams_writer is not None:
-            final = {**self._final, **{f"test/{k}": float(v) for k, v in metrics.items()}}
-            with self.hparams_writer.as_default(step=step):
-                for name, value in sorted(final.items()):
-                    tf.summary.scalar(name, value)
-            self.hparams_writer.flush()
 
     def close(self) -> None:
         """Flushes and closes the summary writers (call once, at the end of the run)."""
-        for writer in (self.train_writer, self.val_writer, self.hparams_writer):
-            if writer is not None:
-                writer.close()
+        for writer in (self.train_writer, self.val_writer):
+            writer.close()
 
 
 TensorBoard = FreezeSummaries  # the former name (this project's hooks, not Keras's): kept for existing code
