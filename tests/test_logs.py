@@ -39,10 +39,11 @@ def test_a_run_starts_quietly_with_a_banner(tmp_path):
 
 @pytest.mark.slow
 def test_a_user_error_is_one_line_and_a_hint(tmp_path):
-    args = [f"hydra.run.dir={tmp_path}", "+experiment=sparse_mlp", "data=digits",
+    args = [f"hydra.run.dir={tmp_path / 'new' / 'run'}", "+experiment=sparse_mlp", "data=digits",
             "freeze.rules.sparse.elements.random=1.5"]
     proc = cli(args)
     assert proc.returncode == 2
+    assert not (tmp_path / "new").exists()  # refused inside the run: the directories Hydra made are removed
     assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-2:] == [
         "Error: FreezeConfigError: rule 'sparse': elements.random must be a fraction in [0, 1], got 1.5",
