@@ -39,6 +39,7 @@ class TrainerConfig:
     deterministic: bool = False
     nan_policy: str = "stop"
     mixed_precision: Optional[str] = None
+    remat: bool = False  # recompute each transformer block's activations in the backward (trainer/remat.py)
 
 
 @dataclasses.dataclass
@@ -139,7 +140,7 @@ def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
+EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy", "val_perplexity", "perplexity")
 
 
 class ConfigError(ValueError):
