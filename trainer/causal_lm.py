@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import keras
 
-__all__ = ["ARCHITECTURES", "PresetError", "backbone_of", "causal_lm", "load_backbone"]
+__all__ = ["ARCHITECTURES", "PresetError", "backbone_of", "causal_lm", "check_preset", "load_backbone"]
 
 log = logging.getLogger("trainer")
 
@@ -34,6 +34,18 @@ ARCHITECTURES = {"llama": "LlamaBackbone", "gemma": "GemmaBackbone", "mistral": 
 
 class PresetError(ValueError):
     """``model.preset`` is not a local preset directory (presets are never downloaded)."""
+
+
+def check_preset(preset: Optional[str]) -> None:
+    """Refuses a ``model.preset`` that is not a local preset directory (also run by :func:`trainer.config.check_config`).
+
+    Raises:
+      PresetError: ``preset`` is set but is not a directory holding ``config.json`` (a preset *name* such as
+        ``llama2_7b_en`` would need a download).
+    """
+    if preset is not None and not os.path.isfile(os.path.join(os.path.expanduser(str(preset)), "config.json")):
+        raise PresetError(f"model.preset={preset!r} is not a local directory; presets cannot be downloaded here: "
+                          "pass the path of a preset directory (saved with save_to_preset(dir), holding config.json)")
 
 
 def load_backbone(architecture: str, preset: Optional[str], vocabulary_size: int,
@@ -57,11 +69,8 @@ def load_backbone(architecture: str, preset: Optional[str], vocabulary_size: int
     import keras_hub
 
     if preset is not None:
+        check_preset(preset)
         directory = os.path.expanduser(str(preset))
-        if not os.path.isfile(os.path.join(directory, "config.json")):
-            raise PresetError(f"model.preset={preset!r} is not a local directory; presets cannot be downloaded "
-                              "here: pass the path of a preset directory (saved with save_to_preset(dir), "
-                              "holding config.json)")
         if backbone:
             log.info("model.preset=%s: the architecture comes from its config.json; model.backbone (%s) is not used",
                      preset, ", ".join(sorted(backbone)))

@@ -35,7 +35,7 @@ import numpy as np
 
 from trainer.data import DataError, Splits
 
-__all__ = ["STDLIB_SKIP", "TextDataError", "TextSplits", "corpus_files", "load_text", "objectives",
+__all__ = ["STDLIB_SKIP", "TextDataError", "TextSplits", "check_text_options", "corpus_files", "load_text", "objectives",
            "text_tokenizer", "windows"]
 
 STDLIB_SKIP = ("site-packages/*", "dist-packages/*")  # third-party code is not the standard library
@@ -120,12 +120,8 @@ def text_tokenizer(preset: Optional[str]):
 
     if preset is None:
         return keras_hub.tokenizers.ByteTokenizer(), 256, 0
-    directory = os.path.expanduser(str(preset))
-    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        raise TextDataError(f"data.tokenizer={preset!r} is not a local tokenizer preset directory; presets cannot "
-                            "be downloaded here: pass the path of a directory saved with "
-                            "tokenizer.save_to_preset(dir) (holding tokenizer.json), or null for bytes")
-    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(directory)
+    check_text_options(tokenizer=preset)
+    tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(os.path.expanduser(str(preset)))
     pad = getattr(tokenizer, "pad_token_id", None)
     return tokenizer, int(tokenizer.vocabulary_size()), int(pad) if pad is not None else 0
 
@@ -152,25 +148,23 @@ def _stack(parts: List[Tuple[np.ndarray, np.ndarray]], length: int) -> Tuple[np.
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def load_text(path: Optional[str] = None, *, include: Sequence[str] = ("*.py",), exclude: Sequence[str] = (),
-              sequence_length: int = 128, max_bytes: Optional[int] = 2_000_000, validation_fraction: float = 0.1,
-              test_fraction: float = 0.1, tokenizer: Optional[str] = None) -> TextSplits:
-    """Reads, tokenizes and splits a text corpus into next-token sequences (see the module doc).
-
-    Args:
-      path: a text file, a directory, or ``None`` (the standard library's sources).
-      include, exclude: globs over relative paths (:func:`corpus_files`).
-      sequence_length: tokens per sequence ``L``, at least 2.
-      max_bytes: stop reading once this many bytes are read (``None``: every file).
-      validation_fraction, test_fraction: the shares of files (or windows) held out, each in [0, 1), sum < 1.
-      tokenizer: a tokenizer preset directory, or ``None`` for keras-hub's ``ByteTokenizer``.
-
-    Returns:
-      :class:`TextSplits`: int32 ``(N, L)`` inputs and labels per split, ``num_classes`` the vocabulary.
+def check_text_options(*, path: Optional[str] = None, sequence_length: int = 128, max_bytes: Optional[int] = None,
+                       validation_fraction: float = 0.1, test_fraction: float = 0.1, tokenizer: Optional[str] = None,
+                       **_) -> None:
+    """Checks ``data=text`` values without reading the corpus (also run by :func:`trainer.config.check_config`).
 
     Raises:
-      TextDataError: a bad value (named, with what is allowed), no file, or no training sequence.
+      TextDataError: one line naming the bad value and what is allowed: a ``path`` that is neither a file nor a
+        directory, a ``tokenizer`` that is not a local preset directory, a length, cap or fraction out of range.
     """
+    if path is not None and not os.path.exists(os.path.expanduser(str(path))):
+        raise TextDataError(f"data.path={path!r} is neither a file nor a directory; pass a text file, a directory "
+                            "of text files, or null for the standard library's sources")
+    if tokenizer is not None and not os.path.isfile(os.path.join(os.path.expanduser(str(tokenizer)),
+                                                                 "tokenizer.json")):
+        raise TextDataError(f"data.tokenizer={tokenizer!r} is not a local tokenizer preset directory; presets cannot "
+                            "be downloaded here: pass the path of a directory saved with "
+                            "tokenizer.save_to_preset(dir) (holding tokenizer.json), or null for bytes")
     if not isinstance(sequence_length, int) or sequence_length < 2:
         raise TextDataError(f"data.sequence_length must be an integer >= 2, got {sequence_length!r}")
     if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
@@ -181,12 +175,36 @@ def load_text(path: Optional[str] = None, *, include: Sequence[str] = ("*.py",),
     if validation_fraction + test_fraction >= 1:
         raise TextDataError(f"data.validation_fraction + data.test_fraction must be < 1, got "
                             f"{validation_fraction} + {test_fraction}")
+
+
+def load_text(path: Optional[str] = None, *, include: Sequence[str] = ("*.py",), exclude: Sequence[str] = (),
+              sequence_length: int = 128, max_bytes: Optional[int] = 2_000_000, validation_fraction: float = 0.1,
+              test_fraction: float = 0.1, tokenizer: Optional[str] = None) -> TextSplits:
+    """Reads, tokenizes and splits a text corpus into next-token sequences (see the module doc).
+
+    Args:
+      path: a text file, a directory, or ``None`` (the standard library's sources).
+      include, exclude: globs over relative paths (:func:`corpus_files`).
+      sequence_length: tokens per sequence ``L``, at least 2.
+      max_bytes: read at most this many characters, the last file cut there (``None``: every file).
+      validation_fraction, test_fraction: the shares of files (or windows) held out, each in [0, 1), sum < 1.
+      tokenizer: a tokenizer preset directory, or ``None`` for keras-hub's ``ByteTokenizer``.
+
+    Returns:
+      :class:`TextSplits`: int32 ``(N, L)`` inputs and labels per split, ``num_classes`` the vocabulary.
+
+    Raises:
+      TextDataError: a bad value (named, with what is allowed), no file, or no training sequence.
+    """
+    check_text_options(path=path, sequence_length=sequence_length, max_bytes=max_bytes,
+                       validation_fraction=validation_fraction, test_fraction=test_fraction, tokenizer=tokenizer)
     tok, vocabulary, pad_id = text_tokenizer(tokenizer)
     root, names = corpus_files(path, include, exclude)
     texts, read = [], 0
     for rel in names:
         with open(os.path.join(root, rel), "rb") as f:
-            texts.append((rel, f.read().decode("utf-8", errors="replace").replace("\0", "")))
+            text = f.read().decode("utf-8", errors="replace").replace("\0", "")
+        texts.append((rel, text if max_bytes is None else text[:max_bytes - read]))  # the last file is cut at the cap
         read += len(texts[-1][1])
         if max_bytes is not None and read >= max_bytes:
             break
