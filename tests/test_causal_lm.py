@@ -25,7 +25,8 @@ from trainer.text_data import load_text, windows
 register()
 
 TINY = ["data=text", "model=causal_lm", "model.backbone.num_layers=2", "model.backbone.hidden_dim=16",
-        "model.backbone.intermediate_dim=32", "model.backbone.num_query_heads=2", "model.backbone.num_key_value_heads=1",
+        "model.backbone.intermediate_dim=32", "model.backbone.num_query_heads=2",
+        "model.backbone.num_key_value_heads=1",
         "data.sequence_length=16", "data.max_bytes=12000", "trainer.batch_size=16", "trainer.eval_batch_size=128",
         "export.keras=false"]
 TINY_ARGS = dict(num_layers=2, hidden_dim=16, intermediate_dim=32, num_query_heads=2, num_key_value_heads=1)
@@ -65,7 +66,7 @@ def test_preset_name_is_refused_before_anything_is_built():
     assert str(info.value) == PRESET_REFUSAL
 
 
-def test_local_preset_directory_round_trip(tmp_path, text_file):
+def test_local_preset_directory_round_trip_and_model_keras(tmp_path, text_file):
     import keras_hub
 
     keras.backend.clear_session()
@@ -78,6 +79,11 @@ def test_local_preset_directory_round_trip(tmp_path, text_file):
     assert sorted(loaded) == sorted(v.path for v in saved.variables)
     for v in saved.variables:
         np.testing.assert_array_equal(loaded[v.path], v.numpy())
+    apply_remat(model)  # remat changes no weight, path or file: model.keras loads back with plain Keras
+    model.save(tmp_path / "model.keras")
+    again = keras.saving.load_model(tmp_path / "model.keras", compile=False)
+    tokens = np.arange(1, 33, dtype=np.int32).reshape(2, 16)
+    np.testing.assert_array_equal(again(tokens).numpy(), model(tokens).numpy())
 
 
 def test_text_file_becomes_shifted_right_padded_sequences(text_file):
@@ -96,8 +102,8 @@ def bits(a):
 
 
 def test_sparse_finetune_on_stdlib_sources_lowers_loss_keeps_frozen_bits_and_reports_perplexity(tmp_path):
-    overrides = TINY + ["sft.method=random", "sft.k=0.005", "optimizer.learning_rate=0.05", "trainer.epochs=3",
-                        "log.summary_every_n_steps=5"]
+    overrides = TINY + ["sft.method=random", "sft.k=0.005", "optimizer.learning_rate=0.05", "trainer.epochs=2",
+                        "data.max_bytes=8000", "log.summary_every_n_steps=10"]
     keras.backend.clear_session()
     _, model, _, _ = build(compose_cfg(overrides))
     export_weights(model, str(tmp_path / "init.npz"))  # the starting point the fine-tune reads back

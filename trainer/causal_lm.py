@@ -5,9 +5,11 @@ constructor arguments (``architecture`` names its class in
 :data:`ARCHITECTURES`) or loaded from a local preset directory with
 ``keras_hub.models.Backbone.from_preset(<dir>)`` (a directory written by
 ``backbone.save_to_preset(dir)``, holding ``config.json``; nothing is
-downloaded). The head is the backbone's own reverse token embedding
-(``backbone.token_embedding(h, reverse=True)``, as keras-hub's ``CausalLM``
-tasks compute their logits), so every variable path is keras-hub's:
+downloaded). The head is keras-hub's own ``CausalLM`` task of that backbone
+(``LlamaCausalLM``, ``GemmaCausalLM``..., no preprocessor), whose logits are
+the backbone's reverse token embedding (``backbone.token_embedding(h,
+reverse=True)``); the Functional model around it takes the token ids alone,
+and ``model.keras`` loads back with plain Keras. Every variable path is keras-hub's:
 ``token_embedding/embeddings``, ``transformer_layer_0/self_attention/query/kernel``
 (Llama), ``decoder_block_0/attention/query/kernel`` (Gemma).
 
@@ -37,7 +39,7 @@ class PresetError(ValueError):
 
 
 def check_preset(preset: Optional[str]) -> None:
-    """Refuses a ``model.preset`` that is not a local preset directory (also run by :func:`trainer.config.check_config`).
+    """Refuses a ``model.preset`` that is not a local preset directory (also run by ``check_config``).
 
     Raises:
       PresetError: ``preset`` is set but is not a directory holding ``config.json`` (a preset *name* such as
@@ -108,7 +110,7 @@ def causal_lm(input_shape: Tuple[int, ...], num_classes: int, *, architecture: s
 
     Returns:
       A Functional ``keras.Model``: int32 ``(batch, L)`` -> logits ``(batch, L, vocabulary)`` in the backbone's
-      dtype (float32 unless ``backbone.dtype`` says otherwise).
+      dtype (float32 unless ``backbone.dtype`` says otherwise), around the keras-hub ``CausalLM`` task.
 
     Raises:
       PresetError, ValueError: from :func:`load_backbone`; ``input_shape`` that is not ``(L,)``.
@@ -116,14 +118,20 @@ def causal_lm(input_shape: Tuple[int, ...], num_classes: int, *, architecture: s
     if len(tuple(input_shape)) != 1:
         raise ValueError(f"model=causal_lm takes token sequences (L,), got inputs of shape {tuple(input_shape)}; "
                          "use data=text")
+    import keras_hub
+
     decoder = load_backbone(architecture, preset, int(num_classes), backbone)
+    task = getattr(keras_hub.models, type(decoder).__name__.replace("Backbone", "CausalLM"), None)
+    if task is None:
+        raise ValueError(f"model.preset={preset!r} holds a {type(decoder).__name__}, which has no keras-hub CausalLM "
+                         f"task; known architectures: {sorted(ARCHITECTURES)}")
+    lm = task(backbone=decoder, preprocessor=None)  # its logits: decoder.token_embedding(h, reverse=True)
     tokens = keras.Input(tuple(input_shape), dtype="int32", name="token_ids")
-    hidden = decoder({"token_ids": tokens, "padding_mask": keras.ops.ones_like(tokens)})
-    return keras.Model(tokens, decoder.token_embedding(hidden, reverse=True), name=name)
+    return keras.Model(tokens, lm({"token_ids": tokens, "padding_mask": keras.ops.ones_like(tokens)}), name=name)
 
 
 def backbone_of(model: keras.Model):
-    """The keras-hub backbone inside ``model`` (a layer with ``transformer_layers``), or ``None``."""
+    """The keras-hub backbone in ``model`` (the layer with ``transformer_layers``, ``token_embedding``) or None."""
     for layer in model._flatten_layers(include_self=True):
         if hasattr(layer, "transformer_layers") and hasattr(layer, "token_embedding"):
             return layer

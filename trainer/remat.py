@@ -31,7 +31,7 @@ class RematError(ValueError):
 
 
 def transformer_blocks(model: keras.Model) -> List[keras.layers.Layer]:
-    """The blocks :func:`apply_remat` wraps: ``transformer_layers`` of the keras-hub backbone in ``model`` (or ``[]``)."""
+    """The blocks :func:`apply_remat` wraps: the keras-hub backbone's ``transformer_layers`` (``[]`` without one)."""
     backbone = backbone_of(model)
     return list(backbone.transformer_layers) if backbone is not None else []
 

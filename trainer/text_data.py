@@ -1,4 +1,4 @@
-"""Text corpora for causal language models: files -> tokens -> fixed-length next-token sequences. Knows nothing of masks.
+"""Text corpora for causal language models: files -> tokens -> fixed-length next-token sequences (no masks here).
 
 The default corpus is the Python standard library's own ``.py`` sources
 (``sysconfig.get_paths()["stdlib"]``, without ``site-packages``), present on
@@ -35,8 +35,8 @@ import numpy as np
 
 from trainer.data import DataError, Splits
 
-__all__ = ["STDLIB_SKIP", "TextDataError", "TextSplits", "check_text_options", "corpus_files", "load_text", "objectives",
-           "text_tokenizer", "windows"]
+__all__ = ["STDLIB_SKIP", "TextDataError", "TextSplits", "check_text_options", "corpus_files", "load_text",
+           "objectives", "text_tokenizer", "windows"]
 
 STDLIB_SKIP = ("site-packages/*", "dist-packages/*")  # third-party code is not the standard library
 MIN_FILES_TO_SPLIT_BY_FILE = 10
