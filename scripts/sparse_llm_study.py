@@ -123,22 +123,34 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[Dict[str, Any]], path: str) -> None:
-    """Validation perplexity per method (mean, sd error bars, each seed a dot); the pretrained model as a line."""
+def plot(series: Dict[str, Sequence[Dict[str, Any]]], path: str) -> None:
+    """Validation perplexity per method: each seed a dot, the mean with its sd as a bar; the pretrained model a line.
+
+    Args:
+      series: ``{label: rows}``, one study's rows per label (e.g. one per learning rate), drawn side by side.
+      path: the PNG to write.
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    for i, method in enumerate(methods):
-        values = [r["val_perplexity"] for r in rows if r["method"] == method]
-        ax.bar(i, np.mean(values), yerr=np.std(values, ddof=1) if len(values) > 1 else 0, color="#8fb3d9",
-               capsize=4)
-        ax.plot([i] * len(values), values, "k.", ms=4)
-    base = next(r for r in rows if r["method"] == "pretrained")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    methods = [m for m in METHODS if any(r["method"] == m for rows in series.values() for r in rows)]
+    width = 0.7 / max(len(series), 1)
+    for k, (label, rows) in enumerate(series.items()):
+        for i, method in enumerate(methods):
+            values = [r["val_perplexity"] for r in rows if r["method"] == method]
+            if not values:
+                continue
+            x = i - 0.35 + width * (k + 0.5)
+            ax.plot([x] * len(values), values, ".", color=f"C{k}", ms=4, alpha=0.6)
+            ax.errorbar(x, np.mean(values), yerr=np.std(values, ddof=1) if len(values) > 1 else 0, fmt="o",
+                        color=f"C{k}", capsize=4, label=label if i == 0 or not k else None)
+    base = next(r for rows in series.values() for r in rows if r["method"] == "pretrained")
     ax.axhline(base["val_perplexity"], color="#c44", ls="--", label="pretrained (no fine-tune)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), loc="upper right", fontsize=8)
     ax.set_xticks(range(len(methods)), methods)
-    ax.set_ylabel("validation perplexity (bytes)")
-    ax.set_title(f"fine-tuning a {base['elements'] / 1e6:.1f}M Llama on stdlib tests; sparse at 0.5 %")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylabel("validation perplexity (byte tokens)")
+    ax.set_title(f"fine-tuning a {base['elements'] / 1e6:.1f}M Llama on stdlib tests; sparse at 0.5 %", fontsize=10)
     save_figure(fig, path)
 
 
@@ -150,12 +162,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--table", help="also write the Markdown table here")
     parser.add_argument("--plot", help="write the PNG plot here")
     parser.add_argument("--json", help="write every row (and the study's wall time) here")
+    parser.add_argument("--label", default="this study", help="this study's name in the plot's legend")
+    parser.add_argument("--plot-with", nargs="*", default=[], metavar="LABEL=JSON",
+                        help="also plot the rows of other studies (their --json files)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run (e.g. trainer.batch_size=8)")
     args = parser.parse_args(argv)
     rows = study(os.path.abspath(args.out), args.seeds, args.methods, args.overrides)
     emit_table(table(rows), args.table)
     if args.plot:
-        plot(rows, args.plot)
+        series = {args.label: rows}
+        for item in args.plot_with:
+            label, _, path = item.partition("=")
+            with open(path) as f:
+                series[label] = json.load(f)
+        plot(series, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
