@@ -151,6 +151,6 @@ def test_remat_gives_the_same_gradients_and_refuses_a_model_without_blocks():
         np.testing.assert_allclose(recomputed, plain, rtol=1e-6, atol=1e-9)
     with pytest.raises(RematError) as info:
         apply_remat(mlp((8,), 3))
-    assert str(info.value) == ("trainer.remat=true: model 'lenet' has no transformer blocks to recompute (it holds no "
-                               "keras-hub backbone with transformer_layers); use model=causal_lm or set "
-                               "trainer.remat=false")
+    assert str(info.value) == ("trainer.remat=true: model 'lenet' has no transformer blocks to recompute (no keras-hub "
+                               "backbone transformer_layers found); use model=causal_lm with at least one layer, or "
+                               "set trainer.remat=false")

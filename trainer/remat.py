@@ -54,13 +54,13 @@ def apply_remat(model: keras.Model) -> List[str]:
       The wrapped blocks' layer paths (``transformer_layer_0``, ...).
 
     Raises:
-      RematError: the model has no keras-hub backbone with ``transformer_layers``.
+      RematError: the model has no keras-hub backbone with ``transformer_layers``, or none in it.
     """
     blocks = transformer_blocks(model)
     if not blocks:
-        raise RematError(f"trainer.remat=true: model {model.name!r} has no transformer blocks to recompute (it "
-                         "holds no keras-hub backbone with transformer_layers); use model=causal_lm or set "
-                         "trainer.remat=false")
+        raise RematError(f"trainer.remat=true: model {model.name!r} has no transformer blocks to recompute (no "
+                         "keras-hub backbone transformer_layers found); use model=causal_lm with at least one "
+                         "layer, or set trainer.remat=false")
     for block in blocks:
         if not hasattr(block.call, "remat_of"):
             block.call = _recomputed(block.call)
