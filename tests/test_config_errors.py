@@ -12,14 +12,16 @@ from trainer.config import ConfigError
 from trainer.logs import error_lines
 
 TRAINER_KEYS = ("epochs, max_steps, batch_size, eval_batch_size, steps_per_execution, jit_compile, log_every_n_steps, "
-                "checkpoint_every_n_steps, keep_checkpoints, deterministic, nan_policy, mixed_precision")
+                "checkpoint_every_n_steps, keep_checkpoints, deterministic, nan_policy, mixed_precision, remat")
 EXPERIMENTS = ("connectivity, continual_task_a, continual_task_b, continual_task_b_freeze, embedding_new_tokens, "
                "freeze_conv, kernel_only, lottery_ticket, magnitude_pruning, random_sparsity_er, rigl_mlp, set_mlp, "
-               "snip_mlp, sparse_mlp, transformer_full, transformer_lora, transformer_sft, transformer_task_a, "
-               "zero_indices")
+               "snip_mlp, sparse_llm, sparse_llm_full, sparse_llm_lora, sparse_llm_pretrain, sparse_mlp, "
+               "transformer_full, transformer_lora, transformer_sft, transformer_task_a, zero_indices")
 FREEZE = ("batchnorm, biases, conv, first_layer, gradual_magnitude_90, head_first, kernels, magnitude_90, none, "
           "random_90")
 OPTIMIZERS = "adadelta, adafactor, adagrad, adam, adamax, adamw, ftrl, lion, muon, nadam, rmsprop, sgd"
+TEXT_HINT = ("data=text reads the standard library's sources by default; data.path takes a text file or a directory, "
+             "data.tokenizer a tokenizer preset directory (or null for bytes)")
 LR_HINT = "a typical Adam learning rate is 1e-3 (SGD: 0.01 to 0.1), e.g. optimizer.learning_rate=0.001"
 
 CASES = {
@@ -58,6 +60,33 @@ CASES = {
     "momentum out of range": (
         ["optimizer=sgd", "optimizer.options.momentum=1.5"], "optimizer.options.momentum must be in [0, 1), got 1.5",
         "optimizer.options.momentum is passed to keras.optimizers.sgd; set a value in [0, 1)"),
+    "text data path that does not exist": (
+        ["data=text", "model=causal_lm", "data.path=/no/such/corpus"],
+        "data.path='/no/such/corpus' is neither a file nor a directory; pass a text file, a directory of text files, "
+        "or null for the standard library's sources", TEXT_HINT),
+    "text sequence too short": (
+        ["data=text", "model=causal_lm", "data.sequence_length=1"],
+        "data.sequence_length must be an integer >= 2, got 1", TEXT_HINT),
+    "text fractions that leave no training data": (
+        ["data=text", "model=causal_lm", "data.validation_fraction=0.5", "data.test_fraction=0.5"],
+        "data.validation_fraction + data.test_fraction must be < 1, got 0.5 + 0.5", TEXT_HINT),
+    "tokenizer preset that is not a directory": (
+        ["data=text", "model=causal_lm", "data.tokenizer=gemma_2b_en"],
+        "data.tokenizer='gemma_2b_en' is not a local tokenizer preset directory; presets cannot be downloaded here: "
+        "pass the path of a directory saved with tokenizer.save_to_preset(dir) (holding tokenizer.json), or null for "
+        "bytes", TEXT_HINT),
+    "a key of another data set": (
+        ["data=text", "+data.classes=[1,2]"], "data.classes is not a config key",
+        "no close match; valid keys of data: name, path, include, exclude, sequence_length, max_bytes, "
+        "validation_fraction, test_fraction, tokenizer"),
+    "model preset name": (
+        ["data=text", "model=causal_lm", "model.preset=llama2_7b_en"],
+        "model.preset='llama2_7b_en' is not a local directory; presets cannot be downloaded here: pass the path of a "
+        "preset directory (saved with save_to_preset(dir), holding config.json)",
+        "model.preset takes a directory written by backbone.save_to_preset(dir); null builds from model.backbone"),
+    "remat without transformer blocks": (
+        ["trainer.remat=true"], "trainer.remat=true needs transformer blocks to recompute: model=mlp has none",
+        "use model=causal_lm (a keras-hub decoder), or set trainer.remat=false"),
     "a swept value": (
         ["optimizer.learning_rate=0.1,-1"], "optimizer.learning_rate must be a finite number > 0, got -1", LR_HINT),
 }

@@ -39,6 +39,7 @@ class TrainerConfig:
     deterministic: bool = False
     nan_policy: str = "stop"
     mixed_precision: Optional[str] = None
+    remat: bool = False  # recompute each transformer block's activations in the backward (trainer/remat.py)
 
 
 @dataclasses.dataclass
@@ -139,7 +140,8 @@ def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
+PRESET_HINT = "model.preset takes a directory written by backbone.save_to_preset(dir); null builds from model.backbone"
+EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy", "val_perplexity", "perplexity")
 
 
 class ConfigError(ValueError):
@@ -205,6 +207,21 @@ def check_config(cfg: DictConfig) -> None:
     lora_rank = cfg.model.get("lora_rank") if isinstance(cfg.get("model"), DictConfig) else None
     if lora_rank is not None and not is_whole(lora_rank, 1):
         raise ConfigError(f"model.lora_rank must be a positive integer or null, got {lora_rank!r}")
+    model = cfg.get("model") if isinstance(cfg.get("model"), DictConfig) else {}
+    data = cfg.get("data") if isinstance(cfg.get("data"), DictConfig) else {}
+    if t.remat and model.get("name") != "causal_lm":
+        raise ConfigError(f"trainer.remat=true needs transformer blocks to recompute: model={model.get('name')} has "
+                          "none", "use model=causal_lm (a keras-hub decoder), or set trainer.remat=false")
+    from trainer.causal_lm import PresetError, check_preset
+    from trainer.text_data import TextDataError, check_text_options
+
+    try:
+        if model.get("name") == "causal_lm":
+            check_preset(model.get("preset"))
+        if data.get("name") == "text":
+            check_text_options(**data)
+    except (PresetError, TextDataError) as err:
+        raise ConfigError(str(err), getattr(err, "hint", None) or PRESET_HINT) from None
     from trainer.sft import SFTConfigError, sft_options
 
     try:

@@ -2,7 +2,7 @@
 
 Structured groups (``trainer``, ``log``, ``export``, ...) may hold only their
 dataclass fields; ``data`` and ``optimizer`` only the keys of their config
-files. ``model`` keys are the model builder's keyword arguments (checked there)
+files (``data=text``: :data:`DATA_KEYS`). ``model`` keys are the model builder's keyword arguments (checked there)
 and ``freeze.rules`` is free-form (checked by the rule parser).
 """
 
@@ -15,17 +15,23 @@ from omegaconf import DictConfig
 
 from trainer.suggest import suggestion
 
-__all__ = ["FREE_FORM", "GROUP_KEYS", "ROOT_GROUPS", "unknown_key"]
+__all__ = ["DATA_KEYS", "FREE_FORM", "GROUP_KEYS", "ROOT_GROUPS", "unknown_key"]
 
 GROUP_KEYS: Dict[str, Tuple[str, ...]] = {
     "data": ("name", "path", "validation_size", "tokens", "classes"),
     "optimizer": ("name", "learning_rate", "schedule", "options"),
 }
+DATA_KEYS: Dict[str, Tuple[str, ...]] = {  # data sets whose keys are not GROUP_KEYS["data"] (configs/data/<name>.yaml)
+    "text": ("name", "path", "include", "exclude", "sequence_length", "max_bytes", "validation_fraction",
+             "test_fraction", "tokenizer"),
+}
 FREE_FORM = ("model", "freeze.rules", "optimizer.options", "hydra")
 ROOT_GROUPS = ("experiment", "hparams_search")  # group names: `+experiment=...` is what a root typo usually meant
 
 
-def _allowed(schema, section: str) -> List[str]:
+def _allowed(schema, section: str, node: DictConfig) -> List[str]:
+    if section == "data" and node.get("name") in DATA_KEYS:
+        return list(DATA_KEYS[node.get("name")])
     if section in GROUP_KEYS:
         return list(GROUP_KEYS[section])
     return [f.name for f in dataclasses.fields(schema)]
@@ -42,7 +48,7 @@ def unknown_key(cfg: DictConfig, schema) -> Tuple[str, str]:
 
 
 def _walk(node: DictConfig, schema, section: str) -> Tuple[str, str]:
-    allowed = _allowed(schema, section)
+    allowed = _allowed(schema, section, node)
     for key in node.keys():
         full = f"{section}.{key}" if section else str(key)
         if full in FREE_FORM:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 
+from trainer.causal_lm import causal_lm
 from trainer.masks.checks import positive_int
 
 __all__ = ["BUILDERS", "LORA_LAYER_TYPES", "TRANSFORMER_LORA_LAYERS", "build_model", "cnn", "embedding_classifier",
@@ -166,11 +167,12 @@ BUILDERS: Dict[str, Callable[..., keras.Model]] = {
     "cnn": cnn,
     "embedding_classifier": embedding_classifier,
     "transformer": transformer,
+    "causal_lm": causal_lm,  # a keras-hub decoder (trainer/causal_lm.py)
 }
 
 
 def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int, **kwargs) -> keras.Model:
-    """Builds a model by name (``mlp``, ``cnn``, ``embedding_classifier``, ``transformer``).
+    """Builds a model by name (``mlp``, ``cnn``, ``embedding_classifier``, ``transformer``, ``causal_lm``).
 
     Args:
       name: a key of :data:`BUILDERS`.
@@ -179,10 +181,12 @@ def build_model(name: str, input_shape: Tuple[int, ...], num_classes: int, **kwa
       **kwargs: the builder's own options (``model.*`` of the config).
 
     Returns:
-      The built model: ``(batch, *input_shape)`` -> float32 logits ``(batch, num_classes)``.
+      The built model: ``(batch, *input_shape)`` -> float32 logits ``(batch, num_classes)``
+      (``causal_lm``: ``(batch, L, vocabulary)``).
 
     Raises:
-      ValueError: unknown name (the names are listed) or an option the builder does not take.
+      ValueError: unknown name (the names are listed) or an option the builder does not take
+        (``causal_lm``: also :class:`trainer.causal_lm.PresetError`, a preset that is not a local directory).
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(BUILDERS)}")

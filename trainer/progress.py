@@ -148,7 +148,7 @@ def progress_callback(mode: str = "auto", every_n_steps: Optional[int] = None, *
 def summary_rows(result: Mapping[str, Any]) -> List[tuple]:
     """``(label, text)`` rows of the end-of-run summary from a ``report.json`` dict."""
     rows = [("status", str(result.get("status", "?")))]
-    for key in ("test_loss", "test_accuracy"):
+    for key in ("test_loss", "test_accuracy", "test_perplexity"):
         if result.get(key) is not None:
             rows.append((key.replace("_", " "), f"{result[key]:.4f}"))
     if result.get("steps") is not None:

@@ -205,7 +205,8 @@ def run_report(state, record: RunRecord, *, status: str, test: Dict[str, Any],
 
     Returns:
       A JSON-able dict (``status``, ``test_accuracy``, ``test_loss``, ``steps``,
-      ``frozen_exact``, ``audit``, ``variables``, ``history``, ...).
+      ``frozen_exact``, ``audit``, ``variables``, ``history``, ...); with a
+      perplexity metric also ``test_perplexity`` and ``val_perplexity`` (last epoch).
     """
     registry = state.registry
     rows = audit(registry)
@@ -232,6 +233,9 @@ def run_report(state, record: RunRecord, *, status: str, test: Dict[str, Any],
         "segments": segments,
         "config_changes": [c for s in segments for c in s["config_changes"]],
     }
+    if "perplexity" in test:  # a causal-LM run (trainer.text_data.objectives): exp of the mean token loss
+        last = history[-1] if history else {}
+        result.update(test_perplexity=test["perplexity"], val_perplexity=last.get("val_perplexity"))
     if error is not None:
         result["error"] = error
     return result

@@ -35,11 +35,13 @@ from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model, enable_lora
 from trainer.pretrained import load_initial_weights
+from trainer.remat import apply_remat
 from trainer.progress import print_plan, print_summary, progress_callback
 from trainer.resume import ResumeError, check_allowed, check_resumable, nothing_to_resume
 from trainer.rundir import RunDirError, RunLock
 from trainer.sft import apply_sft
 from trainer.summaries import FreezeSummaries, Profile
+from trainer.text_data import load_text, objectives
 
 __all__ = ["build", "build_registry", "check_run_dir", "early_stopping_callbacks", "finish_run", "hparams_of",
            "load_data", "make_optimizer", "run", "run_dir_of", "run_fingerprint"]
@@ -81,16 +83,18 @@ def hparams_of(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def load_data(cfg: DictConfig, seed: int) -> Splits:
-    """Loads the dataset named by ``cfg.name`` (``mnist`` or ``digits``).
+    """Loads the dataset named by ``cfg.name`` (``mnist``, ``digits`` or ``text``).
 
     Args:
       cfg: the ``data`` block (``name``, ``validation_size``, optional
-        ``path``, ``classes`` and ``tokens``).
+        ``path``, ``classes`` and ``tokens``; for ``text`` the keywords of
+        :func:`trainer.text_data.load_text`).
       seed: the digits split's shuffle seed.
 
     Returns:
       :class:`trainer.data.Splits`: float32 images ``(N, H, W, 1)`` in [0, 1]
-      (int32 tokens ``(N, H*W)`` with ``tokens``), int32 labels ``(N,)``.
+      (int32 tokens ``(N, H*W)`` with ``tokens``), int32 labels ``(N,)``; for
+      ``text`` a :class:`trainer.text_data.TextSplits` of int32 ``(N, L)`` sequences.
 
     Raises:
       ValueError: an unknown dataset name (the known ones are listed).
@@ -100,8 +104,10 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
         splits = load_mnist(cfg.get("path"), validation_size=int(cfg.validation_size))
     elif cfg.name == "digits":
         splits = load_digits(validation_size=int(cfg.validation_size), seed=seed)
+    elif cfg.name == "text":
+        return load_text(**{k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "name"})
     else:
-        raise ValueError(f"unknown data.name {cfg.name!r}; known: ['mnist', 'digits']")
+        raise ValueError(f"unknown data.name {cfg.name!r}; known: ['mnist', 'digits', 'text']")
     if cfg.get("classes"):
         splits = select_classes(splits, list(cfg.classes))
     if cfg.get("tokens"):
@@ -151,7 +157,7 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
 
     Seeds Keras, NumPy and TensorFlow with ``cfg.seed`` (``model.init_seed``
     for the initialization only), loads ``model.init_from``, enables
-    ``model.lora_rank``, applies ``sft``, all in ``strategy``'s scope.
+    ``model.lora_rank``, wraps the blocks for ``trainer.remat``, applies ``sft``, all in ``strategy``'s scope.
 
     Args:
       cfg: the composed config.
@@ -193,6 +199,8 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
             enabled = enable_lora(model, rank=model_cfg["lora_rank"], layers=model_cfg.get("lora_layers"),
                                   alpha=model_cfg.get("lora_alpha"))
             log.info("LoRA rank %d on %d layers", model_cfg["lora_rank"], len(enabled))
+        if cfg.trainer.remat:
+            log.info("remat: %d transformer blocks recomputed in the backward", len(apply_remat(model)))
         steps_per_epoch = -(-len(splits.x_train) // int(cfg.trainer.batch_size))
         total_steps = int(cfg.trainer.epochs) * steps_per_epoch
         if cfg.trainer.max_steps is not None:
@@ -200,12 +208,10 @@ def build(cfg: DictConfig, strategy: Optional[tf.distribute.Strategy] = None):
         optimizer = wrap_optimizer(make_optimizer(cfg.optimizer, total_steps), precision)
         registry = build_registry(model, cfg.freeze.rules, update=cfg.freeze["update"])
         kept = apply_sft(cfg.get("sft"), model=model, registry=registry, x=splits.x_train, y=splits.y_train,
-                         batch_size=int(cfg.trainer.batch_size), seed=int(cfg.seed))
+                         batch_size=int(cfg.trainer.batch_size), seed=int(cfg.seed), loss=objectives(splits)[0])
         if kept:
             log.info("sparse fine-tuning (%s): %d elements kept trainable", cfg.sft.method, kept)
     return splits, model, optimizer, registry
-
-
 
 
 def check_run_dir(cfg: DictConfig, run_dir: str) -> List[Dict[str, Any]]:
@@ -310,9 +316,9 @@ def _run_locked(cfg: DictConfig, run_dir: str, strategy, changes: List[Dict[str,
         return {"status": "dry_run", "variables": registry.plan()}
 
     t = cfg.trainer
+    loss, metrics = objectives(splits)  # text: next-token loss over non-pad tokens and perplexity
     trainer = Trainer(
-        model, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"], registry=registry, steps_per_execution=int(t.steps_per_execution),
+        model, optimizer, loss, metrics=metrics, registry=registry, steps_per_execution=int(t.steps_per_execution),
         jit_compile=bool(t.jit_compile), nan_policy=str(t.nan_policy), strategy=strategy,
     )
     train_ds, val_ds, test_ds = split_datasets(splits, int(t.batch_size), int(t.eval_batch_size), seed=int(cfg.seed))
@@ -371,7 +377,8 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
     if failed:
         log.error("run failed at step %d: %s (no test evaluation, no model written)", trainer.step, error)
         return result
-    log.info("test | loss %.4f | accuracy %.4f | %s | %.1f s", test["loss"], test.get("accuracy", float("nan")),
+    metric = "perplexity" if "perplexity" in test else "accuracy"
+    log.info("test | loss %.4f | %s %.4f | %s | %.1f s", test["loss"], metric, test.get(metric, float("nan")),
              result["audit"], result["wall_seconds"])
     print_summary(result)
     return result

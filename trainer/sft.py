@@ -152,7 +152,7 @@ def kept_masks(scores: Mapping[str, np.ndarray], k: Any, ranking: str = "global"
 
 
 def sft_scores(options: Mapping[str, Any], model: keras.Model, variables: List[keras.Variable],
-               dataset: Optional[tf.data.Dataset]) -> Dict[str, np.ndarray]:
+               dataset: Optional[tf.data.Dataset], loss: Any = None) -> Dict[str, np.ndarray]:
     """The scores of ``options["method"]`` for ``variables`` (float64, keyed by path).
 
     Args:
@@ -160,6 +160,7 @@ def sft_scores(options: Mapping[str, Any], model: keras.Model, variables: List[k
       model: the model at its starting weights.
       variables: the selected variables.
       dataset: ``(x, y)`` batches of the new task (``fish``, ``snip``).
+      loss: the run's loss for the gradients (default sparse categorical cross-entropy of logits).
 
     Raises:
       SFTConfigError: a ``dense_weights`` file that lacks a variable or has another shape.
@@ -167,7 +168,8 @@ def sft_scores(options: Mapping[str, Any], model: keras.Model, variables: List[k
     method = options["method"]
     weights = {v.path: np.asarray(v.numpy()) for v in variables}
     if method in ("fish", "snip"):
-        stats = gradient_scores(model, dataset, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss = loss if loss is not None else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        stats = gradient_scores(model, dataset, loss=loss,
                                 num_batches=int(options["batches"]), variables=variables)
         return stats.fisher if method == "fish" else stats.snip
     if method == "magnitude":
@@ -189,7 +191,7 @@ def sft_scores(options: Mapping[str, Any], model: keras.Model, variables: List[k
 
 
 def apply_sft(cfg: Any, *, model: keras.Model, registry: MaskRegistry, x: Any = None, y: Any = None,
-              batch_size: int = 60, seed: int = 0) -> int:
+              batch_size: int = 60, seed: int = 0, loss: Any = None) -> int:
     """Resolves the ``sft`` block into one freeze rule per selected variable; returns the kept count (0: no sft).
 
     Each selected variable ``v`` gets ``registry.freeze(v.path, elements={"mask": kept}, value=sft.value,
@@ -206,6 +208,7 @@ def apply_sft(cfg: Any, *, model: keras.Model, registry: MaskRegistry, x: Any = 
         (default ``batch_size``).
       batch_size: the run's batch size.
       seed: the run's seed (the data order).
+      loss: the run's loss, for ``fish`` / ``snip`` gradients (default: cross-entropy of logits).
 
     Raises:
       SFTConfigError: a bad value (see :func:`sft_options`).
@@ -220,7 +223,7 @@ def apply_sft(cfg: Any, *, model: keras.Model, registry: MaskRegistry, x: Any = 
         from trainer.data import make_dataset
 
         dataset = make_dataset(x, y, int(options["batch_size"] or batch_size), shuffle=True, seed=int(seed))
-    masks = kept_masks(sft_scores(options, model, variables, dataset), options["k"], options["ranking"])
+    masks = kept_masks(sft_scores(options, model, variables, dataset, loss), options["k"], options["ranking"])
     for v in variables:
         registry.freeze(v.path, elements={"mask": masks[v.path]}, value=options["value"], name=f"sft:{v.path}")
     return int(sum(int(m.sum()) for m in masks.values()))
