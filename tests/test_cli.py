@@ -118,13 +118,18 @@ def test_run_in_process_returns_report(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 5
 
 
-# Experiments whose model.init_from is another run's weights.npz: the experiment that writes it, and where.
+# Experiments whose model.init_from is another run's weights.npz: the file (at seed=3) and the command that writes it.
+TASK_A = "python -m trainer +experiment={a} seed=3 hydra.run.dir={d}/seed3"
 NEEDS_A_RUN = {
-    "transformer_sft": ("transformer_task_a", "multirun/transformer/task_a"),
-    "transformer_lora": ("transformer_task_a", "multirun/transformer/task_a"),
-    "transformer_full": ("transformer_task_a", "multirun/transformer/task_a"),
-    "continual_task_b": ("continual_task_a", "multirun/continual/task_a"),
-    "continual_task_b_freeze": ("continual_task_a", "multirun/continual/task_a"),
+    **{e: ("multirun/transformer/task_a/seed3/weights.npz",
+           TASK_A.format(a="transformer_task_a", d="multirun/transformer/task_a"))
+       for e in ("transformer_sft", "transformer_lora", "transformer_full")},
+    **{e: ("multirun/continual/task_a/seed3/weights.npz",
+           TASK_A.format(a="continual_task_a", d="multirun/continual/task_a"))
+       for e in ("continual_task_b", "continual_task_b_freeze")},
+    **{e: ("multirun/sparse_llm/pretrain/weights.npz",  # one pretraining run for every seed
+           "python -m trainer +experiment=sparse_llm_pretrain hydra.run.dir=multirun/sparse_llm/pretrain")
+       for e in ("sparse_llm", "sparse_llm_lora", "sparse_llm_full")},
 }
 
 
@@ -137,12 +142,12 @@ def test_every_experiment_starting_from_another_runs_file_is_listed_above():
 def test_a_missing_input_of_another_run_is_refused_naming_the_command_that_makes_it(experiment, tmp_path,
                                                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)  # no multirun/ here
-    maker, where = NEEDS_A_RUN[experiment]
-    cfg = compose_cfg([f"+experiment={experiment}", "seed=3", "data=digits"])  # digits: the file is checked first
+    path, command = NEEDS_A_RUN[experiment]
+    data = [] if experiment.startswith("sparse_llm") else ["data=digits"]  # not MNIST: the file is checked first
+    cfg = compose_cfg([f"+experiment={experiment}", "seed=3", *data])
     with pytest.raises(ValueError) as info:
         run(cfg, run_dir=str(tmp_path / "run"))
-    assert str(info.value) == (f"model.init_from '{where}/seed3/weights.npz' does not exist; make it with: "
-                               f"python -m trainer +experiment={maker} seed=3 hydra.run.dir={where}/seed3")
+    assert str(info.value) == f"model.init_from '{path}' does not exist; make it with: {command}"
 
 
 def test_another_init_from_is_not_given_the_experiments_command(tmp_path, monkeypatch):
