@@ -62,4 +62,4 @@ def test_bad_rule_on_the_command_line_fails_before_writing_anything(tmp_path):
     assert proc.returncode != 0
     assert ("elements.indices [19200] out of range for variable 'lenet/fc1/kernel' of shape (64, 300) and size "
             "19200: flat indices must lie in [0, 19199]") in proc.stderr
-    assert sorted(os.listdir(run_dir)) == []  # not even Hydra's .hydra/ or log file
+    assert not run_dir.exists()  # nothing written, not even Hydra's .hydra/ or log file: the empty directory is removed

@@ -42,5 +42,5 @@ def test_off_by_default_and_a_bad_monitor_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError) as info:
         run(compose_cfg([*BASE, "early_stopping.monitor=val_acc"]), run_dir=str(tmp_path / "bad"))
     assert str(info.value) == ("early_stopping.monitor must be null (off) or one of ['val_loss', 'val_accuracy', "
-                               "'loss', 'accuracy'], got 'val_acc'")
+                               "'loss', 'accuracy', 'val_perplexity', 'perplexity'], got 'val_acc'")
     assert not (tmp_path / "bad" / "report.json").exists()
