@@ -1,0 +1,90 @@
+"""Registry set-up at scale (issue 29): the digests and random selections are those of earlier versions, bit for bit
+(checkpoints store both: the digests in the rule state, the selection as compact indices), and set-up makes no
+full-size copy of a variable.
+
+The expected strings below were computed by the code before set-up was vectorised (commit f458293); never
+recompute them to make a test pass: a changed digest fails the audit of every checkpoint written before.
+"""
+
+import tracemalloc
+import zlib
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+
+from trainer import MaskRegistry
+from trainer.masks.audit import digest
+from trainer.masks.elements import ElementContext
+from trainer.masks.selectors import select_elements
+
+
+def values(n, dtype=np.float32, seed=0):
+    v = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    v[:3] = [-0.0, np.nan, np.inf]
+    return v.astype(dtype)
+
+
+def elements(n, fraction, seed=1):
+    return np.random.default_rng(seed).random(n) < fraction
+
+
+DIGESTS = [  # name, elements, fraction selected, expected digest
+    ("every element", 10_000, 1.0, "5418e6ae1f9cac8e"),
+    ("no element", 10_000, 0.0, "bade293e00000000"),
+    ("99.9 %: the runs between the excluded", 1_000_000, 0.999, "c62c671359bd0994"),
+    ("99.95 %, an odd size", 2_000_003, 0.9995, "836b15b55fe13b19"),
+    ("half: chunks of a boolean selection", 3_000_000, 0.5, "ecf0918833973cc8"),
+    ("0.1 %", 100_000, 0.001, "a03a8cf25da49e57"),
+]
+
+
+@pytest.mark.parametrize("name,n,fraction,expected", DIGESTS, ids=[c[0] for c in DIGESTS])
+def test_a_digest_is_the_one_earlier_versions_wrote(name, n, fraction, expected):
+    assert digest(values(n), elements(n, fraction)) == expected
+
+
+def test_digests_of_bfloat16_two_axes_and_a_scalar_are_unchanged():
+    assert digest(values(500_001, ml_dtypes.bfloat16), elements(500_001, 0.999)) == "71e70a8e78a6f19c"
+    assert digest(values(600 * 700).reshape(600, 700), elements(600 * 700, 0.999).reshape(600, 700)) == (
+        "7002ef88c00ae17f")
+    assert digest(np.float32(1.5).reshape(()), np.array(True)) == "3fba6cad5cd8256f"
+
+
+SELECTIONS = [  # path, shape, frozen fraction, seed, (frozen count, CRC-32 of the packed frozen mask)
+    ("m/a/kernel", (64, 32), 0.9, 0, (1843, "60745d3d")),
+    ("m/b/kernel", (300, 700), 0.999, 3, (209790, "f2e115a7")),
+    ("m/c/kernel", (1000, 500), 0.5, 1, (250000, "a551cf22")),
+    ("m/d/bias", (10_000,), 0.001, 2, (10, "554fd6ea")),
+    ("m/e/kernel", (2048, 256), 0.97, 0, (508559, "4f6a3f62")),
+    ("m/f/kernel", (4096, 4), 0.03, 5, (492, "ea4e1ac7")),
+]
+
+
+@pytest.mark.parametrize("path,shape,fraction,seed,expected", SELECTIONS, ids=[c[0] for c in SELECTIONS])
+def test_a_random_selection_is_the_one_earlier_versions_made(path, shape, fraction, seed, expected):
+    frozen = select_elements({"random": fraction, "seed": seed}, ElementContext(path, shape, None, None))
+    assert frozen.shape == shape and frozen.dtype == bool
+    assert (int(frozen.sum()), f"{zlib.crc32(np.packbits(frozen.reshape(-1))):08x}") == expected
+
+
+def net():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(512, name="a"), keras.layers.Dense(256, name="b"),
+                             keras.layers.Dense(8, name="c")], name="net")
+
+
+@pytest.mark.parametrize("update", ["compact", "dense"])
+def test_a_registry_pins_and_selects_what_earlier_versions_did(update):
+    registry = MaskRegistry(net(), update=update)
+    registry.freeze("c/kernel", elements={"random": 0.5, "seed": 1}, value="zero", name="half")
+    registry.freeze("*", elements={"random": 0.999, "seed": 0}, name="most")
+    assert registry.rule_state.digests == {
+        "net/a/bias": "06c09a3fa0bcb4d2", "net/a/kernel": "d388f692b7c8820a", "net/b/bias": "ff6cab0befb5af2e",
+        "net/b/kernel": "521caf8cf4db3ee5", "net/c/bias": "ff000000190a55ad", "net/c/kernel": "c1041dac265185e5"}
+    masks = {p: f"{zlib.crc32(np.packbits(registry.trainable_mask(p).reshape(-1))):08x}"
+             for p in registry.covered_paths()}
+    assert masks == {"net/c/kernel": "fe3d4ced", "net/a/kernel": "e5c09189", "net/a/bias": "7c2c7eb3",
+                     "net/b/kernel": "90434ad9", "net/b/bias": "190a55ad", "net/c/bias": "d202ef8d"}
+    assert registry.exact()
