@@ -15,6 +15,7 @@ whatever the variable holds when the rule is applied. Since the update never wri
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -27,6 +28,7 @@ from trainer.masks.errors import FreezeConfigError
 from trainer.masks.rules import FreezeRule
 from trainer.masks.schedules import due_change
 from trainer.masks.selectors import load_weights, select_elements
+from trainer.masks.values import constant_pin
 from trainer.masks.variables import VariableInfo, select_variables
 
 # Selectors whose choice depends on values or files at the moment the rule is applied: captured.
@@ -39,21 +41,6 @@ def bits(array: np.ndarray) -> np.ndarray:
     """The raw bit patterns of a float (or int) array as unsigned integers of the same width."""
     array = np.asarray(array)
     return array.view(np.dtype(f"u{array.dtype.itemsize}"))
-
-
-def constant_pin(value: float, dtype: np.dtype, where: str) -> np.ndarray:
-    """A constant pin as a 0-d array of ``dtype``, bit-exact (``-0.0`` stays ``-0.0``).
-
-    Raises:
-      FreezeConfigError: the value overflows ``dtype`` (e.g. ``1e39`` for float32).
-    """
-    dtype = np.dtype(dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        pin = np.asarray(value, dtype=np.float64).astype(dtype)
-    if np.issubdtype(dtype, np.floating) and not np.isfinite(pin):
-        raise FreezeConfigError(f"{where}: value {value!r} is not representable in {dtype.name} "
-                                f"(it would become {float(pin)}); use a value within {dtype.name}'s range")
-    return pin
 
 
 @dataclasses.dataclass
@@ -98,7 +85,8 @@ class VariablePlan:
       rules: the names of the rules targeting the variable (active or not).
       static_full: every element is frozen by rules that never switch off.
       dynamic: some rule targeting it changes its mask during training.
-      live: the variable's value when the plan was made.
+      live: the variable's value when the plan was made (a read-only view of it where the store gives one).
+      has_derivable: ``False`` when no rule pins a derivable value (``derivable`` is all False).
     """
 
     path: str
@@ -109,6 +97,12 @@ class VariablePlan:
     static_full: bool
     dynamic: bool
     live: np.ndarray
+    has_derivable: bool = True
+
+    @functools.cached_property
+    def frozen_count(self) -> int:
+        """How many elements are frozen (counted once)."""
+        return int(np.count_nonzero(self.frozen))
 
 
 class Planner:
@@ -204,7 +198,7 @@ class Planner:
                 return ~trainable
         if packed is not None:
             size = int(np.prod(shape, dtype=np.int64))
-            return np.unpackbits(packed, count=size).astype(bool).reshape(shape)
+            return np.unpackbits(packed, count=size).view(bool).reshape(shape)  # 0 / 1 bytes: a bool view
         return self.select(state, path, state.last_update_step or 0)
 
     def activate(self, state: RuleState, step: int) -> None:
@@ -240,9 +234,7 @@ class Planner:
         """
         shape, dtype = self.shapes[path]
         live = self.read(path)
-        frozen = np.zeros(shape, bool)
-        derivable = np.zeros(shape, bool)
-        static = np.zeros(shape, bool)
+        frozen = derivable = static = None  # bool masks, made by the first rule that adds to each (never written)
         target = live
         earlier: List[tuple] = []  # (rule, its frozen elements), for naming a conflict
         names, dynamic = [], False
@@ -257,26 +249,27 @@ class Planner:
             pin = self.pins(state.rule, path, live)
             if pin is not None:
                 p = np.broadcast_to(pin, shape)
-                if earlier:
+                if frozen is not None:
                     overlap = f & frozen
                     if overlap.any():
                         differs = overlap & (bits(p) != bits(target))
                         if differs.any():
                             self._conflict(earlier, state.rule, path, differs, target, p)
-                new = f & ~frozen
+                new = f if frozen is None else f & ~frozen
                 if new.any():
                     target = np.where(new, p, target)
-                derivable |= f
-            elif earlier and (f & derivable).any():  # a `current` pin over elements another rule pinned
+                derivable = f if derivable is None else derivable | f
+            elif derivable is not None and (f & derivable).any():  # a `current` pin over elements another rule pinned
                 differs = f & derivable & (bits(live) != bits(target))
                 if differs.any():
                     self._conflict(earlier, state.rule, path, differs, target, live)
             earlier.append((state.rule, f))
-            frozen |= f
+            frozen = f if frozen is None else frozen | f
             if not state.rule.dynamic:
-                static |= f
-        static_full = bool(static.all())
-        return VariablePlan(path, frozen, target, derivable, names, static_full, dynamic, live)
+                static = f if static is None else static | f
+        has_derivable, none = derivable is not None, np.zeros(shape, bool)
+        frozen, derivable, static = (none if mask is None else mask for mask in (frozen, derivable, static))
+        return VariablePlan(path, frozen, target, derivable, names, bool(static.all()), dynamic, live, has_derivable)
 
     @staticmethod
     def _conflict(earlier, rule: FreezeRule, path: str, differs: np.ndarray, target: np.ndarray, p: np.ndarray):

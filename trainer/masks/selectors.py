@@ -114,16 +114,17 @@ def _random_subset(size: int, count: int, rng: np.random.Generator) -> np.ndarra
     Vectorised and O(size) at most: the smaller side (the ``count`` chosen or
     the ``size - count`` left) is drawn, by ``Generator.choice`` without
     replacement when it is small, else as the smallest of ``size`` uniform
-    float32 keys (``np.argpartition``).
+    float32 keys (``np.argpartition``). The draws are those of earlier versions:
+    the same seed selects the same elements (checkpoints store the selection).
     """
     small = min(count, size - count)
     if small <= size // 20:
         picked = rng.choice(size, small, replace=False) if small else np.empty(0, np.int64)
     else:
         picked = np.argpartition(rng.random(size, dtype=np.float32), small - 1)[:small]
-    chosen = np.zeros(size, dtype=bool)
-    chosen[picked] = True
-    return chosen if small == count else ~chosen
+    chosen = np.zeros(size, dtype=bool) if small == count else np.ones(size, dtype=bool)  # one pass either way
+    chosen[picked] = small == count
+    return chosen
 
 
 def _select_indices(ctx: ElementContext, value: Any) -> np.ndarray:
