@@ -10,12 +10,12 @@ their bit patterns) taken when they were pinned and compares that.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
 from trainer.masks import precision
-from trainer.masks.bitmask import false_positions
+from trainer.masks.bitmask import PackedMask
 from trainer.masks.plan import VariablePlan, bits
 from trainer.masks.sampled_layers import describe_fallback
 
@@ -24,7 +24,7 @@ CHUNK = 1 << 20  # elements selected at a time where many are left out of a dige
 RUNS = 256  # the runs between left-out elements are read in place where at most 1 in RUNS is left out
 
 
-def digest(value: np.ndarray, elements: np.ndarray, excluded: Optional[np.ndarray] = None) -> str:
+def digest(value: np.ndarray, elements: Union[np.ndarray, PackedMask], excluded: Optional[np.ndarray] = None) -> str:
     """A checksum of the bit patterns of ``value[elements]`` and of which elements they are.
 
     CRC-32 (``zlib``) detects every change of up to 32 consecutive bits and
@@ -39,21 +39,22 @@ def digest(value: np.ndarray, elements: np.ndarray, excluded: Optional[np.ndarra
 
     Args:
       value: an array (C order).
-      elements: a bool array of its shape.
+      elements: a bool array of its shape, or its :class:`~trainer.masks.bitmask.PackedMask`.
       excluded: optionally, the sorted flat positions where ``elements`` is
         False (:func:`trainer.masks.bitmask.false_positions`), when the caller has them.
     """
-    raw, chosen = np.ascontiguousarray(bits(value)).reshape(-1), np.asarray(elements).reshape(-1)
-    packed = np.packbits(chosen)
-    if excluded is None and raw.size and (raw.size - int(np.count_nonzero(chosen))) * RUNS <= raw.size:
-        excluded = false_positions(chosen, packed)
+    raw = np.ascontiguousarray(bits(value)).reshape(-1)
+    packed = elements if isinstance(elements, PackedMask) else PackedMask.pack(elements)
+    if excluded is None and raw.size and (raw.size - packed.count) * RUNS <= raw.size:
+        excluded = packed.false_positions()
     if excluded is not None and excluded.size * RUNS <= max(raw.size, 1):
         values = _crc_of_runs(raw, np.asarray(excluded, np.int64))
     else:
+        chosen = (packed.unpack() if isinstance(elements, PackedMask) else np.asarray(elements)).reshape(-1)
         values = 0
         for start in range(0, raw.size, CHUNK):
             values = zlib.crc32(memoryview(raw[start:start + CHUNK][chosen[start:start + CHUNK]]), values)
-    return f"{zlib.crc32(memoryview(packed)):08x}{values:08x}"
+    return f"{zlib.crc32(memoryview(packed.packed)):08x}{values:08x}"
 
 
 def _crc_of_runs(raw: np.ndarray, excluded: np.ndarray) -> int:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from trainer.masks.admission import admissible_paths
 from trainer.masks.allocation import LayerAllocation, allocate_densities
+from trainer.masks.bitmask import PackedMask
 from trainer.masks.conflicts import check_window_conflicts
 from trainer.masks.elements import ElementContext, selector_name
 from trainer.masks.scores import global_topk_masks
@@ -77,7 +79,9 @@ class VariablePlan:
 
     Attributes:
       path: the variable path.
-      frozen: bool array of the variable's shape, ``True`` = frozen.
+      selection: the frozen elements: a bool array of the variable's shape, or the
+        :class:`~trainer.masks.bitmask.PackedMask` of a single rule's selection (read it through
+        :attr:`frozen` or :attr:`packed`).
       target: what the variable must hold: its value with every derivable pin
         (zero, constant, initial) written in.
       derivable: bool array, frozen elements whose pin is known without the
@@ -90,7 +94,7 @@ class VariablePlan:
     """
 
     path: str
-    frozen: np.ndarray
+    selection: Union[np.ndarray, PackedMask]
     target: np.ndarray
     derivable: np.ndarray
     rules: List[str]
@@ -100,9 +104,19 @@ class VariablePlan:
     has_derivable: bool = True
 
     @functools.cached_property
+    def frozen(self) -> np.ndarray:
+        """Bool array of the variable's shape, ``True`` = frozen (unpacked once where the selection is packed)."""
+        return self.selection.unpack() if isinstance(self.selection, PackedMask) else self.selection
+
+    @functools.cached_property
+    def packed(self) -> PackedMask:
+        """The frozen elements packed, 1 bit each (packed once where the selection is a bool array)."""
+        return self.selection if isinstance(self.selection, PackedMask) else PackedMask.pack(self.selection)
+
+    @functools.cached_property
     def frozen_count(self) -> int:
         """How many elements are frozen (counted once)."""
-        return int(np.count_nonzero(self.frozen))
+        return self.packed.count if isinstance(self.selection, PackedMask) else int(np.count_nonzero(self.frozen))
 
 
 class Planner:
@@ -188,6 +202,11 @@ class Planner:
 
     def frozen_by(self, state: RuleState, path: str) -> np.ndarray:
         """The elements an active rule froze (unpacked when captured or just selected, else recomputed)."""
+        selection = self.selection(state, path)
+        return selection.unpack() if isinstance(selection, PackedMask) else selection
+
+    def selection(self, state: RuleState, path: str) -> Union[np.ndarray, PackedMask]:
+        """:meth:`frozen_by`, left packed where it is held packed (captured, or selected and not yet applied)."""
         shape, _ = self.shapes[path]
         packed = state.captured.get(path)
         if packed is None:
@@ -197,8 +216,7 @@ class Planner:
             if trainable is not None:
                 return ~trainable
         if packed is not None:
-            size = int(np.prod(shape, dtype=np.int64))
-            return np.unpackbits(packed, count=size).view(bool).reshape(shape)  # 0 / 1 bytes: a bool view
+            return PackedMask(packed, shape)
         return self.select(state, path, state.last_update_step or 0)
 
     def activate(self, state: RuleState, step: int) -> None:
@@ -234,6 +252,13 @@ class Planner:
         """
         shape, dtype = self.shapes[path]
         live = self.read(path)
+        ours = [s for s in states if path in s.paths]
+        active = [s for s in ours if s.active]
+        if len(active) == 1 and active[0].rule.value == "current":  # one rule, its own values pinned: left packed
+            rule, selection = active[0].rule, self.selection(active[0], path)
+            static_full = bool((np.zeros(shape, bool) if rule.dynamic else selection).all())
+            return VariablePlan(path, selection, live, np.zeros(shape, bool), [s.rule.name for s in ours],
+                                static_full, any(s.rule.dynamic for s in ours), live, has_derivable=False)
         frozen = derivable = static = None  # bool masks, made by the first rule that adds to each (never written)
         target = live
         earlier: List[tuple] = []  # (rule, its frozen elements), for naming a conflict
@@ -306,7 +331,7 @@ class Planner:
         if rule.name in rules.rules:
             raise FreezeConfigError(f"a rule named {rule.name!r} exists already; rule names: {list(rules.rules)}")
         targets = select_variables(infos, rule.select, rule.layer_type, rule.exclude, rule.name)
-        paths = self._admissible(rule, targets, rules.rules.values(), update_mode)
+        paths = admissible_paths(rule, targets, rules.rules.values(), update_mode, self.shapes)
         state = RuleState(rule, paths)
         added_initial = []
         try:
@@ -333,45 +358,6 @@ class Planner:
                 self.initial_values.pop(path, None)  # a refused read leaves none
             raise
         return state
-
-    def _admissible(self, rule: FreezeRule, targets: Sequence[Any], states: Any, update_mode: str) -> List[str]:
-        """The paths ``rule`` may cover, after the checks that need only its targets and the other rules."""
-        non_trainable = [t.path for t in targets if not t.trainable]
-        if non_trainable and rule.non_trainable == "error":
-            raise FreezeConfigError(
-                f"rule {rule.name!r} selects non-trainable variables {non_trainable}: gradients do not train "
-                "them, so freezing has no effect there. Narrow 'select' / add 'exclude', or set "
-                "non_trainable: skip (leave them out) or non_trainable: pin (hold them at the pinned value)"
-            )
-        if rule.non_trainable == "skip":
-            targets = [t for t in targets if t.trainable]
-            if not targets:
-                raise FreezeConfigError(f"rule {rule.name!r} selects only non-trainable variables {non_trainable}")
-        if rule.dynamic and rule.regrow is None and update_mode in ("compact", "sampled"):
-            raise FreezeConfigError(
-                f"rule {rule.name!r} changes how many elements it freezes during training (start/end bounds or "
-                "update_every_n_steps), which update 'compact' does not support; use update 'auto' (dense where "
-                "masks change) or 'dense'"
-            )
-        paths = [t.path for t in targets]
-        for state in states:  # a variable a `regrow` rule moves is covered by that rule only
-            shared = [p for p in paths if p in state.paths]
-            if shared and (rule.regrow is not None or state.rule.regrow is not None):
-                mover = rule.name if rule.regrow is not None else state.rule.name
-                raise FreezeConfigError(
-                    f"rules {state.rule.name!r} and {rule.name!r} both cover {shared}, but {mover!r} regrows "
-                    "its elements, which needs a variable to itself; narrow 'select' or add 'exclude'"
-                )
-        if rule.regrow is not None:
-            not_float = [p for p in paths if not np.issubdtype(self.shapes[p][1], np.floating)]
-            scalars = [p for p in paths if len(self.shapes[p][0]) == 0]
-            if not_float or scalars:
-                raise FreezeConfigError(f"rule {rule.name!r}: regrow needs float variables with at least one "
-                                        f"axis, got {not_float + scalars}")
-            if rule.regrow.method == "rigl" and update_mode == "sampled":  # RigL grows where |dense grad| is largest
-                raise FreezeConfigError(f"rule {rule.name!r}: regrow method 'rigl' needs the dense gradient, which "
-                                        "update 'sampled' never forms; use method 'set' or update 'compact'")
-        return paths
 
     def advance(self, states: Sequence[RuleState], step: int, epoch: int) -> List[str]:
         """Switches scheduled rules on or off and re-selects due gradual-pruning rules at ``step`` / ``epoch``.

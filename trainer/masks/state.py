@@ -28,7 +28,6 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.masks import audit
-from trainer.masks.bitmask import false_positions
 from trainer.masks.conflicts import late_initial
 from trainer.masks.errors import FreezeConfigError
 from trainer.masks.plan import RuleState, VariablePlan, bits
@@ -243,13 +242,15 @@ class MaskState:
         trainable = None if old is None else ~plan.frozen  # made where it is compared with the device's mask
         changed = moved or old is None or not np.array_equal(old, trainable)
         covered.frozen_elements = plan.frozen_count
-        current = plan.frozen & ~plan.derivable if plan.has_derivable else plan.frozen
         # At most 1 in audit.RUNS trainable: their positions, found once, serve the digest and the compact indices.
-        few = (plan.frozen.size - plan.frozen_count) * audit.RUNS <= plan.frozen.size
-        trainable_at = false_positions(plan.frozen) if few and plan.frozen.size else None
-        excluded = trainable_at if current is plan.frozen else None
-        pinned_now = plan.frozen_count > 0 if current is plan.frozen else bool(current.any())
-        self.digests[path] = audit.digest(live, current, excluded) if pinned_now else ""
+        size = plan.selection.size
+        few = size and (size - plan.frozen_count) * audit.RUNS <= size
+        trainable_at = plan.packed.false_positions() if few else None
+        if plan.has_derivable:
+            current = plan.frozen & ~plan.derivable
+            self.digests[path] = audit.digest(live, current) if current.any() else ""
+        else:  # every frozen element is pinned to its own value: the digest reads the packed selection
+            self.digests[path] = audit.digest(live, plan.packed, trainable_at) if plan.frozen_count else ""
         if plan.static_full != covered.static_full:
             covered.static_full, structural = plan.static_full, True
         if plan.static_full and info.trainable:
@@ -289,10 +290,10 @@ class MaskState:
     def _mode(self, info: VariableInfo, plan: VariablePlan, update: Any) -> str:
         if not info.trainable:
             return "pinned"
-        size = max(int(plan.frozen.size), 1)
+        size = max(int(plan.selection.size), 1)
         reduced = is_reduced(info.variable.dtype)  # compact with float32 masters at any fraction
         mode = choose_mode(self.requested, trainable_fraction=1.0 - plan.frozen_count / size,
-                           dynamic=plan.dynamic, rank=plan.frozen.ndim, crossover=1.0 if reduced else self.crossover)
+                           dynamic=plan.dynamic, rank=plan.selection.ndim, crossover=1.0 if reduced else self.crossover)
         mode = "compact" if mode == "sampled" else mode  # the layers say where the gradient is sampled
         if self.optimizer is not None and update is None and mode == "compact" and self.requested == "auto":
             mode = "dense"  # the optimizer has slots for the model variable already
