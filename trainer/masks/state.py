@@ -273,7 +273,7 @@ class MaskState:
         self._remove(path)
         if trainable is None and (mode != "compact" or trainable_at is None):
             trainable = ~plan.frozen
-        new = make_update(mode, variable=info.variable, trainable=trainable, indices=trainable_at,
+        new = make_update(mode, variable=info.variable, trainable=trainable, positions=trainable_at,
                           name=f"{mode}_{len(self.masks) + len(self.compact)}")
         if mode == "compact":
             self.indices[path], self.compact[path] = new.indices, new.compact

@@ -157,15 +157,15 @@ class CompactUpdate:
 
     @classmethod
     def create(cls, *, variable: keras.Variable, trainable: Optional[np.ndarray], name: str,
-               indices: Optional[np.ndarray] = None) -> "CompactUpdate":
+               positions: Optional[np.ndarray] = None) -> "CompactUpdate":
         """A new update with its indices (int32; int64 past 2**31 elements) and compact ``[k]`` variables.
 
-        The compact variable has the variable's dtype, float32 for a bfloat16 / float16 one. ``indices``,
+        The compact variable has the variable's dtype, float32 for a bfloat16 / float16 one. ``positions``,
         the sorted flat positions of the trainable elements, replace ``trainable`` where the caller has them.
         """
         size = int(np.prod(variable.shape, dtype=np.int64))
         dtype = np.int64 if size >= 2**31 else np.int32
-        flat = np.flatnonzero(np.asarray(trainable).reshape(-1)) if indices is None else np.asarray(indices)
+        flat = np.flatnonzero(np.asarray(trainable).reshape(-1)) if positions is None else np.asarray(positions)
         flat = flat.astype(dtype)
         indices = tf.Variable(flat, trainable=False, name=name + "_indices")
         values = tf.cast(tf.gather(tf.reshape(tf.convert_to_tensor(variable.value), [-1]), flat),
@@ -296,14 +296,14 @@ class PinUpdate(DenseUpdate):
 
 
 def make_update(mode: str, *, variable: keras.Variable, trainable: Optional[np.ndarray], name: str,
-                indices: Optional[np.ndarray] = None):
+                positions: Optional[np.ndarray] = None):
     """A :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` (``mode="pinned"``).
 
-    ``indices`` (compact only; ignored otherwise): the sorted flat positions of the trainable elements, read in
+    ``positions`` (compact only; ignored otherwise): the sorted flat positions of the trainable elements, read in
     place of ``trainable`` (:meth:`CompactUpdate.create`).
     """
     if mode == "compact":
-        return CompactUpdate.create(variable=variable, trainable=trainable, name=name, indices=indices)
+        return CompactUpdate.create(variable=variable, trainable=trainable, name=name, positions=positions)
     return {"dense": DenseUpdate, "pinned": PinUpdate}[mode].create(variable=variable, trainable=trainable, name=name)
 
 
