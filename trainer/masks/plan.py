@@ -180,8 +180,11 @@ class Planner:
                                densities={p: counts[p] / sizes[p] for p in sizes}, counts=counts,
                                dense=tuple(p for p in sizes if counts[p] == sizes[p]))
 
-    def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None) -> np.ndarray:
+    def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None, *,
+               packed: bool = False) -> np.ndarray:
         """The elements ``state``'s rule freezes in ``path`` (bool, the variable's shape), resolved now.
+
+        With ``packed``, their ``np.packbits`` (a random selection never makes the bool array).
 
         Raises:
           FreezeConfigError: the selector does not fit the variable (named in the message).
@@ -196,7 +199,7 @@ class Planner:
             value = self.read(path)
         ctx = ElementContext(path, tuple(shape), value, None)
         try:
-            return select_elements(rule.elements, ctx, fraction=fraction)
+            return select_elements(rule.elements, ctx, fraction=fraction, packed=packed)
         except FreezeConfigError as err:
             raise FreezeConfigError(f"rule {rule.name!r}, variable {path!r}: {err}") from None
 
@@ -223,7 +226,7 @@ class Planner:
         """Applies the rule at ``step``: checks every target and captures value-dependent selections."""
         captured = {}
         for path in state.paths:
-            packed = np.packbits(self.select(state, path, step).reshape(-1))
+            packed = self.select(state, path, step, packed=True)
             if state.captures:
                 captured[path] = packed
             else:  # kept (1 bit per element) until the registry has applied it: no second selection
@@ -257,7 +260,8 @@ class Planner:
         if len(active) == 1 and active[0].rule.value == "current":  # one rule, its own values pinned: left packed
             rule, selection = active[0].rule, self.selection(active[0], path)
             static_full = bool((np.zeros(shape, bool) if rule.dynamic else selection).all())
-            return VariablePlan(path, selection, live, np.zeros(shape, bool), [s.rule.name for s in ours],
+            nothing = np.broadcast_to(np.False_, shape)  # derivable: none, and no memory for it
+            return VariablePlan(path, selection, live, nothing, [s.rule.name for s in ours],
                                 static_full, any(s.rule.dynamic for s in ours), live, has_derivable=False)
         frozen = derivable = static = None  # bool masks, made by the first rule that adds to each (never written)
         target = live
