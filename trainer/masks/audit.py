@@ -76,21 +76,27 @@ def variable_drift(plan: VariablePlan, value: np.ndarray, current_digest: str) -
     copy of it is kept).
     """
     drift = 0.0
-    derivable = plan.derivable & plan.frozen
-    if derivable.any():
+    derivable = plan.derivable & plan.frozen if plan.has_derivable else None
+    if derivable is not None and derivable.any():
         diff = np.abs(value[derivable].astype(np.float64) - plan.target[derivable].astype(np.float64))
         drift = float(np.inf) if not np.isfinite(diff).all() else float(diff.max(initial=0.0))
-    if current_digest and digest(value, plan.frozen & ~plan.derivable) != current_digest:
+    if current_digest and digest(value, _current(plan)) != current_digest:
         drift = float(np.inf)
     return drift
 
 
 def variable_exact(plan: VariablePlan, value: np.ndarray, current_digest: str) -> bool:
     """True when every frozen element of one variable has its pin's exact bit pattern."""
-    derivable = plan.derivable & plan.frozen
-    if not np.array_equal(bits(value)[derivable], bits(plan.target)[derivable]):
-        return False
-    return not current_digest or digest(value, plan.frozen & ~plan.derivable) == current_digest
+    if plan.has_derivable:
+        derivable = plan.derivable & plan.frozen
+        if not np.array_equal(bits(value)[derivable], bits(plan.target)[derivable]):
+            return False
+    return not current_digest or digest(value, _current(plan)) == current_digest
+
+
+def _current(plan: VariablePlan) -> Union[np.ndarray, PackedMask]:
+    """The frozen elements pinned to their own (``current``) value: all of them, packed, where no pin is derivable."""
+    return plan.frozen & ~plan.derivable if plan.has_derivable else plan.packed
 
 
 def drift(state: Any, combine: Callable[[str], VariablePlan]) -> Dict[str, float]:

@@ -329,6 +329,8 @@ class MaskState:
         """Writes every derivable pin that moved back into its frozen elements (eagerly), then syncs compact."""
         for path in self.covered:
             plan, variable = combine(path), self.by_path[path].variable
+            if not plan.has_derivable:
+                continue
             live = plan.live
             move = plan.frozen & plan.derivable & (bits(plan.target) != bits(live))
             if move.any():
