@@ -28,12 +28,21 @@ once beyond the model; the peak mark is reset after the compiling step),
 and ``moved_fraction`` (of the trainable elements of the first query kernel).
 The machine is shared: timings vary with its load (``load`` in the output).
 
+``--setup-only`` (trainer cases) measures the set-up alone and trains nothing: ``setup_s``
+(``MaskRegistry(model)`` and the ``freeze`` rule: masks, pins, digests, compact index and value
+variables), ``setup_cpu_s`` (the process's CPU time over the same span, which varies less with the
+machine's load), ``trainer_s`` (the ``Trainer`` constructor: the optimizer built on the compact
+variables, the step not yet traced), ``trainable`` and the peak RSS. The trainer cases report
+``setup_s`` and ``setup_cpu_s`` without the flag too.
+
 Usage::
 
     python scripts/bench_llm.py --layers 2 --hidden 256 --out bench_llm.json      # a small shape, ~1 minute
     python scripts/bench_llm.py --shape tinyllama-1.1b --steps 3 --out bench_1b.json  # issue 29's 1.1B table
     python scripts/bench_llm.py --shape llama2-7b --steps 2 --out bench_7b.json \
         --cases trainer_sampled_bfloat16 lora_fit_bfloat16 fit_dense_bfloat16       # the 6.7B row (bfloat16)
+    python scripts/bench_llm.py --shape tinyllama-1.1b --setup-only --cases trainer_compact_float32 \
+        --out setup_1b.json                                                          # set-up time only
 
 (``--shape`` sets ``--layers``, ``--hidden``, ``--intermediate``, ``--heads``,
 ``--kv-heads`` and ``--vocab``; every case runs in its own subprocess, one after
@@ -131,11 +140,17 @@ def run_case(name: str, args) -> Dict[str, Any]:
         model.fit(ds, epochs=1, verbose=0, callbacks=[fit_clock(keras.callbacks.Callback, clock, 1)])
         out["steps"] = int(optimizer.iterations.numpy())
     else:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         registry = MaskRegistry(model, update=update)
         registry.freeze("*", elements={"random": FROZEN, "seed": 0}, value="current")
-        out["setup_s"] = time.perf_counter() - start
+        out["setup_s"], out["setup_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
         out["trainable"] = int(sum(int(m.sum()) for m in registry.trainable_masks().values()))
+        if args.setup_only:
+            start = time.perf_counter()
+            Trainer(model, optimizer, loss, registry=registry, steps_per_execution=1, jit_compile=True)
+            out["trainer_s"] = time.perf_counter() - start
+            out["peak_rss_mib"] = peak_rss_mib()
+            return out
         out["gradients"] = sorted({r.get("gradient", "gathered") for r in registry.plan()
                                    if registry.update_modes().get(r["path"]) == "compact"})
         query = next(v for v in model.weights if v.path.endswith("query/kernel"))
@@ -168,7 +183,8 @@ def steady(out: Dict[str, Any]):
 
 def _subprocess(name: str, args) -> Dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", name] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHAPE]
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHAPE] + (
+        ["--setup-only"] if args.setup_only else [])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     if proc.returncode != 0:
@@ -179,8 +195,16 @@ def _subprocess(name: str, args) -> Dict[str, Any]:
 SHAPE = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "tokens", "batch", "steps")
 
 
-def format_table(cases: List[Dict[str, Any]]) -> str:
-    """A Markdown table of the cases' results."""
+def format_table(cases: List[Dict[str, Any]], setup_only: bool = False) -> str:
+    """A Markdown table of the cases' results (with ``setup_only``, of their set-up alone)."""
+    if setup_only:
+        lines = ["| case | params | trainable | setup s | setup CPU s | Trainer s | peak RSS (MiB) |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in cases:
+            lines.append(f"| {c['case']} | failed: {c['error'].strip().splitlines()[-1][:80]} ||||||" if "error" in c
+                         else f"| {c['case']} | {c['params']:,} | {c['trainable']:,} | {c['setup_s']:.2f} | "
+                              f"{c['setup_cpu_s']:.2f} | {c['trainer_s']:.2f} | {c['peak_rss_mib']:.0f} |")
+        return "\n".join(lines)
     lines = ["| case | params | trainable | peak RSS (MiB) | bytes/param | growth B/param | ms/step | exact | moved |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for c in cases:
@@ -210,12 +234,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="steps per case; the first (compiling) is not timed")
     parser.add_argument("--cases", nargs="*", choices=sorted(CASES), default=None)
     parser.add_argument("--out", default="bench_llm.json")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="trainer cases: time the registry set-up and the Trainer constructor, train nothing")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # a worker: one case, JSON on stdout
     args = parser.parse_args(argv)
     for key, value in SHAPES.get(args.shape, {}).items():
         setattr(args, key, value)
     if args.intermediate is None:
         args.intermediate = int(round(2.75 * args.hidden))
+    untimed = [c for c in args.cases or [] if args.setup_only and CASES[c][0] != "trainer"]
+    if untimed:
+        parser.error(f"--setup-only times the trainer cases' registry set-up; {untimed} have none")
     return args
 
 
@@ -226,15 +255,16 @@ def main(argv=None) -> Dict[str, Any]:
         return {}
     load = {"start": list(os.getloadavg())}
     cases = []
-    for name in args.cases or list(CASES):
+    names = args.cases or [n for n in CASES if not args.setup_only or CASES[n][0] == "trainer"]
+    for name in names:
         cases.append(_subprocess(name, args))
-        print(format_table(cases[-1:]).splitlines()[-1], flush=True)
+        print(format_table(cases[-1:], args.setup_only).splitlines()[-1], flush=True)
     load["end"] = list(os.getloadavg())
-    summary = {"shape": {k: getattr(args, k) for k in SHAPE}, "frozen_fraction": FROZEN, "lora_rank": LORA_RANK,
-               "machine": machine(), "load": load, "cases": cases}
+    summary = {"shape": {k: getattr(args, k) for k in SHAPE}, "setup_only": args.setup_only,
+               "frozen_fraction": FROZEN, "lora_rank": LORA_RANK, "machine": machine(), "load": load, "cases": cases}
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
-    print(format_table(cases))
+    print(format_table(cases, args.setup_only))
     return summary
 
 

@@ -10,25 +10,62 @@ their bit patterns) taken when they were pinned and compares that.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
 from trainer.masks import precision
+from trainer.masks.bitmask import PackedMask
 from trainer.masks.plan import VariablePlan, bits
 from trainer.masks.sampled_layers import describe_fallback
 
 
-def digest(value: np.ndarray, elements: np.ndarray) -> str:
+CHUNK = 1 << 20  # elements selected at a time where many are left out of a digest (a bounded copy)
+RUNS = 256  # the runs between left-out elements are read in place where at most 1 in RUNS is left out
+
+
+def digest(value: np.ndarray, elements: Union[np.ndarray, PackedMask], excluded: Optional[np.ndarray] = None) -> str:
     """A checksum of the bit patterns of ``value[elements]`` and of which elements they are.
 
     CRC-32 (``zlib``) detects every change of up to 32 consecutive bits and
     any other change with probability 1 - 2**-32; it is an audit, not a
     defence against deliberate collisions.
+
+    No copy of ``value`` is made: zlib reads the whole buffer when every
+    element is in, the runs between the left-out elements in place when at
+    most one in :data:`RUNS` is left out (at 99.9 % frozen), and otherwise
+    chunks of :data:`CHUNK` elements selected one at a time. Every way gives
+    the checksum of ``value[elements]``'s bytes, the one earlier versions stored.
+
+    Args:
+      value: an array (C order).
+      elements: a bool array of its shape, or its :class:`~trainer.masks.bitmask.PackedMask`.
+      excluded: optionally, the sorted flat positions where ``elements`` is
+        False (:func:`trainer.masks.bitmask.false_positions`), when the caller has them.
     """
-    where = zlib.crc32(memoryview(np.packbits(elements.reshape(-1))))
-    values = zlib.crc32(memoryview(np.ascontiguousarray(bits(value)[elements])))
-    return f"{where:08x}{values:08x}"
+    raw = np.ascontiguousarray(bits(value)).reshape(-1)
+    packed = elements if isinstance(elements, PackedMask) else PackedMask.pack(elements)
+    if excluded is None and raw.size and (raw.size - packed.count) * RUNS <= raw.size:
+        excluded = packed.false_positions()
+    if excluded is not None and excluded.size * RUNS <= max(raw.size, 1):
+        values = _crc_of_runs(raw, np.asarray(excluded, np.int64))
+    else:
+        chosen = (packed.unpack() if isinstance(elements, PackedMask) else np.asarray(elements)).reshape(-1)
+        values = 0
+        for start in range(0, raw.size, CHUNK):
+            values = zlib.crc32(memoryview(raw[start:start + CHUNK][chosen[start:start + CHUNK]]), values)
+    return f"{zlib.crc32(memoryview(packed.packed)):08x}{values:08x}"
+
+
+def _crc_of_runs(raw: np.ndarray, excluded: np.ndarray) -> int:
+    """The CRC-32 of the bytes of ``raw`` (flat) less the elements at ``excluded``, read in place, run by run."""
+    data, item = memoryview(raw).cast("B"), raw.itemsize
+    starts = np.concatenate(([0], excluded + 1)) * item
+    ends = np.concatenate((excluded, [raw.size])) * item
+    crc = 0
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        crc = zlib.crc32(data[start:end], crc)
+    return crc
 
 
 def variable_drift(plan: VariablePlan, value: np.ndarray, current_digest: str) -> float:
@@ -39,21 +76,27 @@ def variable_drift(plan: VariablePlan, value: np.ndarray, current_digest: str) -
     copy of it is kept).
     """
     drift = 0.0
-    derivable = plan.derivable & plan.frozen
-    if derivable.any():
+    derivable = plan.derivable & plan.frozen if plan.has_derivable else None
+    if derivable is not None and derivable.any():
         diff = np.abs(value[derivable].astype(np.float64) - plan.target[derivable].astype(np.float64))
         drift = float(np.inf) if not np.isfinite(diff).all() else float(diff.max(initial=0.0))
-    if current_digest and digest(value, plan.frozen & ~plan.derivable) != current_digest:
+    if current_digest and digest(value, _current(plan)) != current_digest:
         drift = float(np.inf)
     return drift
 
 
 def variable_exact(plan: VariablePlan, value: np.ndarray, current_digest: str) -> bool:
     """True when every frozen element of one variable has its pin's exact bit pattern."""
-    derivable = plan.derivable & plan.frozen
-    if not np.array_equal(bits(value)[derivable], bits(plan.target)[derivable]):
-        return False
-    return not current_digest or digest(value, plan.frozen & ~plan.derivable) == current_digest
+    if plan.has_derivable:
+        derivable = plan.derivable & plan.frozen
+        if not np.array_equal(bits(value)[derivable], bits(plan.target)[derivable]):
+            return False
+    return not current_digest or digest(value, _current(plan)) == current_digest
+
+
+def _current(plan: VariablePlan) -> Union[np.ndarray, PackedMask]:
+    """The frozen elements pinned to their own (``current``) value: all of them, packed, where no pin is derivable."""
+    return plan.frozen & ~plan.derivable if plan.has_derivable else plan.packed
 
 
 def drift(state: Any, combine: Callable[[str], VariablePlan]) -> Dict[str, float]:
@@ -66,7 +109,7 @@ def drift(state: Any, combine: Callable[[str], VariablePlan]) -> Dict[str, float
         if not covered.frozen_elements:
             result[path] = 0.0
             continue
-        value = np.asarray(state.by_path[path].variable.numpy())
+        value = state.read(path)  # a read-only view
         result[path] = variable_drift(combine(path), value, state.digests.get(path, ""))
     return result
 
@@ -75,7 +118,7 @@ def exact(state: Any, combine: Callable[[str], VariablePlan]) -> bool:
     """True when every frozen element of a :class:`~trainer.masks.state.MaskState` has its pin's bits."""
     for path, covered in state.covered.items():
         if covered.frozen_elements:
-            value = np.asarray(state.by_path[path].variable.numpy())
+            value = state.read(path)  # a read-only view
             if not variable_exact(combine(path), value, state.digests.get(path, "")):
                 return False
     return True

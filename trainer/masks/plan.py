@@ -15,11 +15,14 @@ whatever the variable holds when the rule is applied. Since the update never wri
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from trainer.masks.admission import admissible_paths
 from trainer.masks.allocation import LayerAllocation, allocate_densities
+from trainer.masks.bitmask import PackedMask
 from trainer.masks.conflicts import check_window_conflicts
 from trainer.masks.elements import ElementContext, selector_name
 from trainer.masks.scores import global_topk_masks
@@ -27,6 +30,7 @@ from trainer.masks.errors import FreezeConfigError
 from trainer.masks.rules import FreezeRule
 from trainer.masks.schedules import due_change
 from trainer.masks.selectors import load_weights, select_elements
+from trainer.masks.values import constant_pin
 from trainer.masks.variables import VariableInfo, select_variables
 
 # Selectors whose choice depends on values or files at the moment the rule is applied: captured.
@@ -39,21 +43,6 @@ def bits(array: np.ndarray) -> np.ndarray:
     """The raw bit patterns of a float (or int) array as unsigned integers of the same width."""
     array = np.asarray(array)
     return array.view(np.dtype(f"u{array.dtype.itemsize}"))
-
-
-def constant_pin(value: float, dtype: np.dtype, where: str) -> np.ndarray:
-    """A constant pin as a 0-d array of ``dtype``, bit-exact (``-0.0`` stays ``-0.0``).
-
-    Raises:
-      FreezeConfigError: the value overflows ``dtype`` (``1e39`` for float32) or underflows to 0 (``1e-46``).
-    """
-    dtype = np.dtype(dtype)
-    with np.errstate(over="ignore", invalid="ignore"):
-        pin = np.asarray(value, dtype=np.float64).astype(dtype)
-    if np.issubdtype(dtype, np.floating) and (not np.isfinite(pin) or (pin == 0) != (float(value) == 0)):
-        raise FreezeConfigError(f"{where}: value {value!r} is not representable in {dtype.name} "
-                                f"(it would become {float(pin)}); use a value within {dtype.name}'s range")
-    return pin
 
 
 @dataclasses.dataclass
@@ -90,7 +79,9 @@ class VariablePlan:
 
     Attributes:
       path: the variable path.
-      frozen: bool array of the variable's shape, ``True`` = frozen.
+      selection: the frozen elements: a bool array of the variable's shape, or the
+        :class:`~trainer.masks.bitmask.PackedMask` of a single rule's selection (read it through
+        :attr:`frozen` or :attr:`packed`).
       target: what the variable must hold: its value with every derivable pin
         (zero, constant, initial) written in.
       derivable: bool array, frozen elements whose pin is known without the
@@ -98,17 +89,34 @@ class VariablePlan:
       rules: the names of the rules targeting the variable (active or not).
       static_full: every element is frozen by rules that never switch off.
       dynamic: some rule targeting it changes its mask during training.
-      live: the variable's value when the plan was made.
+      live: the variable's value when the plan was made (a read-only view of it where the store gives one).
+      has_derivable: ``False`` when no rule pins a derivable value (``derivable`` is all False).
     """
 
     path: str
-    frozen: np.ndarray
+    selection: Union[np.ndarray, PackedMask]
     target: np.ndarray
     derivable: np.ndarray
     rules: List[str]
     static_full: bool
     dynamic: bool
     live: np.ndarray
+    has_derivable: bool = True
+
+    @functools.cached_property
+    def frozen(self) -> np.ndarray:
+        """Bool array of the variable's shape, ``True`` = frozen (unpacked once where the selection is packed)."""
+        return self.selection.unpack() if isinstance(self.selection, PackedMask) else self.selection
+
+    @functools.cached_property
+    def packed(self) -> PackedMask:
+        """The frozen elements packed, 1 bit each (packed once where the selection is a bool array)."""
+        return self.selection if isinstance(self.selection, PackedMask) else PackedMask.pack(self.selection)
+
+    @functools.cached_property
+    def frozen_count(self) -> int:
+        """How many elements are frozen (counted once)."""
+        return self.packed.count if isinstance(self.selection, PackedMask) else int(np.count_nonzero(self.frozen))
 
 
 class Planner:
@@ -172,8 +180,11 @@ class Planner:
                                densities={p: counts[p] / sizes[p] for p in sizes}, counts=counts,
                                dense=tuple(p for p in sizes if counts[p] == sizes[p]))
 
-    def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None) -> np.ndarray:
+    def select(self, state: RuleState, path: str, step: int, value: Optional[np.ndarray] = None, *,
+               packed: bool = False) -> np.ndarray:
         """The elements ``state``'s rule freezes in ``path`` (bool, the variable's shape), resolved now.
+
+        With ``packed``, their ``np.packbits`` (a random selection never makes the bool array).
 
         Raises:
           FreezeConfigError: the selector does not fit the variable (named in the message).
@@ -188,12 +199,17 @@ class Planner:
             value = self.read(path)
         ctx = ElementContext(path, tuple(shape), value, None)
         try:
-            return select_elements(rule.elements, ctx, fraction=fraction)
+            return select_elements(rule.elements, ctx, fraction=fraction, packed=packed)
         except FreezeConfigError as err:
             raise FreezeConfigError(f"rule {rule.name!r}, variable {path!r}: {err}") from None
 
     def frozen_by(self, state: RuleState, path: str) -> np.ndarray:
         """The elements an active rule froze (unpacked when captured or just selected, else recomputed)."""
+        selection = self.selection(state, path)
+        return selection.unpack() if isinstance(selection, PackedMask) else selection
+
+    def selection(self, state: RuleState, path: str) -> Union[np.ndarray, PackedMask]:
+        """:meth:`frozen_by`, left packed where it is held packed (captured, or selected and not yet applied)."""
         shape, _ = self.shapes[path]
         packed = state.captured.get(path)
         if packed is None:
@@ -203,15 +219,14 @@ class Planner:
             if trainable is not None:
                 return ~trainable
         if packed is not None:
-            size = int(np.prod(shape, dtype=np.int64))
-            return np.unpackbits(packed, count=size).astype(bool).reshape(shape)
+            return PackedMask(packed, shape)
         return self.select(state, path, state.last_update_step or 0)
 
     def activate(self, state: RuleState, step: int) -> None:
         """Applies the rule at ``step``: checks every target and captures value-dependent selections."""
         captured = {}
         for path in state.paths:
-            packed = np.packbits(self.select(state, path, step).reshape(-1))
+            packed = self.select(state, path, step, packed=True)
             if state.captures:
                 captured[path] = packed
             else:  # kept (1 bit per element) until the registry has applied it: no second selection
@@ -240,9 +255,15 @@ class Planner:
         """
         shape, dtype = self.shapes[path]
         live = self.read(path)
-        frozen = np.zeros(shape, bool)
-        derivable = np.zeros(shape, bool)
-        static = np.zeros(shape, bool)
+        ours = [s for s in states if path in s.paths]
+        active = [s for s in ours if s.active]
+        if len(active) == 1 and active[0].rule.value == "current":  # one rule, its own values pinned: left packed
+            rule, selection = active[0].rule, self.selection(active[0], path)
+            static_full = bool((np.zeros(shape, bool) if rule.dynamic else selection).all())
+            nothing = np.broadcast_to(np.False_, shape)  # derivable: none, and no memory for it
+            return VariablePlan(path, selection, live, nothing, [s.rule.name for s in ours],
+                                static_full, any(s.rule.dynamic for s in ours), live, has_derivable=False)
+        frozen = derivable = static = None  # bool masks, made by the first rule that adds to each (never written)
         target = live
         earlier: List[tuple] = []  # (rule, its frozen elements), for naming a conflict
         names, dynamic = [], False
@@ -257,26 +278,27 @@ class Planner:
             pin = self.pins(state.rule, path, live)
             if pin is not None:
                 p = np.broadcast_to(pin, shape)
-                if earlier:
+                if frozen is not None:
                     overlap = f & frozen
                     if overlap.any():
                         differs = overlap & (bits(p) != bits(target))
                         if differs.any():
                             self._conflict(earlier, state.rule, path, differs, target, p)
-                new = f & ~frozen
+                new = f if frozen is None else f & ~frozen
                 if new.any():
                     target = np.where(new, p, target)
-                derivable |= f
-            elif earlier and (f & derivable).any():  # a `current` pin over elements another rule pinned
+                derivable = f if derivable is None else derivable | f
+            elif derivable is not None and (f & derivable).any():  # a `current` pin over elements another rule pinned
                 differs = f & derivable & (bits(live) != bits(target))
                 if differs.any():
                     self._conflict(earlier, state.rule, path, differs, target, live)
             earlier.append((state.rule, f))
-            frozen |= f
+            frozen = f if frozen is None else frozen | f
             if not state.rule.dynamic:
-                static |= f
-        static_full = bool(static.all())
-        return VariablePlan(path, frozen, target, derivable, names, static_full, dynamic, live)
+                static = f if static is None else static | f
+        has_derivable, none = derivable is not None, np.zeros(shape, bool)
+        frozen, derivable, static = (none if mask is None else mask for mask in (frozen, derivable, static))
+        return VariablePlan(path, frozen, target, derivable, names, bool(static.all()), dynamic, live, has_derivable)
 
     @staticmethod
     def _conflict(earlier, rule: FreezeRule, path: str, differs: np.ndarray, target: np.ndarray, p: np.ndarray):
@@ -313,7 +335,7 @@ class Planner:
         if rule.name in rules.rules:
             raise FreezeConfigError(f"a rule named {rule.name!r} exists already; rule names: {list(rules.rules)}")
         targets = select_variables(infos, rule.select, rule.layer_type, rule.exclude, rule.name)
-        paths = self._admissible(rule, targets, rules.rules.values(), update_mode)
+        paths = admissible_paths(rule, targets, rules.rules.values(), update_mode, self.shapes)
         state = RuleState(rule, paths)
         added_initial = []
         try:
@@ -340,45 +362,6 @@ class Planner:
                 self.initial_values.pop(path, None)  # a refused read leaves none
             raise
         return state
-
-    def _admissible(self, rule: FreezeRule, targets: Sequence[Any], states: Any, update_mode: str) -> List[str]:
-        """The paths ``rule`` may cover, after the checks that need only its targets and the other rules."""
-        non_trainable = [t.path for t in targets if not t.trainable]
-        if non_trainable and rule.non_trainable == "error":
-            raise FreezeConfigError(
-                f"rule {rule.name!r} selects non-trainable variables {non_trainable}: gradients do not train "
-                "them, so freezing has no effect there. Narrow 'select' / add 'exclude', or set "
-                "non_trainable: skip (leave them out) or non_trainable: pin (hold them at the pinned value)"
-            )
-        if rule.non_trainable == "skip":
-            targets = [t for t in targets if t.trainable]
-            if not targets:
-                raise FreezeConfigError(f"rule {rule.name!r} selects only non-trainable variables {non_trainable}")
-        if rule.dynamic and rule.regrow is None and update_mode in ("compact", "sampled"):
-            raise FreezeConfigError(
-                f"rule {rule.name!r} changes how many elements it freezes during training (start/end bounds or "
-                "update_every_n_steps), which update 'compact' does not support; use update 'auto' (dense where "
-                "masks change) or 'dense'"
-            )
-        paths = [t.path for t in targets]
-        for state in states:  # a variable a `regrow` rule moves is covered by that rule only
-            shared = [p for p in paths if p in state.paths]
-            if shared and (rule.regrow is not None or state.rule.regrow is not None):
-                mover = rule.name if rule.regrow is not None else state.rule.name
-                raise FreezeConfigError(
-                    f"rules {state.rule.name!r} and {rule.name!r} both cover {shared}, but {mover!r} regrows "
-                    "its elements, which needs a variable to itself; narrow 'select' or add 'exclude'"
-                )
-        if rule.regrow is not None:
-            not_float = [p for p in paths if not np.issubdtype(self.shapes[p][1], np.floating)]
-            scalars = [p for p in paths if len(self.shapes[p][0]) == 0]
-            if not_float or scalars:
-                raise FreezeConfigError(f"rule {rule.name!r}: regrow needs float variables with at least one "
-                                        f"axis, got {not_float + scalars}")
-            if rule.regrow.method == "rigl" and update_mode == "sampled":  # RigL grows where |dense grad| is largest
-                raise FreezeConfigError(f"rule {rule.name!r}: regrow method 'rigl' needs the dense gradient, which "
-                                        "update 'sampled' never forms; use method 'set' or update 'compact'")
-        return paths
 
     def advance(self, states: Sequence[RuleState], step: int, epoch: int) -> List[str]:
         """Switches scheduled rules on or off and re-selects due gradual-pruning rules at ``step`` / ``epoch``.

@@ -110,22 +110,45 @@ def _input_axis(shape: tuple) -> int:
     return 0 if len(shape) <= 2 else len(shape) - 2
 
 
-def _random_subset(size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+def _random_subset(size: int, count: int, rng: np.random.Generator, packed: bool = False) -> np.ndarray:
     """A flat bool array with exactly ``count`` of ``size`` entries True, uniformly at random.
 
     Vectorised and O(size) at most: the smaller side (the ``count`` chosen or
     the ``size - count`` left) is drawn, by ``Generator.choice`` without
     replacement when it is small, else as the smallest of ``size`` uniform
-    float32 keys (``np.argpartition``).
+    float32 keys (``np.argpartition``). The draws are those of earlier versions:
+    the same seed selects the same elements (checkpoints store the selection).
+    With ``packed``, the result is ``np.packbits`` of that array, built from the
+    drawn positions alone when they are few (no bool array of ``size``).
     """
     small = min(count, size - count)
     if small <= size // 20:
         picked = rng.choice(size, small, replace=False) if small else np.empty(0, np.int64)
+        if packed:
+            return _packed_at(size, picked, small == count)
     else:
         picked = np.argpartition(rng.random(size, dtype=np.float32), small - 1)[:small]
-    chosen = np.zeros(size, dtype=bool)
-    chosen[picked] = True
-    return chosen if small == count else ~chosen
+    chosen = np.zeros(size, dtype=bool) if small == count else np.ones(size, dtype=bool)  # one pass either way
+    chosen[picked] = small == count
+    return np.packbits(chosen) if packed else chosen
+
+
+def _packed_at(size: int, positions: np.ndarray, value: bool) -> np.ndarray:
+    """``np.packbits`` of a flat bool array of ``size`` entries that are ``value`` at ``positions``, else not."""
+    out = np.zeros((size + 7) // 8, np.uint8) if value else _padded(np.full((size + 7) // 8, 0xFF, np.uint8), size)
+    masks = np.right_shift(0x80, positions & 7).astype(np.uint8)  # packbits is big-endian: entry 8 b + c is bit c
+    if value:
+        np.bitwise_or.at(out, positions >> 3, masks)
+    else:
+        np.bitwise_and.at(out, positions >> 3, ~masks)
+    return out
+
+
+def _padded(packed: np.ndarray, size: int) -> np.ndarray:
+    """``packed`` with the padding bits past ``size`` entries set to 0, as ``np.packbits`` leaves them."""
+    if size % 8:
+        packed[-1] &= np.uint8((0xFF << (8 - size % 8)) & 0xFF)
+    return packed
 
 
 def _select_indices(ctx: ElementContext, value: Any) -> np.ndarray:
@@ -155,6 +178,11 @@ def _select_indices(ctx: ElementContext, value: Any) -> np.ndarray:
             )
         frozen[flat] = True
     return frozen.reshape(ctx.shape)
+
+
+def _random(spec: Mapping[str, Any], ctx: ElementContext, packed: bool = False) -> np.ndarray:
+    return _random_subset(ctx.size, int(round(float(spec["random"]) * ctx.size)),
+                          np.random.default_rng(_path_seed(spec.get("seed", 0), ctx.path)), packed)
 
 
 def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
@@ -188,8 +216,7 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
             )
         return ~_check_shape(array, ctx, f"elements.mask_file {value!r}").astype(bool)
     if key == "random":
-        return _random_subset(ctx.size, int(round(float(value) * ctx.size)),
-                              np.random.default_rng(_path_seed(spec.get("seed", 0), ctx.path))).reshape(ctx.shape)
+        return _random(spec, ctx).reshape(ctx.shape)
     if key in ("magnitude", "magnitude_threshold"):
         weights = ctx.value
         if "weights_file" in spec:
@@ -226,7 +253,8 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
     raise FreezeConfigError(f"unknown selector {key!r}; allowed: {list(SELECTORS)}")
 
 
-def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = None) -> np.ndarray:
+def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = None, *,
+                    packed: bool = False) -> np.ndarray:
     """Resolves an element selector against one variable.
 
     Args:
@@ -235,9 +263,12 @@ def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = 
       fraction: for ``magnitude`` and ``random`` selectors only, a fraction
         that replaces the spec's (used by gradual-pruning schedules and by
         layer-wise allocations, which give each variable its own fraction).
+      packed: return ``np.packbits`` of the flat result instead (a ``random``
+        selector builds it without a bool array of the variable's size).
 
     Returns:
-      ``np.ndarray`` of dtype bool and shape ``ctx.shape``; ``True`` = frozen.
+      ``np.ndarray`` of dtype bool and shape ``ctx.shape``; ``True`` = frozen
+      (with ``packed``, its packed bits: ``uint8``, ``ceil(ctx.size / 8)`` bytes).
 
     Raises:
       FreezeConfigError: the spec does not fit this variable (indices out of
@@ -249,5 +280,10 @@ def select_elements(spec: Any, ctx: ElementContext, fraction: Optional[float] = 
         if key not in ("magnitude", "random"):
             raise FreezeConfigError(f"a fraction can replace only a magnitude or random selector's, not {key!r}'s")
         spec = dict(spec, **{key: fraction})
+    invert = spec.get("invert", False)
+    if packed and selector_name(spec) == "random":
+        frozen = _random(spec, ctx, packed=True)
+        return _padded(~frozen, ctx.size) if invert else frozen
     frozen = _select(spec, ctx)
-    return ~frozen if spec.get("invert", False) else frozen
+    frozen = ~frozen if invert else frozen
+    return np.packbits(frozen.reshape(-1)) if packed else frozen

@@ -1,4 +1,4 @@
-"""The one store of what the compiled step touches, and the checkpointing of the rule state.
+"""The one store of what the compiled step touches.
 
 :class:`MaskState` holds, keyed by ``variable.path``, the device variables of
 every covered variable's update (dense masks, pins of pinned non-trainable
@@ -10,18 +10,17 @@ them. Exactly two methods change what the step sees and bump
 :attr:`MaskState.version`: :meth:`MaskState.set_plan` and
 :meth:`MaskState.drop_update`.
 
-What a rule captured when it was applied (the elements a ``magnitude`` or
-``mask_file`` selector chose, when a gradual-pruning rule last updated) and
-the digests of ``current`` pins live in NumPy; :class:`RuleStateTrackable` stores
-them in the same ``tf.train.Checkpoint`` through ``tf.train.experimental.PythonState``.
-Every key is a variable path, never a sanitized string.
+What a rule captured when it was applied and the digests of ``current`` pins
+live in NumPy; :class:`~trainer.masks.rule_state.RuleStateTrackable` stores
+them in the same ``tf.train.Checkpoint``. Every key is a variable path, never
+a sanitized string. Set-up reads each variable once, as a read-only view (no
+copy), and finds the few trainable elements of a mostly frozen one from its
+packed mask (:mod:`~trainer.masks.bitmask`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 from typing import Any, Callable, Dict, List, MutableMapping, Optional, Sequence, Tuple
 
 import keras
@@ -34,6 +33,7 @@ from trainer.masks.errors import FreezeConfigError
 from trainer.masks.plan import RuleState, VariablePlan, bits
 from trainer.masks import sampled_layers
 from trainer.masks.precision import check_mode, is_reduced
+from trainer.masks.rule_state import RuleStateTrackable  # noqa: F401  (re-exported: the registry imports it here)
 from trainer.masks.slots import slots_by_path, zero_slots
 from trainer.masks.updates import CompactUpdate, DenseUpdate, PinUpdate, choose_mode, make_update
 from trainer.masks.values import rescaled
@@ -89,8 +89,11 @@ class MaskState:
         return {i.path: (tuple(int(d) for d in i.variable.shape), np.dtype(i.variable.dtype)) for i in self.infos}
 
     def read(self, path: str) -> np.ndarray:
-        """The value of the variable ``path`` now, on the host."""
-        return np.asarray(self.by_path[path].variable.numpy())
+        """The value of the variable ``path`` now, on the host: a read-only view of its buffer, no copy.
+
+        Hold it only while using it: an in-place update of the variable copies the buffer while a view is alive.
+        """
+        return np.asarray(tf.convert_to_tensor(self.by_path[path].variable.value))
 
     def update(self, path: str):
         """The :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` of ``path``, or ``None``."""
@@ -231,15 +234,23 @@ class MaskState:
         covered = self.covered.setdefault(path, Covered())
         covered.rules = list(plan.rules)
         live, moved = plan.live, False
-        if (plan.derivable & (bits(plan.target) != bits(live))).any():
+        if plan.has_derivable and (plan.derivable & (bits(plan.target) != bits(live))).any():
             info.variable.assign(plan.target)  # target is the live value with the pins written in
             live, moved = plan.target, True
-        trainable, update = ~plan.frozen, self.update(path)
+        update = self.update(path)
         old = update.trainable_mask() if update is not None else None
+        trainable = None if old is None else ~plan.frozen  # made where it is compared with the device's mask
         changed = moved or old is None or not np.array_equal(old, trainable)
-        covered.frozen_elements = int(np.count_nonzero(plan.frozen))
-        current = plan.frozen & ~plan.derivable
-        self.digests[path] = audit.digest(live, current) if current.any() else ""
+        covered.frozen_elements = plan.frozen_count
+        # At most 1 in audit.RUNS trainable: their positions, found once, serve the digest and the compact indices.
+        size = plan.selection.size
+        few = size and (size - plan.frozen_count) * audit.RUNS <= size
+        trainable_at = plan.packed.false_positions() if few else None
+        if plan.has_derivable:
+            current = plan.frozen & ~plan.derivable
+            self.digests[path] = audit.digest(live, current) if current.any() else ""
+        else:  # every frozen element is pinned to its own value: the digest reads the packed selection
+            self.digests[path] = audit.digest(live, plan.packed, trainable_at) if plan.frozen_count else ""
         if plan.static_full != covered.static_full:
             covered.static_full, structural = plan.static_full, True
         if plan.static_full and info.trainable:
@@ -260,7 +271,9 @@ class MaskState:
                 "after the optimizer was built; add every rule before attach_optimizer (or the Trainer)"
             )
         self._remove(path)
-        new = make_update(mode, variable=info.variable, trainable=trainable,
+        if trainable is None and (mode != "compact" or trainable_at is None):
+            trainable = ~plan.frozen
+        new = make_update(mode, variable=info.variable, trainable=trainable, positions=trainable_at,
                           name=f"{mode}_{len(self.masks) + len(self.compact)}")
         if mode == "compact":
             self.indices[path], self.compact[path] = new.indices, new.compact
@@ -277,10 +290,10 @@ class MaskState:
     def _mode(self, info: VariableInfo, plan: VariablePlan, update: Any) -> str:
         if not info.trainable:
             return "pinned"
-        size = max(int(plan.frozen.size), 1)
+        size = max(int(plan.selection.size), 1)
         reduced = is_reduced(info.variable.dtype)  # compact with float32 masters at any fraction
-        mode = choose_mode(self.requested, trainable_fraction=1.0 - np.count_nonzero(plan.frozen) / size,
-                           dynamic=plan.dynamic, rank=plan.frozen.ndim, crossover=1.0 if reduced else self.crossover)
+        mode = choose_mode(self.requested, trainable_fraction=1.0 - plan.frozen_count / size,
+                           dynamic=plan.dynamic, rank=plan.selection.ndim, crossover=1.0 if reduced else self.crossover)
         mode = "compact" if mode == "sampled" else mode  # the layers say where the gradient is sampled
         if self.optimizer is not None and update is None and mode == "compact" and self.requested == "auto":
             mode = "dense"  # the optimizer has slots for the model variable already
@@ -316,7 +329,9 @@ class MaskState:
         """Writes every derivable pin that moved back into its frozen elements (eagerly), then syncs compact."""
         for path in self.covered:
             plan, variable = combine(path), self.by_path[path].variable
-            live = np.asarray(variable.numpy())
+            if not plan.has_derivable:
+                continue
+            live = plan.live
             move = plan.frozen & plan.derivable & (bits(plan.target) != bits(live))
             if move.any():
                 variable.assign(np.where(move, plan.target, live))
@@ -327,7 +342,7 @@ class MaskState:
         for path in paths:
             variable = self.by_path[path].variable
             if len(variable.shape) >= 2:
-                variable.assign(rescaled(np.asarray(variable.numpy()), trainable(path)))
+                variable.assign(rescaled(self.read(path), trainable(path)))
         self.sync_compact()
 
     def restored(self, step: int, epoch: int, digests: Dict[str, str]) -> None:
@@ -343,58 +358,8 @@ class MaskState:
         """
         for path, covered in self.covered.items():
             plan = combine(path)
-            covered.rules, covered.frozen_elements = list(plan.rules), int(plan.frozen.sum())
+            covered.rules, covered.frozen_elements = list(plan.rules), plan.frozen_count
             update = self.update(path)
             if update is not None and not np.array_equal(update.trainable_mask(), ~plan.frozen):
                 raise ValueError(f"the checkpoint's mask of {path!r} disagrees with its rule state; "
                                  "was it written by another freeze configuration?")
-
-
-class RuleStateTrackable(tf.train.experimental.PythonState):
-    """Serializes each rule's activity, last update step and captured selections, and the pin digests.
-
-    Reads and restores only public names of a :class:`MaskState`; call
-    ``MaskRegistry.after_restore()`` once the checkpoint's variables are
-    restored too.
-
-    Args:
-      state: the registry's :class:`MaskState`.
-    """
-
-    def __init__(self, state: MaskState):
-        self._state = state
-        self.restored = False
-
-    @property
-    def digests(self) -> Dict[str, str]:
-        """The non-empty pin digests, per variable path."""
-        return {p: d for p, d in self._state.digests.items() if d and p in self._state.covered}
-
-    def serialize(self) -> bytes:
-        state = self._state
-        header = {"rules": {}, "step": state.step, "epoch": state.epoch, "digests": self.digests}
-        arrays = {}
-        for i, (name, rule) in enumerate(state.rules.items()):
-            header["rules"][name] = {"active": rule.active, "last_update_step": rule.last_update_step,
-                                     "captured": list(rule.captured)}
-            for j, path in enumerate(rule.captured):
-                arrays[f"r{i}_c{j}"] = rule.captured[path]
-        buffer = io.BytesIO()
-        np.savez(buffer, header=np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8), **arrays)
-        return buffer.getvalue()
-
-    def deserialize(self, data: bytes) -> None:
-        rules = self._state.rules
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            header = json.loads(npz["header"].tobytes().decode("utf-8"))
-            unknown = sorted(set(header["rules"]) - set(rules))
-            if unknown:
-                raise ValueError(f"the checkpoint has rules {unknown} that this run does not declare; "
-                                 f"declared rules: {list(rules)}")
-            for i, (name, saved) in enumerate(header["rules"].items()):
-                rule = rules[name]
-                rule.active = bool(saved["active"])
-                rule.last_update_step = saved["last_update_step"]
-                rule.captured = {path: np.asarray(npz[f"r{i}_c{j}"]) for j, path in enumerate(saved["captured"])}
-            self._state.restored(int(header["step"]), int(header["epoch"]), dict(header.get("digests", {})))
-        self.restored = True

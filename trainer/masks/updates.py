@@ -156,14 +156,17 @@ class CompactUpdate:
         self.compact = compact
 
     @classmethod
-    def create(cls, *, variable: keras.Variable, trainable: np.ndarray, name: str) -> "CompactUpdate":
+    def create(cls, *, variable: keras.Variable, trainable: Optional[np.ndarray], name: str,
+               positions: Optional[np.ndarray] = None) -> "CompactUpdate":
         """A new update with its indices (int32; int64 past 2**31 elements) and compact ``[k]`` variables.
 
-        The compact variable has the variable's dtype, float32 for a bfloat16 / float16 one.
+        The compact variable has the variable's dtype, float32 for a bfloat16 / float16 one. ``positions``,
+        the sorted flat positions of the trainable elements, replace ``trainable`` where the caller has them.
         """
         size = int(np.prod(variable.shape, dtype=np.int64))
         dtype = np.int64 if size >= 2**31 else np.int32
-        flat = np.flatnonzero(np.asarray(trainable).reshape(-1)).astype(dtype)
+        flat = np.flatnonzero(np.asarray(trainable).reshape(-1)) if positions is None else np.asarray(positions)
+        flat = flat.astype(dtype)
         indices = tf.Variable(flat, trainable=False, name=name + "_indices")
         values = tf.cast(tf.gather(tf.reshape(tf.convert_to_tensor(variable.value), [-1]), flat),
                          master_dtype(variable.dtype))
@@ -292,10 +295,16 @@ class PinUpdate(DenseUpdate):
         return super().memory_bytes() * (1 + self.pins.dtype.size)
 
 
-def make_update(mode: str, *, variable: keras.Variable, trainable: np.ndarray, name: str):
-    """A :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` (``mode="pinned"``)."""
-    cls = {"compact": CompactUpdate, "dense": DenseUpdate, "pinned": PinUpdate}[mode]
-    return cls.create(variable=variable, trainable=trainable, name=name)
+def make_update(mode: str, *, variable: keras.Variable, trainable: Optional[np.ndarray], name: str,
+                positions: Optional[np.ndarray] = None):
+    """A :class:`DenseUpdate`, :class:`CompactUpdate` or :class:`PinUpdate` (``mode="pinned"``).
+
+    ``positions`` (compact only; ignored otherwise): the sorted flat positions of the trainable elements, read in
+    place of ``trainable`` (:meth:`CompactUpdate.create`).
+    """
+    if mode == "compact":
+        return CompactUpdate.create(variable=variable, trainable=trainable, name=name, positions=positions)
+    return {"dense": DenseUpdate, "pinned": PinUpdate}[mode].create(variable=variable, trainable=trainable, name=name)
 
 
 def choose_mode(requested: str, *, trainable_fraction: float, dynamic: bool, rank: int,

@@ -49,6 +49,21 @@ def is_zero(value: PinnedValue) -> bool:
     return value == "zero" or (not isinstance(value, str) and float(value) == 0.0)
 
 
+def constant_pin(value: float, dtype: np.dtype, where: str) -> np.ndarray:
+    """A constant pin as a 0-d array of ``dtype``, bit-exact (``-0.0`` stays ``-0.0``).
+
+    Raises:
+      FreezeConfigError: the value overflows ``dtype`` (``1e39`` for float32) or underflows to 0 (``1e-46``).
+    """
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pin = np.asarray(value, dtype=np.float64).astype(dtype)
+    if np.issubdtype(dtype, np.floating) and (not np.isfinite(pin) or (pin == 0) != (float(value) == 0)):
+        raise FreezeConfigError(f"{where}: value {value!r} is not representable in {dtype.name} "
+                                f"(it would become {float(pin)}); use a value within {dtype.name}'s range")
+    return pin
+
+
 def resolve_value(value: PinnedValue, current: np.ndarray, initial: np.ndarray) -> np.ndarray:
     """The pinned values for every element of one variable.
 
