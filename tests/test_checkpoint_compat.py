@@ -4,13 +4,17 @@ tests/compat/v0_1/ was written by ``python -m tests.compat.build`` with the code
 into step, guard, controller and mask-state modules): a run's ``checkpoint_objects`` after 12 steps, and what
 every variable held after a restore and 8 more steps. Any change to a checkpoint key (the registry's masks, pins,
 compact values and indices, its rule state, the optimizer's slots, the loop counters) or to the arithmetic of
-the step fails here. Never regenerate the fixture to make this pass: add a new one beside it.
+the step fails here. Never regenerate the fixture to make this pass: add a new one beside it. The continued steps'
+last ULPs depend on the CPU's float kernels, so the old code's result is kept per machine kind
+(``tests/compat/build.py`` says how one is added, always with the old code): today's result must equal one of them
+bit for bit.
 """
 
 import numpy as np
 import pytest
 
-from tests.compat.build import CONTINUE_TO, EXPECTED, PREFIX, SAVED_AT, checkpoint, dataset, make_trainer, snapshot
+from tests.compat.build import (CONTINUE_TO, EXPECTED_FILES, PREFIX, SAVED_AT, checkpoint, dataset, make_trainer,
+                                 snapshot)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +37,14 @@ def test_the_old_checkpoint_restores_every_object_and_counter(resumed):
 
 def test_the_old_checkpoint_continues_bit_exactly(resumed):
     resumed.fit(dataset(), epochs=1, max_steps=CONTINUE_TO, verbose=False)
-    with np.load(EXPECTED) as npz:
-        expected = {k.replace("|", "/"): npz[k] for k in npz.files}
     got = snapshot(resumed)
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        assert got[key].dtype == value.dtype, key
-        if value.dtype.kind == "f":
-            np.testing.assert_array_equal(got[key].view(f"u{value.dtype.itemsize}"),
-                                          value.view(f"u{value.dtype.itemsize}"), err_msg=key)
-        else:
-            np.testing.assert_array_equal(got[key], value, err_msg=key)
+    assert len(EXPECTED_FILES) >= 2
+    differences = {}
+    for path in EXPECTED_FILES:  # the old code's result on each machine kind: one must match every bit
+        with np.load(path) as npz:
+            expected = {k.replace("|", "/"): npz[k] for k in npz.files}
+        assert sorted(got) == sorted(expected), path
+        assert all(got[key].dtype == value.dtype for key, value in expected.items()), path
+        differences[path] = [key for key, value in expected.items() if got[key].tobytes() != value.tobytes()]
+    assert min(len(keys) for keys in differences.values()) == 0, differences
     assert resumed.registry.exact()

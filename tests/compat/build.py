@@ -4,10 +4,17 @@ Every part of a run's checkpoint is here: a compact update (fc1/kernel, 10 % tra
 captured magnitude selection and a `current` pin (fc2/kernel), a SET prune-and-regrow rule on a dense update
 (out/kernel), a pinned non-trainable variable (bn/moving_mean), AdamW slots, a skipped non-finite step and the
 loop counters. Only public names are used, so the same code builds the run the fixture is restored into.
+
+What the 8 continued steps compute depends, by a few ULPs, on the CPU's float kernels (oneDNN picks them by
+instruction set): the code of 4c49d48, continued from the same checkpoint, gives ``expected.npz`` on the machine
+that wrote it and ``expected_amd_epyc.npz`` on an AMD EPYC with AVX-512, each run twice identically. One file per
+machine kind, each written by that code: to add one, extract 4c49d48 (``git archive 4c49d48``), copy this file
+and ``v0_1/`` beside its ``trainer/``, and run :func:`write_expected` there with a new file name.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
 import keras
@@ -21,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "v0_1")  # written by the code of commit 83c9018 (= 4c49d48 for everything it runs)
 PREFIX = os.path.join(FIXTURE, "ckpt")
 EXPECTED = os.path.join(FIXTURE, "expected.npz")
+EXPECTED_FILES = sorted(glob.glob(os.path.join(FIXTURE, "expected*.npz")))  # one per machine kind (see above)
 BATCH, SAVED_AT, CONTINUE_TO = 64, 12, 20
 NAN_BATCH = 3  # the 4th batch holds a NaN: skipped, so the step counter lags the batches drawn by one
 
@@ -92,6 +100,16 @@ def write_fixture() -> None:
     resumed.registry.after_restore()
     resumed.fit(dataset(), epochs=1, max_steps=CONTINUE_TO, verbose=False)
     np.savez(EXPECTED, **{k.replace("/", "|"): v for k, v in snapshot(resumed).items()})
+
+
+def write_expected(path: str) -> None:
+    """Restores the fixture's checkpoint, continues to CONTINUE_TO and writes what every variable then holds
+    to ``path``: the expected file of this machine kind (run with the code of 4c49d48, never today's)."""
+    resumed = make_trainer()
+    checkpoint(resumed).read(PREFIX).assert_consumed()
+    resumed.registry.after_restore()
+    resumed.fit(dataset(), epochs=1, max_steps=CONTINUE_TO, verbose=False)
+    np.savez(path, **{k.replace("/", "|"): v for k, v in snapshot(resumed).items()})
 
 
 if __name__ == "__main__":
