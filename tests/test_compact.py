@@ -189,3 +189,35 @@ def test_trainer_without_registry_builds_and_copies_nothing():
     assert trainer.registry.covered_paths() == [] and trainer.registry.memory_bytes() == {}
     assert trainer.registry.masks == {} and trainer.registry.compact == {}
     assert len(trainer.optimizer.variables) == 2 + 2 * len(model.trainable_variables)  # Adam's slots only
+
+
+@pytest.mark.parametrize("update", ["compact", "auto"])
+def test_a_compact_rule_added_after_the_optimizer_was_built_is_refused_or_updates_densely(update):
+    # issue 26, item 10: a new [k] variable would be unknown to the optimizer already built on the model's variables
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="fc"), keras.layers.Dense(2, name="out")],
+                             name="net")
+    registry = MaskRegistry(model, update=update)
+    trainer = Trainer(model, keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      registry=registry, jit_compile=False)
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    trainer.fit(x, y, batch_size=16, epochs=1, verbose=False)
+    before = {v.path: v.numpy().copy() for v in model.variables}
+    version = registry.structure_version
+    rule = dict(select="fc/kernel", elements={"random": 0.9, "seed": 0}, value="current", name="late")
+    if update == "compact":
+        with pytest.raises(FreezeConfigError) as info:
+            registry.freeze(**rule)
+        assert str(info.value) == (
+            "variable 'net/fc/kernel' would get a compact update after the optimizer was built on the model's "
+            "variables; add such rules before the optimizer is attached (the Trainer's construction), or create the "
+            "MaskRegistry with update='auto' (rules added later then update densely)")
+        assert registry.covered_paths() == [] and registry.structure_version == version  # nothing changed
+        assert all(np.array_equal(v.numpy(), before[v.path]) for v in model.variables)
+    else:
+        registry.freeze(**rule)
+        assert registry.update_modes() == {"net/fc/kernel": "dense"}
+    trainer.fit(x, y, batch_size=16, epochs=1, verbose=False)  # trains on, and the late rule (if any) holds
+    assert registry.exact()
+    assert not np.array_equal(model.get_layer("out").kernel.numpy(), before["net/out/kernel"])

@@ -182,14 +182,16 @@ class MaskState:
           True when any mask or pinned value changed.
 
         Raises:
-          FreezeConfigError: conflicting pins, or a dense update of a bfloat16 / float16 variable.
+          FreezeConfigError: conflicting pins, a dense update of a bfloat16 / float16 variable, or a new
+            compact update after the optimizer was built.
         """
         for path in paths:
             info = self.by_path[path]
             reduced = info.trainable and is_reduced(info.variable.dtype)
-            if len(self.rules_for(path)) > 1 or reduced:
+            late = info.trainable and self.optimizer is not None and self.update(path) is None
+            if len(self.rules_for(path)) > 1 or reduced or late:
                 plan = combine(path)  # raises on conflicting pins
-                if reduced and not plan.static_full:
+                if (reduced or late) and not plan.static_full:
                     self._mode(info, plan, self.update(path))  # raises on a dense update of a bfloat16 variable
         changed = False
         for path in paths:
@@ -295,7 +297,13 @@ class MaskState:
         mode = choose_mode(self.requested, trainable_fraction=1.0 - plan.frozen_count / size,
                            dynamic=plan.dynamic, rank=plan.selection.ndim, crossover=1.0 if reduced else self.crossover)
         mode = "compact" if mode == "sampled" else mode  # the layers say where the gradient is sampled
-        if self.optimizer is not None and update is None and mode == "compact" and self.requested == "auto":
+        if self.optimizer is not None and update is None and mode == "compact":
+            if self.requested != "auto":  # its [k] values would be a variable the built optimizer does not know
+                raise FreezeConfigError(
+                    f"variable {info.path!r} would get a {self.requested} update after the optimizer was built on "
+                    "the model's variables; add such rules before the optimizer is attached (the Trainer's "
+                    "construction), or create the MaskRegistry with update='auto' (rules added later then update "
+                    "densely)")
             mode = "dense"  # the optimizer has slots for the model variable already
         check_mode(info.path, info.variable.dtype, mode)
         return mode
