@@ -147,6 +147,20 @@ def test_sampled_gradients_are_refused():
         "variables, not the sampled layers' compact ones; use update='auto', 'dense' or 'compact'")
 
 
+def test_the_stateless_apply_of_other_backends_is_refused_with_what_to_do():
+    model, registry = build()
+    optimizer = MaskedOptimizer(keras.optimizers.SGD(0.1), registry)
+    before = bits(model)
+    with pytest.raises(RuntimeError) as error:
+        optimizer.stateless_apply(optimizer.variables, [tf.zeros_like(v) for v in model.trainable_variables],
+                                  model.trainable_variables)
+    assert str(error.value) == (
+        "MaskedOptimizer has no stateless apply: the registry keeps frozen elements exact by updating its "
+        "variables in place; run Keras on the TensorFlow backend (KERAS_BACKEND=tensorflow), where model.fit "
+        "calls apply")
+    assert all(np.array_equal(a, b) for a, b in zip(bits(model), before))
+
+
 MIRRORED = r'''
 import json
 import numpy as np, tensorflow as tf

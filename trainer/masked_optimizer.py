@@ -27,7 +27,11 @@ import tensorflow as tf
 from trainer.masked_saving import load_state, loop_refusal, pending_registry, refusal, rule_configs, save_state
 from trainer.masks import MaskRegistry
 
-__all__ = ["MaskedOptimizer"]
+__all__ = ["MaskedOptimizer", "STATELESS_REFUSAL"]
+
+STATELESS_REFUSAL = ("MaskedOptimizer has no stateless apply: the registry keeps frozen elements exact by updating "
+                     "its variables in place; run Keras on the TensorFlow backend (KERAS_BACKEND=tensorflow), "
+                     "where model.fit calls apply")
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -120,7 +124,15 @@ class MaskedOptimizer(keras.optimizers.Optimizer):
         self.registry.internals()[0].sync_compact()
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        raise NotImplementedError("MaskedOptimizer runs on the TensorFlow backend's stateful apply only")
+        """Refused: the registry keeps frozen elements exact by updating its variables in place.
+
+        Keras calls this only on the JAX backend; this project runs on the TensorFlow backend (its step and
+        the registry's updates are ``tf.function`` s writing ``tf.Variable`` s), where Keras uses :meth:`apply`.
+
+        Raises:
+          RuntimeError: always, with what to do instead.
+        """
+        raise RuntimeError(STATELESS_REFUSAL)
 
     @property
     def learning_rate(self):

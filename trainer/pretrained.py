@@ -58,7 +58,8 @@ def load_initial_weights(model: keras.Model, path: str, exclude: Sequence[str], 
 
     Raises:
       ValueError: one line naming the file and the problem: missing (with the
-        command that makes it, where ``made_by`` writes it), not a regular ``.npz`` file, a shape, dtype or value that does not fit, variables the
+        command that makes it, where ``made_by`` writes it), not a regular
+        ``.npz`` file, a shape, dtype or value that does not fit, variables the
         file lacks (without ``partial``), or none of the model's variables.
     """
     where = f"model.init_from {str(path)!r}"
