@@ -13,7 +13,11 @@ The ``[tokens, k]`` intermediates are chunked over tokens: each chunk holds at
 most :data:`CHUNK_ELEMENTS` elements per intermediate (so about
 ``3 * CHUNK_ELEMENTS * 4`` bytes at once: two gathered operands and their
 product), and the dense ``[in, out]`` gradient is never formed. ``dx`` is
-computed as usual (``einsum(dy, kernel)``).
+``einsum(dy, kernel)``, computed as one matrix product with the kernel read as
+a ``[R, C]`` (or ``[C, R]``) matrix where its axes allow (:func:`input_gradient`):
+XLA's CPU backend turns the einsum of a kernel of rank 3 (a keras-hub
+attention projection, ``[hidden, heads, head_dim]``) into a transposed
+*copy* of the kernel, one kernel-sized buffer per projection per step.
 
 :func:`sampled_einsum` is a ``tf.custom_gradient`` whose gradient goes to the
 compact ``[k]`` values (an input that the forward does not need numerically:
@@ -148,6 +152,43 @@ def sampled_kernel_gradient(x: tf.Tensor, dy: tf.Tensor, indices: tf.Tensor, sha
     return chunked_sum(lambda a, b: tf.gather(a, rows, axis=1) * tf.gather(b, cols, axis=1), x2, dy2, k)
 
 
+def input_gradient(equation: Equation, dy: tf.Tensor, kernel: tf.Tensor, x_shape: tf.Tensor) -> tf.Tensor:
+    """``dx = einsum(equation.backward, dy, kernel)``, as one matrix product where the kernel's axes allow it.
+
+    When the kernel's axes are its contracted axes followed by its output
+    axes (``[R, C]``, e.g. ``"muh"`` in ``"bqm,muh->bquh"``) or the output
+    axes followed by the contracted ones (``[C, R]``), the kernel is read as
+    a matrix by a reshape (no copy) and ``dx2 = dy2 @ K^T`` (or ``dy2 @ K``)
+    is one ``tf.matmul`` with ``transpose_b``, which XLA computes without
+    moving the kernel. Otherwise (interleaved axes) the einsum is used.
+
+    Args:
+      equation: the layer's :class:`Equation`.
+      dy: the output gradient, axes ``equation.out``.
+      kernel: the kernel's value.
+      x_shape: ``tf.shape(x)`` of the forward input (axes ``equation.x``).
+
+    Returns:
+      ``dx``, axes ``equation.x``, ``dy``'s dtype.
+    """
+    letters = list(equation.kernel)
+    rows, cols = list(equation.contracted), list(equation.outputs)
+    if letters == rows + cols:
+        transpose = True
+    elif letters == cols + rows:
+        transpose = False
+    else:
+        return tf.einsum(equation.backward, dy, kernel)
+    size = {a: int(kernel.shape[letters.index(a)]) for a in letters}
+    r, c = int(np.prod([size[a] for a in rows])), int(np.prod([size[a] for a in cols]))
+    matrix = kernel if len(letters) == 2 else tf.reshape(kernel, [r, c] if transpose else [c, r])
+    dx2 = tf.matmul(_as_matrix(dy, equation.out, equation.tokens, cols), matrix, transpose_b=transpose)
+    tokens = [x_shape[equation.x.index(a)] for a in equation.tokens]
+    dx = tf.reshape(dx2, tf.stack(tokens + [size[a] for a in rows]))  # axes: tokens, then contracted
+    order = [(equation.tokens + rows).index(a) for a in equation.x]
+    return tf.transpose(dx, order) if order != list(range(len(order))) else dx
+
+
 def sampled_einsum(equation: Equation, x: tf.Tensor, kernel, compact: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
     """``einsum(equation, x, kernel)`` whose kernel gradient is sampled and given to ``compact`` (``[k]``).
 
@@ -169,7 +210,7 @@ def sampled_einsum(equation: Equation, x: tf.Tensor, kernel, compact: tf.Tensor,
         y = tf.einsum(equation.text, x, value)
 
         def grad(dy, variables=None):
-            dx = tf.einsum(equation.backward, dy, value)
+            dx = input_gradient(equation, dy, value, tf.shape(x))
             dc = tf.cast(sampled_kernel_gradient(x, dy, indices, shape, equation), compact.dtype)
             return (dx, dc), [None] * len(variables or ())
 
