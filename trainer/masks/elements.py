@@ -19,6 +19,7 @@ import numpy as np
 from trainer.masks.allocation import DISTRIBUTIONS
 from trainer.masks.checks import check_known, is_whole
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.groups import check_groups
 from trainer.masks.scores import check_n_m
 from trainer.masks.slicing import parse_slice
 
@@ -54,7 +55,7 @@ _OPTIONS: Dict[str, tuple] = {
     "mask": (),
     "mask_file": (),
     "random": ("seed", "allocation", "erk_power_scale"),
-    "magnitude": ("weights_file", "allocation", "erk_power_scale"),
+    "magnitude": ("weights_file", "allocation", "erk_power_scale", "groups", "norm", "block"),
     "magnitude_threshold": ("weights_file",),
     "units": (),
     "inputs": (),
@@ -136,6 +137,8 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
     elif key in ("random", "magnitude"):
         _fraction(value, key)
         _check_allocation(spec, key)
+        if key == "magnitude":
+            check_groups(spec)  # groups: units | inputs | blocks (trainer.masks.groups)
         if key == "random" and "seed" in spec:
             seed = spec["seed"]
             if not is_whole(seed, 0):

@@ -17,6 +17,7 @@ import numpy as np
 
 from trainer.masks.elements import SELECTORS, ElementContext, int_list, normalize_elements, selector_name
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.groups import DEFAULT_NORM, smallest_groups
 from trainer.masks.scores import n_m_mask
 from trainer.masks.slicing import parse_slice
 from trainer.npfiles import NpzReader, check_file, check_values, load_npy, path_is_npz
@@ -226,6 +227,9 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
         magnitudes = np.abs(np.asarray(weights, dtype=np.float64))
         if key == "magnitude_threshold":
             return magnitudes < float(value)
+        if "groups" in spec:  # whole units / inputs / blocks by their norm (trainer.masks.groups)
+            return smallest_groups(magnitudes, float(value), spec["groups"], spec.get("norm", DEFAULT_NORM),
+                                   spec.get("block"), path=ctx.path)
         return _smallest(magnitudes, int(round(float(value) * ctx.size)))
     if key == "n_m":  # the N largest |w| of every M along the input axis train (Mishra et al. 2021)
         weights = ctx.value
