@@ -195,3 +195,30 @@ def test_refuses_removing_every_unit_and_softmax():
     registry.freeze("fc/kernel", elements={"units": [0]}, value="zero")
     assert refusal(model, registry) == ("trainer.strip: layer 'fc' has a softmax activation, which mixes its units, "
                                         "so removing some of them would change the others")
+
+
+def test_export_strip_and_tflite_from_a_run(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONFIGS
+    from trainer.config import register
+    from trainer.lite_export import TFLiteModel
+    from trainer.run import run
+
+    register()
+    monkeypatch.chdir(tmp_path)  # outside Hydra, run() writes to the current directory
+    rule = "{select:'fc1/kernel',elements:{magnitude:0.5,groups:units},value:zero}"
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["trainer.max_steps=3", f"+freeze.rules.prune={rule}",
+                                                       "export.strip=true", "export.tflite=true"])
+    report = run(cfg)
+    assert report["status"] == "completed"
+    assert report["strip"] == {"params": 64 * 150 + 150 + 150 * 100 + 100 + 100 * 10 + 10,
+                               "params_before": 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10,
+                               "units": {"fc1": [150, 300], "fc2": [100, 100], "out": [10, 10]}}
+    full = keras.saving.load_model(tmp_path / "model.keras")
+    small = keras.saving.load_model(tmp_path / "stripped.keras")
+    x = np.random.default_rng(6).random((8,) + tuple(full.inputs[0].shape[1:])).astype(np.float32)
+    assert max_diff(full, small, x) <= 1e-5
+    lite = TFLiteModel(str(tmp_path / "model.tflite"), 8)
+    assert np.max(np.abs(lite(x) - np.asarray(small(x)))) <= 1e-5

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional
 import keras
 import numpy as np
 
+__all__ = ["KNOWN", "StripError", "plan_strip", "strip", "strip_for_export"]
+
 L = keras.layers
 PRODUCERS = (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D)
 ELEMENTWISE = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.BatchNormalization, L.Dropout)
@@ -258,3 +260,18 @@ def strip(model, registry=None, *, name: Optional[str] = None):
         x = new(x)
         new.set_weights(weights)
     return keras.Model(inputs, x, name=name or model.name)
+
+
+def strip_for_export(model, registry) -> tuple:
+    """``(stripped model or None, summary)`` for ``export.strip``: a refusal is reported, not raised.
+
+    The summary is ``{"params": n, "params_before": m, "units": {layer: [kept, before]}}`` or
+    ``{"refused": "<the one-line StripError>"}`` (the run's other exports are still written).
+    """
+    try:
+        plans = plan_strip(model, registry)
+        small = strip(model, registry)
+    except StripError as err:
+        return None, {"refused": str(err)}
+    return small, {"params": int(small.count_params()), "params_before": int(model.count_params()),
+                   "units": {name: [int(p["kept"].size), p["units"]] for name, p in plans.items()}}
