@@ -155,3 +155,42 @@ def test_refusals_against_a_variable():
                         regrow={"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10})
     assert str(err.value) == ("rule 'g': regrow drops and grows single elements, so it cannot keep elements.groups: "
                               "units whole; remove regrow or groups")
+
+
+def fan_in_oracle(w, k):
+    """Per output unit (last axis), by a loop: its k largest |w| inputs (ties: the lower position) are kept."""
+    flat = np.abs(np.asarray(w, np.float64)).reshape(-1, w.shape[-1])
+    keep = np.zeros(flat.shape, bool)
+    for o in range(flat.shape[1]):
+        ranked = sorted(range(flat.shape[0]), key=lambda i: (-flat[i, o], i))
+        keep[ranked[:k], o] = True
+    return keep.reshape(w.shape)
+
+
+@pytest.mark.parametrize("shape, k", [((12, 10), 3), ((12, 10), 12), ((3, 3, 4, 8), 5), ((5, 4), 1)])
+def test_fan_in_equals_oracle(shape, k):
+    model, w = net(shape)
+    registry = MaskRegistry(model)
+    registry.freeze("layer/kernel", elements={"fan_in": k}, value="zero", name="fan")
+    trainable = registry.trainable_mask("layer/kernel")
+    np.testing.assert_array_equal(trainable, fan_in_oracle(w, k))
+    assert set(trainable.reshape(-1, shape[-1]).sum(axis=0).tolist()) == {k}
+
+
+def test_fan_in_refusals():
+    for value in (0, 2.5, True, "3"):
+        with pytest.raises(FreezeConfigError) as err:
+            FreezeRule.create("r", select="*/kernel", elements={"fan_in": value}, value="zero")
+        assert str(err.value) == (f"rule 'r': elements.fan_in must be a positive integer (the inputs each output "
+                                  f"unit keeps), got {value!r}")
+    model, _ = net((6, 4))
+    registry = MaskRegistry(model)
+    with pytest.raises(FreezeConfigError) as err:
+        registry.freeze("layer/kernel", elements={"fan_in": 7}, name="f")
+    assert str(err.value) == ("rule 'f', variable 'net/layer/kernel': elements.fan_in 7 is more than the 6 inputs of "
+                              "each unit of variable 'net/layer/kernel' of shape (6, 4); fan_in must lie in [1, 6]")
+    with pytest.raises(FreezeConfigError) as err:
+        registry.freeze("layer/kernel", elements={"fan_in": 2}, value="zero", name="g",
+                        regrow={"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10})
+    assert str(err.value) == ("rule 'g': regrow moves elements between units, so it cannot keep elements.fan_in "
+                              "constant; remove regrow or fan_in")

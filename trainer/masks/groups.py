@@ -173,3 +173,47 @@ def count_frozen_groups(frozen: np.ndarray, groups: str, block: Optional[Sequenc
         b_in, b_out = int(block[0]), int(block[1])
         whole = frozen.reshape(-1, shape[-2] // b_in, b_in, shape[-1] // b_out, b_out).all(axis=(0, 2, 4))
     return int(whole.sum()), int(whole.size)
+
+
+def check_fan_in(value: Any) -> int:
+    """``elements.fan_in`` as an int: a positive integer, the inputs every output unit keeps.
+
+    Raises:
+      FreezeConfigError: not a positive integer.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FreezeConfigError(f"elements.fan_in must be a positive integer (the inputs each output unit keeps), "
+                                f"got {value!r}")
+    return int(value)
+
+
+def fan_in_keep(weights: np.ndarray, k: int, *, path: str = "?") -> np.ndarray:
+    """Constant fan-in: the ``k`` largest ``|w|`` inputs of every output unit (last axis) train, the rest freeze.
+
+    Every output unit then has exactly ``k`` trainable inputs (SRigL: Lasby et al. 2023, *Dynamic Sparse
+    Training with Structured Sparsity*), so the kernel condenses to ``[out, k]`` values and indices
+    (:func:`trainer.condensed.condense`). A conv kernel's fan-in is ``kh * kw * in``.
+
+    Args:
+      weights: a kernel ``(..., out)`` with at least two axes, any float dtype.
+      k: inputs kept per output unit, ``1 <= k <= fan-in``.
+      path: the variable's path, for messages.
+
+    Returns:
+      bool array of ``weights.shape``, ``True`` = kept (trainable); ties broken by the lower position.
+
+    Raises:
+      FreezeConfigError: a variable with fewer than two axes, or ``k`` above the fan-in.
+    """
+    shape = np.shape(weights)
+    if len(shape) < 2:
+        raise FreezeConfigError(f"elements.fan_in needs a kernel with an input axis; {path!r} has shape {tuple(shape)}")
+    magnitudes = np.abs(np.asarray(weights, np.float64)).reshape(-1, shape[-1])
+    if k > magnitudes.shape[0]:
+        raise FreezeConfigError(f"elements.fan_in {k} is more than the {magnitudes.shape[0]} inputs of each unit of "
+                                f"variable {path!r} of shape {tuple(shape)}; fan_in must lie in "
+                                f"[1, {magnitudes.shape[0]}]")
+    order = np.argsort(-magnitudes, axis=0, kind="stable")[:k]  # per column, the k largest
+    keep = np.zeros(magnitudes.shape, dtype=bool)
+    np.put_along_axis(keep, order, True, axis=0)
+    return keep.reshape(shape)

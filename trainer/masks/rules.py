@@ -140,6 +140,9 @@ class FreezeRule:
             if "groups" in spec:
                 raise FreezeConfigError(f"rule {name!r}: regrow drops and grows single elements, so it cannot keep "
                                         f"elements.groups: {spec['groups']} whole; remove regrow or groups")
+            if "fan_in" in spec:
+                raise FreezeConfigError(f"rule {name!r}: regrow moves elements between units, so it cannot keep "
+                                        "elements.fan_in constant; remove regrow or fan_in")
             if pinned != "zero":
                 raise FreezeConfigError(f"rule {name!r}: regrow drops elements to zero, so it needs value: zero, "
                                         f"got value {pinned!r}")
