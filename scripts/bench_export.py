@@ -12,6 +12,8 @@ For LeNet-300-100 (``--model mlp``) or the LeNet-5 style CNN (``--model cnn``) o
   keeps conv1's constant outputs away from conv2's zero padding), trained, then ``trainer.strip`` ped;
 - ``unstruct<p>``: element-wise magnitude pruning at init with each kernel's density equal to the stripped
   model's (the same number of non-zero kernel weights), trained; exported with its zeros;
+- ``fanin<p>`` (mlp only): constant fan-in ``elements: {fan_in: k}`` on ``fc1`` and ``fc2`` with ``k`` = (1 - p)
+  of their inputs, trained, then ``trainer.condensed.condense_model`` (gather + ``[out, k]`` product);
 
 and measures, per case: test accuracy, parameters (non-zero), the file sizes of ``model.keras``, the
 SavedModel and the ``.tflite`` (``Optimize.EXPERIMENTAL_SPARSITY``), and the latency per call at batch 1 and
@@ -46,6 +48,7 @@ import tensorflow as tf  # noqa: E402
 
 import trainer  # noqa: E402
 from trainer import MaskRegistry, Trainer  # noqa: E402
+from trainer.condensed import condense_model  # noqa: E402
 from trainer.data import load_mnist  # noqa: E402
 from trainer.lite_export import (TFLiteModel, directory_bytes, export_saved_model, export_tflite,  # noqa: E402
                                  load_saved_model)
@@ -120,6 +123,18 @@ def make_cases(kind: str, fractions: List[float], splits, epochs: int) -> Dict[s
         registry = prune_unstructured(model, kernel_densities(small, cases["dense"]["model"]))
         train(model, registry, splits, epochs)
         cases[f"unstruct{tag}"] = {"model": model, "masked": model}
+        if kind == "mlp":  # constant fan-in (SRigL) at the same sparsity of fc1 and fc2, condensed
+            model = build(kind)
+            registry = MaskRegistry(model)
+            for name in ("fc1", "fc2"):
+                fan_in = model.get_layer(name).kernel.shape[0]
+                registry.freeze(f"{name}/kernel", elements={"fan_in": max(1, round((1 - fraction) * fan_in))},
+                                value="zero", name=f"{name}_fan_in")
+            train(model, registry, splits, epochs)
+            small = condense_model(model, registry)
+            diff = float(np.max(np.abs(logits(small, splits.x_test) - logits(model, splits.x_test))))
+            cases[f"fanin{tag}"] = {"model": small, "masked": model, "max_abs_logit_diff": diff,
+                                    "params_nonzero": nonzero_params(model)}
     return cases
 
 
@@ -209,7 +224,7 @@ def main(argv=None) -> Dict[str, Any]:
     for case in cases.values():
         case["test_accuracy"] = float(np.mean(np.argmax(logits(case["model"], splits.x_test), -1) == splits.y_test))
         case["params"] = int(case["model"].count_params())
-        case["params_nonzero"] = nonzero_params(case["model"])
+        case.setdefault("params_nonzero", nonzero_params(case["model"]))  # fanin: the masked model's (no indices)
     with tempfile.TemporaryDirectory() as directory:
         export_all(cases, directory)
         latency = time_all(cases, (1, 256), args.rounds, {1: args.calls[0], 256: args.calls[1]}, args.threads,

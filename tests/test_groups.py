@@ -147,9 +147,9 @@ def test_refusals_against_a_variable():
                               "of the block")
     with pytest.raises(FreezeConfigError) as err:
         registry.freeze("layer/bias", elements={"magnitude": 0.5, "groups": "inputs"}, name="i")
-    assert str(err.value) == ("rule 'i', variable 'net/layer/bias': elements.groups: inputs needs a kernel with an input "
-                              "axis; 'net/layer/bias' has shape (4,). Select only kernels (e.g. select: '*/kernel') or "
-                              "use groups: units")
+    assert str(err.value) == ("rule 'i', variable 'net/layer/bias': elements.groups: inputs needs a kernel with an "
+                              "input axis; 'net/layer/bias' has shape (4,). Select only kernels (e.g. select: "
+                              "'*/kernel') or use groups: units")
     with pytest.raises(FreezeConfigError) as err:
         registry.freeze("layer/kernel", elements={"magnitude": 0.5, "groups": "units"}, value="zero", name="g",
                         regrow={"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10})

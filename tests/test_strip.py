@@ -115,6 +115,18 @@ def test_conv_batchnorm_channels():
     assert small.count_params() < model.count_params() / 2
 
 
+def test_batchnorm_after_flatten_per_position():
+    model = randomize(keras.Sequential([keras.Input((5, 5, 2)), L.Conv2D(4, 3, name="conv"), L.Flatten(name="flat"),
+                                        L.BatchNormalization(name="bn"), L.ReLU(name="relu"), L.Dense(3, name="out")],
+                                       name="net"))
+    registry = MaskRegistry(model)
+    registry.freeze("conv/kernel", elements={"units": [1, 2]}, value="zero")  # constants differ per position after bn
+    small = trainer.strip(model, registry)
+    assert widths(small) == {"conv": 2, "out": 3} and small.get_layer("bn").moving_mean.shape == (18,)
+    x = np.random.default_rng(7).standard_normal((8, 5, 5, 2)).astype(np.float32)
+    assert max_diff(model, small, x) <= 1e-5
+
+
 def test_stripped_model_keras_loads_without_trainer(tmp_path):
     model = cnn()
     registry = MaskRegistry(model)
@@ -159,8 +171,8 @@ def test_refuses_a_residual_branch():
     x = keras.Input((4,))
     shared = L.Dense(4, name="shared")
     model = keras.Model(x, L.Dense(2, name="out")(shared(shared(x))))  # one layer called twice
-    assert refusal(model) == ("trainer.strip: layer 'shared' (Dense) does not simply follow the model's "
-                              "input: strip removes units along a chain of layers only (a residual or other branch is not "
+    assert refusal(model) == ("trainer.strip: layer 'shared' (Dense) does not simply follow the model's input: "
+                              "strip removes units along a chain of layers only (a residual or other branch is not "
                               "supported)")
 
 

@@ -117,7 +117,7 @@ class _Stage:
         for layer in self.between:
             if isinstance(layer, ELEMENTWISE):
                 shape = tuple(layer.input.shape[1:])
-                flat = np.tile(out, shape[-1] // self.units) if shape[-1] != self.units else out
+                flat = np.tile(out, shape[-1] // out.size)  # after a Flatten: one value per position
                 value = layer(flat.reshape((1,) * len(shape) + (shape[-1],)).astype(np.float32), training=False)
                 out = np.asarray(keras.ops.convert_to_numpy(value)).reshape(-1)
         return np.broadcast_to(np.asarray(out, np.float64).reshape(-1, self.units), (self.positions, self.units))
@@ -251,9 +251,11 @@ def strip(model, registry=None, *, name: Optional[str] = None):
             config["units" if isinstance(layer, L.Dense) else "filters"] = int(plan["kept"].size)
             config["use_bias"] = plan["bias"] is not None
             weights = [plan["kernel"]] + ([plan["bias"]] if plan["bias"] is not None else [])
-            kept_prev = plan["kept"]
+            kept_prev, kept_units = plan["kept"], plan["units"]
         elif isinstance(layer, L.BatchNormalization) and kept_prev is not None:
-            weights = [w[kept_prev] for w in layer.get_weights()]
+            units, width = kept_units, int(layer.input.shape[-1])  # after a Flatten: one feature per position
+            index = (np.arange(width // units)[:, None] * units + kept_prev[None, :]).reshape(-1)
+            weights = [w[index] for w in layer.get_weights()]
         else:
             weights = layer.get_weights()
         new = type(layer).from_config(config)
