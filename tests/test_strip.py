@@ -234,3 +234,18 @@ def test_export_strip_and_tflite_from_a_run(tmp_path, monkeypatch):
     assert max_diff(full, small, x) <= 1e-5
     lite = TFLiteModel(str(tmp_path / "model.tflite"), 8)
     assert np.max(np.abs(lite(x) - np.asarray(small(x)))) <= 1e-5
+
+
+def test_strip_for_export_reports_a_refusal():
+    from trainer.stripping import strip_for_export
+
+    model = keras.Sequential([keras.Input((4,)), L.Dense(3, name="fc"), L.LayerNormalization(name="ln"),
+                              L.Dense(2, name="out")], name="net")
+    small, summary = strip_for_export(model, MaskRegistry(model))
+    assert small is None and summary == {"refused": refusal(model)}
+    model = mlp()
+    registry = MaskRegistry(model)
+    registry.freeze("fc2/kernel", elements={"units": [0, 1, 2]}, value="zero")
+    small, summary = strip_for_export(model, registry)
+    assert summary == {"params": small.count_params(), "params_before": model.count_params(),
+                       "units": {"fc1": [16, 16], "fc2": [7, 10], "out": [4, 4]}}

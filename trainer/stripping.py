@@ -73,7 +73,7 @@ def _chain(model) -> List[Any]:
             _fail(f"layer {layer.name!r} normalizes axis {layer.axis}; strip needs the last (channel) axis")
         if getattr(layer, "lora_enabled", False):
             _fail(f"layer {layer.name!r} has LoRA enabled; merge it into the kernel before stripping")
-        if isinstance(layer, L.Conv1D) and getattr(layer, "groups", 1) != 1:  # every Conv subclasses BaseConv
+        if isinstance(layer, PRODUCERS[1:]) and getattr(layer, "groups", 1) != 1:
             _fail(f"layer {layer.name!r} is a grouped convolution (groups={layer.groups}); strip needs groups=1")
         previous = layer
     if previous is None or previous is not model.outputs[0]._keras_history.operation:
