@@ -288,8 +288,12 @@ def write_run_files(run_dir: str, model, registry, result: Dict[str, Any], *, sp
 
         def strip_export():
             stripped["model"], result["strip"] = strip_for_export(model, registry)
-            if stripped["model"] is not None:
-                export_model(stripped["model"], path("stripped.keras"))
+            if stripped["model"] is None:
+                log.warning("stripped.keras not written: %s", result["strip"]["refused"])
+                return
+            export_model(stripped["model"], path("stripped.keras"))
+            log.info("stripped.keras | %s of %s parameters", f"{result['strip']['params']:,}",
+                     f"{result['strip']['params_before']:,}")
 
         exports += [("stripped.keras", strip_export)] if strip else []
         exports += [("model.tflite", lambda: export_tflite(stripped.get("model") or model, path("model.tflite")))
