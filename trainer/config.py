@@ -61,6 +61,8 @@ class ExportConfig:
     keras: bool = True
     saved_model: bool = False
     sparse: bool = False  # sparse_weights.npz: covered variables as COO indices + values (trainer/sparse_export.py)
+    strip: bool = False  # stripped.keras: without the units frozen at zero (trainer/stripping.py)
+    tflite: bool = False  # model.tflite (of the stripped model with strip), sparse weights encoded (lite_export.py)
 
 
 @dataclasses.dataclass

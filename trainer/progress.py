@@ -192,12 +192,14 @@ def print_plan(plan: List[Mapping[str, Any]]) -> None:
     """
     table = Table(title="freeze plan")
     gradient = any("gradient" in row for row in plan)  # update=sampled: how each compact kernel's gradient is made
-    for col in ("variable", "shape", "dtype", "frozen", "fraction", "value", "rules") + (("gradient",) * gradient):
+    groups = any("groups" in row for row in plan)  # group-wise magnitude rules: whole groups frozen
+    for col in (("variable", "shape", "dtype", "frozen", "fraction", "value", "rules") + (("groups",) * groups)
+                + (("gradient",) * gradient)):
         table.add_column(col)
     for row in plan:
         dtype = row["dtype"] + (f" ({row['precision']['values']} masters)" if row.get("precision") else "")
         table.add_row(row["path"], str(tuple(row["shape"])), dtype, f"{row['frozen_elements']:,}",
                       f"{row['frozen_fraction']:.4f}", row["value"] or "-", ", ".join(row["rules"]) or "-",
-                      *([row.get("gradient", "-")] * gradient))
+                      *([row.get("groups", "-")] * groups), *([row.get("gradient", "-")] * gradient))
     # Not a terminal (a log, CI): a wide console, so variable paths are not cut.
     Console(width=None if sys.stdout.isatty() else 200).print(table)

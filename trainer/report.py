@@ -14,7 +14,9 @@ from trainer import rundir
 from trainer.callbacks import Callback
 from trainer.masks import audit as masks_audit
 from trainer.sft import trainable_elements
+from trainer.lite_export import export_tflite
 from trainer.sparse_export import write_sparse_weights
+from trainer.stripping import strip_for_export
 from trainer.writes import WriteError, failure_text, writing
 
 __all__ = ["RunRecord", "audit", "audit_line", "early_stopping_summary", "export_masks", "export_model",
@@ -242,7 +244,7 @@ def run_report(state, record: RunRecord, *, status: str, test: Dict[str, Any],
 
 
 def write_run_files(run_dir: str, model, registry, result: Dict[str, Any], *, sparse: bool, keras: bool,
-                    saved_model: bool) -> None:
+                    saved_model: bool, strip: bool = False, tflite: bool = False) -> None:
     """Writes a run's exports and then its ``report.json``, each atomically; a failed write is said, not hidden.
 
     ``masks.npz`` is always written; a completed or interrupted run also gets
@@ -260,7 +262,9 @@ def write_run_files(run_dir: str, model, registry, result: Dict[str, Any], *, sp
       registry: its :class:`~trainer.masks.MaskRegistry`.
       result: the :func:`run_report` dict (``sparse_export`` and, on a failed
         write, ``export_errors`` are added to it; ``status`` and ``error`` may be set).
-      sparse, keras, saved_model: the ``export.*`` switches.
+      sparse, keras, saved_model, strip, tflite: the ``export.*`` switches (``stripped.keras``: what
+        :func:`trainer.strip` keeps, its sizes in ``result["strip"]``, or the one line that refused it there as
+        ``refused``; ``model.tflite``: of the stripped model when there is one).
 
     Raises:
       WriteError: one line naming every file that could not be written
@@ -280,6 +284,20 @@ def write_run_files(run_dir: str, model, registry, result: Dict[str, Any], *, sp
         exports += [("weights.npz", lambda: export_weights(model, path("weights.npz")))]
         exports += [("model.keras", lambda: export_model(model, path("model.keras")))] if keras else []
         exports += [("saved_model", lambda: export_saved_model(model, path("saved_model")))] if saved_model else []
+        stripped = {}
+
+        def strip_export():
+            stripped["model"], result["strip"] = strip_for_export(model, registry)
+            if stripped["model"] is None:
+                log.warning("stripped.keras not written: %s", result["strip"]["refused"])
+                return
+            export_model(stripped["model"], path("stripped.keras"))
+            log.info("stripped.keras | %s of %s parameters", f"{result['strip']['params']:,}",
+                     f"{result['strip']['params_before']:,}")
+
+        exports += [("stripped.keras", strip_export)] if strip else []
+        exports += [("model.tflite", lambda: export_tflite(stripped.get("model") or model, path("model.tflite")))
+                    ] if tflite else []
     errors: Dict[str, str] = {}
     for name, export in exports:
         try:

@@ -373,7 +373,8 @@ def finish_run(cfg, run_dir, trainer, test_ds, tensorboard, status, error, recor
     tensorboard.close()
     result = reports.run_report(trainer.state(), record, status=status, test=test, error=error)
     reports.write_run_files(run_dir, trainer.model, trainer.registry, result, sparse=bool(cfg.export.sparse),
-                            keras=bool(cfg.export.keras), saved_model=bool(cfg.export.saved_model))
+                            keras=bool(cfg.export.keras), saved_model=bool(cfg.export.saved_model),
+                            strip=bool(cfg.export.strip), tflite=bool(cfg.export.tflite))
     if failed:
         log.error("run failed at step %d: %s (no test evaluation, no model written)", trainer.step, error)
         return result

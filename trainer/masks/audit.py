@@ -16,6 +16,7 @@ import numpy as np
 
 from trainer.masks import precision
 from trainer.masks.bitmask import PackedMask
+from trainer.masks.groups import count_frozen_groups
 from trainer.masks.plan import VariablePlan, bits
 from trainer.masks.sampled_layers import describe_fallback
 
@@ -150,6 +151,11 @@ def plan_rows(state: Any) -> List[Dict[str, Any]]:
             "value": ", ".join(values) if values else None,
             "rules": rules,
         })
+        grouped = [state.rules[r].rule.elements for r in rules if "groups" in state.rules[r].rule.elements]
+        if grouped:  # whole groups frozen, as "150/300 units" (trainer.masks.groups)
+            spec = grouped[0]
+            count, total = count_frozen_groups(~state.trainable_mask(info.path), spec["groups"], spec.get("block"))
+            rows[-1]["groups"] = f"{count}/{total} {spec['groups']}"
         compact = state.compact.get(info.path) if covered is not None else None
         parts = precision.precision(info.variable.dtype, None if compact is None else compact.dtype)
         if parts is not None:

@@ -27,7 +27,7 @@ from trainer.masks.errors import FreezeConfigError
 
 __all__ = ["check_window_conflicts", "late_initial", "step_overlap"]
 
-VALUE_DEPENDENT = ("magnitude", "magnitude_threshold", "n_m")
+VALUE_DEPENDENT = ("magnitude", "magnitude_threshold", "n_m", "fan_in")
 
 
 def step_overlap(a: Any, b: Any) -> Optional[Tuple[int, Optional[int]]]:

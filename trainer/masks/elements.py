@@ -19,6 +19,7 @@ import numpy as np
 from trainer.masks.allocation import DISTRIBUTIONS
 from trainer.masks.checks import check_known, is_whole
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.groups import check_fan_in, check_groups
 from trainer.masks.scores import check_n_m
 from trainer.masks.slicing import parse_slice
 
@@ -54,12 +55,13 @@ _OPTIONS: Dict[str, tuple] = {
     "mask": (),
     "mask_file": (),
     "random": ("seed", "allocation", "erk_power_scale"),
-    "magnitude": ("weights_file", "allocation", "erk_power_scale"),
+    "magnitude": ("weights_file", "allocation", "erk_power_scale", "groups", "norm", "block"),
     "magnitude_threshold": ("weights_file",),
     "units": (),
     "inputs": (),
     "rows": (),
     "n_m": ("axis", "weights_file"),
+    "fan_in": ("weights_file",),
 }
 _COMMON_OPTIONS = ("invert",)
 SELECTORS = tuple(_OPTIONS)
@@ -136,6 +138,8 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
     elif key in ("random", "magnitude"):
         _fraction(value, key)
         _check_allocation(spec, key)
+        if key == "magnitude":
+            check_groups(spec)  # groups: units | inputs | blocks (trainer.masks.groups)
         if key == "random" and "seed" in spec:
             seed = spec["seed"]
             if not is_whole(seed, 0):
@@ -165,6 +169,8 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
         axis = spec.get("axis")
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise FreezeConfigError(f"elements.axis must be an integer, got {axis!r}")
+    elif key == "fan_in":
+        check_fan_in(value)
     elif key in ("mask_file",):
         if not isinstance(value, (str, os.PathLike)):
             raise FreezeConfigError(f"elements.mask_file must be a path to a .npy file, got {value!r}")

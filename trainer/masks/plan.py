@@ -34,9 +34,9 @@ from trainer.masks.values import constant_pin
 from trainer.masks.variables import VariableInfo, select_variables
 
 # Selectors whose choice depends on values or files at the moment the rule is applied: captured.
-CAPTURED_SELECTORS = ("magnitude", "magnitude_threshold", "mask_file", "n_m")
+CAPTURED_SELECTORS = ("magnitude", "magnitude_threshold", "mask_file", "n_m", "fan_in")
 # Selectors that read the variable's value.
-VALUE_SELECTORS = ("magnitude", "magnitude_threshold", "n_m")
+VALUE_SELECTORS = ("magnitude", "magnitude_threshold", "n_m", "fan_in")
 
 
 def bits(array: np.ndarray) -> np.ndarray:

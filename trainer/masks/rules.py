@@ -137,6 +137,12 @@ class FreezeRule:
         if sched is not None and update_every_n_steps is None:
             raise FreezeConfigError(f"rule {name!r}: a schedule needs update_every_n_steps")
         if regrowth is not None:
+            if "groups" in spec:
+                raise FreezeConfigError(f"rule {name!r}: regrow drops and grows single elements, so it cannot keep "
+                                        f"elements.groups: {spec['groups']} whole; remove regrow or groups")
+            if "fan_in" in spec:
+                raise FreezeConfigError(f"rule {name!r}: regrow moves elements between units, so it cannot keep "
+                                        "elements.fan_in constant; remove regrow or fan_in")
             if pinned != "zero":
                 raise FreezeConfigError(f"rule {name!r}: regrow drops elements to zero, so it needs value: zero, "
                                         f"got value {pinned!r}")
@@ -182,7 +188,8 @@ class FreezeRule:
         key = selector_name(self.elements)
         what = " ".join(self.select + tuple(f"type:{t}" for t in self.layer_type))
         regrow = f" ({self.regrow.describe()})" if self.regrow is not None else ""
-        return f"{self.name}: {what} {key}={self.elements[key]} -> {self.value}{regrow}"
+        groups = f" by {self.elements['groups']}" if "groups" in self.elements else ""
+        return f"{self.name}: {what} {key}={self.elements[key]}{groups} -> {self.value}{regrow}"
 
 
 def rules_from_config(rules: Optional[Mapping[str, Any]]) -> List[FreezeRule]:

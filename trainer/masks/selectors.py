@@ -17,6 +17,7 @@ import numpy as np
 
 from trainer.masks.elements import SELECTORS, ElementContext, int_list, normalize_elements, selector_name
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.groups import DEFAULT_NORM, fan_in_keep, smallest_groups
 from trainer.masks.scores import n_m_mask
 from trainer.masks.slicing import parse_slice
 from trainer.npfiles import NpzReader, check_file, check_values, load_npy, path_is_npz
@@ -226,6 +227,9 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
         magnitudes = np.abs(np.asarray(weights, dtype=np.float64))
         if key == "magnitude_threshold":
             return magnitudes < float(value)
+        if "groups" in spec:  # whole units / inputs / blocks by their norm (trainer.masks.groups)
+            return smallest_groups(magnitudes, float(value), spec["groups"], spec.get("norm", DEFAULT_NORM),
+                                   spec.get("block"), path=ctx.path)
         return _smallest(magnitudes, int(round(float(value) * ctx.size)))
     if key == "n_m":  # the N largest |w| of every M along the input axis train (Mishra et al. 2021)
         weights = ctx.value
@@ -237,6 +241,11 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
         keep = n_m_mask(np.abs(np.asarray(weights, dtype=np.float64)), n=int(value[0]), m=int(value[1]), axis=axis,
                         path=ctx.path)
         return ~keep
+    if key == "fan_in":  # constant fan-in: the k largest |w| of every output unit train (SRigL)
+        weights = ctx.value
+        if "weights_file" in spec:
+            weights = _check_shape(load_weights(spec["weights_file"], ctx.path), ctx, f"weights for {ctx.path!r}")
+        return ~fan_in_keep(weights, int(value), path=ctx.path)
     if key == "units":
         return _axis_selection(ctx, key, int_list(value, key), -1)
     if key == "rows":
