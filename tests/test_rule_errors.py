@@ -15,7 +15,7 @@ from tests.rule_forms import registry_from
 from trainer.masks import FreezeConfigError, MaskRegistry, rules_from_config
 
 SELECTORS = "['all', 'indices', 'slice', 'mask', 'mask_file', 'random', 'magnitude', 'magnitude_threshold', " \
-            "'units', 'inputs', 'rows', 'n_m']"
+            "'units', 'inputs', 'rows', 'n_m', 'fan_in']"
 RULE_KEYS = "['select', 'layer_type', 'exclude', 'elements', 'value', 'start_step', 'end_step', 'start_epoch', " \
             "'end_epoch', 'update_every_n_steps', 'schedule', 'non_trainable', 'rescale_trainable', 'regrow']"
 PATHS = "net/fc/kernel, net/fc/bias, net/bn/gamma, net/bn/beta, net/bn/moving_mean, net/bn/moving_variance"
