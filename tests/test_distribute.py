@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.inprocess import run_trainer
 
 COMMON = ["freeze=random_90", "optimizer=sgd", "trainer.epochs=3", "export.keras=false", "trainer.batch_size=64"]
 
@@ -57,17 +58,14 @@ def test_two_process_multi_worker_ends_identical(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_keeps_float32_variables_and_exact_frozen_elements(tmp_path, policy):
-    report = run_cli(tmp_path, f"trainer.mixed_precision={policy}", "trainer.epochs=1")
+    # in this process (one device; the dtype policy is put back afterwards: tests/inprocess.py)
+    proc = run_trainer([f"hydra.run.dir={tmp_path}", *COMMON, f"trainer.mixed_precision={policy}", "trainer.epochs=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
     assert report["frozen_exact"] is True
     assert report["steps"] == 20 and report["test_accuracy"] > 0.2  # one epoch of SGD: well above chance (0.1)
     weights = np.load(tmp_path / "weights.npz")
     assert {str(weights[k].dtype) for k in weights.files if "kernel" in k or "bias" in k} == {"float32"}
-
-
-def run_cli_status(run_dir, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *COMMON, *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -94,7 +92,8 @@ def test_mirrored_with_xla_and_a_partial_batch_inside_an_execution_matches_one_d
 
 @pytest.mark.slow
 def test_a_failed_run_writes_no_model_and_prints_no_test_accuracy(tmp_path):
-    proc = run_cli_status(tmp_path, "trainer.epochs=1", "optimizer.learning_rate=1e30", "export.keras=true")
+    proc = run_trainer([f"hydra.run.dir={tmp_path}", *COMMON, "trainer.epochs=1", "optimizer.learning_rate=1e30",
+                        "export.keras=true"])  # python -m trainer, in this process
     assert proc.returncode != 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "failed"
