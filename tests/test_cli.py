@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS
+from tests.inprocess import run_trainer
 from trainer.config import register
 from trainer.run import run
 
@@ -26,9 +27,8 @@ def compose_cfg(overrides, run_dir=None):
 
 
 def cli(args, run_dir, env_extra=None, check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    """``python -m trainer hydra.run.dir=<run_dir> *args``, in this process (tests/inprocess.py)."""
+    proc = run_trainer([f"hydra.run.dir={run_dir}", *args], env=env_extra)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -1,12 +1,8 @@
 """Config mistakes: one line naming the value, one line of hint with the nearest valid name, exit code 2."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO
+from tests.inprocess import run_trainer
 from trainer.cli_errors import override_variants, preflight
 from trainer.config import ConfigError
 from trainer.logs import error_lines
@@ -117,8 +113,7 @@ def test_sweeps_try_every_value_once():
 ])
 def test_cli_refuses_with_exit_code_2_and_no_run_directory(tmp_path, args, first):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *args], cwd=REPO,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True, timeout=300)
+    proc = run_trainer([f"hydra.run.dir={run_dir}", *args])  # python -m trainer, in this process
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[0] == first
     assert proc.stderr.splitlines()[1].startswith("Hint: ")

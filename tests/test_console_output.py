@@ -2,20 +2,17 @@
 
 import io
 import logging
-import os
-import subprocess
-import sys
 
-from tests.conftest import REPO
+from tests.inprocess import run_trainer
 from trainer.logs import ConsoleFormatter
 from trainer.progress import print_summary
 
 
 def test_main_job_prints_at_most_40_lines_without_a_terminal(tmp_path):
-    # the main job's command on the bundled digits (the same lines as on MNIST: 20 epochs, XLA, 100 steps/call)
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={tmp_path / 'run'}",
-                           "+experiment=sparse_mlp", "data=digits", "export.keras=false"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    # the main job's command on the bundled digits (the same lines as on MNIST: 20 epochs, XLA, 100 steps/call), in
+    # this process with its file descriptors 1 and 2 caught (a fresh process's start-up: tests/test_logs.py)
+    proc = run_trainer([f"hydra.run.dir={tmp_path / 'run'}", "+experiment=sparse_mlp", "data=digits",
+                        "export.keras=false"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) <= 40, "\n".join(lines)

@@ -9,14 +9,23 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.inprocess import run_trainer
 
 COMMON = ["freeze=random_90", "optimizer=sgd", "trainer.epochs=3", "export.keras=false", "trainer.batch_size=64"]
 
 
 def run_cli(run_dir, *args, extra_env=None):
+    """A run in a process of its own: two logical CPU devices can only be made before TensorFlow starts."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(extra_env or {}))
     proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *COMMON, *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def run_here(run_dir, *args):
+    """A run on this process's one device, in this process (tests/inprocess.py): no process start."""
+    proc = run_trainer([f"hydra.run.dir={run_dir}", *COMMON, *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((run_dir / "report.json").read_text())
 
@@ -25,7 +34,7 @@ def run_cli(run_dir, *args, extra_env=None):
 def test_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
     """Compact updates under MirroredStrategy over 2 logical CPUs against dense updates on one device (at 10 %
     trainable ``auto`` would pick compact anyway: both modes are named here)."""
-    single = run_cli(tmp_path / "single", "freeze.update=dense")
+    single = run_here(tmp_path / "single", "freeze.update=dense")
     mirrored = run_cli(tmp_path / "mirrored", "freeze.update=compact", "distribute.strategy=mirrored",
                        "distribute.logical_cpu_devices=2")
     assert mirrored["steps"] == single["steps"] == 3 * 20  # 1,257 images / global batch 64
@@ -57,17 +66,11 @@ def test_two_process_multi_worker_ends_identical(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_keeps_float32_variables_and_exact_frozen_elements(tmp_path, policy):
-    report = run_cli(tmp_path, f"trainer.mixed_precision={policy}", "trainer.epochs=1")
+    report = run_here(tmp_path, f"trainer.mixed_precision={policy}", "trainer.epochs=1")  # the policy is put back
     assert report["frozen_exact"] is True
     assert report["steps"] == 20 and report["test_accuracy"] > 0.2  # one epoch of SGD: well above chance (0.1)
     weights = np.load(tmp_path / "weights.npz")
     assert {str(weights[k].dtype) for k in weights.files if "kernel" in k or "bias" in k} == {"float32"}
-
-
-def run_cli_status(run_dir, *args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *COMMON, *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -76,7 +79,7 @@ def test_mirrored_with_xla_and_a_partial_batch_inside_an_execution_matches_one_d
     # inside executions of 8 steps; XLA compiles each replica's step on its own device.
     settings = ["trainer.epochs=1", "trainer.batch_size=60", "trainer.steps_per_execution=8",
                 "trainer.jit_compile=true"]
-    single = run_cli(tmp_path / "single", *settings)
+    single = run_here(tmp_path / "single", *settings)
     mirrored = run_cli(tmp_path / "mirrored", *settings, "distribute.strategy=mirrored",
                        "distribute.logical_cpu_devices=2")
     assert mirrored["status"] == single["status"] == "completed"
@@ -94,7 +97,8 @@ def test_mirrored_with_xla_and_a_partial_batch_inside_an_execution_matches_one_d
 
 @pytest.mark.slow
 def test_a_failed_run_writes_no_model_and_prints_no_test_accuracy(tmp_path):
-    proc = run_cli_status(tmp_path, "trainer.epochs=1", "optimizer.learning_rate=1e30", "export.keras=true")
+    proc = run_trainer([f"hydra.run.dir={tmp_path}", *COMMON, "trainer.epochs=1", "optimizer.learning_rate=1e30",
+                        "export.keras=true"])  # python -m trainer, in this process
     assert proc.returncode != 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["status"] == "failed"

@@ -1,4 +1,4 @@
-"""``python -m trainer ... dry_run=true`` and bad rules on the command line (real subprocesses).
+"""``python -m trainer ... dry_run=true`` and bad rules on the command line (the CLI run in this process).
 
 A dry run resolves every rule, prints the plan and writes only
 ``freeze_plan.json``. A bad rule exits non-zero with the message on stderr
@@ -7,18 +7,14 @@ before anything is written (Hydra's ``.hydra/`` and log file included).
 
 import json
 import os
-import subprocess
-import sys
 
-from tests.conftest import REPO
+from tests.inprocess import run_trainer
 
 PLAN_KEYS = {"path", "shape", "dtype", "frozen_elements", "frozen_fraction", "value", "rules"}
 
 
 def cli(args, run_dir):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={run_dir}", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_trainer([f"hydra.run.dir={run_dir}", *args], env={"COLUMNS": "200"})
 
 
 def listing(directory):

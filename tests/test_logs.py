@@ -8,6 +8,7 @@ import keras
 import pytest
 
 from tests.conftest import REPO
+from tests.inprocess import run_trainer
 from trainer.banner import freeze_summary, plural
 from trainer.data import DataError, load_mnist, resolve_mnist_path
 from trainer.logs import NATIVE_NOISE, error_lines, verbose_requested
@@ -37,11 +38,11 @@ def test_a_run_starts_quietly_with_a_banner(tmp_path):
     assert "train    10 epochs x 21 steps (capped at step 3), batch 60 | adam lr 0.0012 constant" in text
 
 
-@pytest.mark.slow
 def test_a_user_error_is_one_line_and_a_hint(tmp_path):
     args = [f"hydra.run.dir={tmp_path / 'new' / 'run'}", "+experiment=sparse_mlp", "data=digits",
             "freeze.rules.sparse.elements.random=1.5"]
-    proc = cli(args)
+    quiet = {"HYDRA_FULL_ERROR": None, "CI": None}  # as cli() above, but in this process (no start-up is tested)
+    proc = run_trainer(args, env=quiet)
     assert proc.returncode == 2
     assert not (tmp_path / "new").exists()  # refused inside the run: the directories Hydra made are removed
     assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
@@ -50,7 +51,7 @@ def test_a_user_error_is_one_line_and_a_hint(tmp_path):
         "Hint: check freeze.rules; add dry_run=true to list the variable paths and what each rule selects "
         "(add log.verbose=true or set HYDRA_FULL_ERROR=1 for the traceback)",
     ]
-    full = cli(args, HYDRA_FULL_ERROR="1")
+    full = run_trainer(args, env={**quiet, "HYDRA_FULL_ERROR": "1"})
     assert full.returncode == 1 and "Traceback" in full.stderr
     assert "FreezeConfigError: rule 'sparse': elements.random must be a fraction in [0, 1], got 1.5" in full.stderr
 

@@ -13,6 +13,7 @@ import tensorflow as tf
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONFIGS, REPO
+from tests.inprocess import run_trainer
 from trainer.config import register
 from trainer.run import run
 
@@ -147,8 +148,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(tmp_path):
     data = [p for p in os.listdir(ckpt_dir) if p.startswith(os.path.basename(latest) + ".data")][0]
     with open(ckpt_dir / data, "r+b") as f:
         f.truncate(os.path.getsize(ckpt_dir / data) // 2)
-    resumed = subprocess.run(cli([f"resume={run_dir}", *common, "trainer.epochs=4"]), cwd=REPO, env=env(),
-                             capture_output=True, text=True, timeout=600)
+    resumed = run_trainer([f"resume={run_dir}", *common, "trainer.epochs=4"])  # python -m trainer, in this process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     text = resumed.stdout + resumed.stderr
     assert f"checkpoint {latest} is unreadable" in text and "falling back to" in text
@@ -165,16 +165,14 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
             with open(ckpt_dir / name, "r+b") as f:
                 f.truncate(10)
     report_before = (run_dir / "report.json").read_text()
-    resumed = subprocess.run(cli([f"resume={run_dir}", *common, "trainer.epochs=2"]), cwd=REPO, env=env(),
-                             capture_output=True, text=True, timeout=600)
+    resumed = run_trainer([f"resume={run_dir}", *common, "trainer.epochs=2"])  # python -m trainer, in this process
     assert resumed.returncode != 0
     assert "no readable checkpoint in" in resumed.stderr
     assert (run_dir / "report.json").read_text() == report_before  # nothing already written is lost
 
 
 def test_resume_of_missing_directory_is_refused(tmp_path):
-    proc = subprocess.run(cli([f"resume={tmp_path / 'nope'}"]), cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = run_trainer([f"resume={tmp_path / 'nope'}"])  # python -m trainer, in this process
     assert proc.returncode == 2
     assert "is not a directory" in proc.stderr
 
@@ -184,8 +182,7 @@ def test_resume_true_continues_the_latest_run_of_the_experiment(tmp_path):
     first_run(tmp_path / "outputs" / "default" / "2026-01-01_00-00-00", ["trainer.epochs=1", "export.keras=false"])
     runs = list((tmp_path / "outputs" / "default").iterdir())
     assert len(runs) == 1
-    again = subprocess.run(cli(["resume=true", "trainer.epochs=2", "export.keras=false"]), cwd=tmp_path, env=env(),
-                           capture_output=True, text=True, timeout=600)
+    again = run_trainer(["resume=true", "trainer.epochs=2", "export.keras=false"], cwd=tmp_path)  # in this process
     assert again.returncode == 0, again.stderr[-3000:]
     assert list((tmp_path / "outputs" / "default").iterdir()) == runs  # continued in place
     report = json.loads((runs[0] / "report.json").read_text())

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO
+from tests.inprocess import run_trainer
 from trainer import MaskRegistry, Trainer
 from trainer.data import DataError, check_arrays, load_mnist
 from trainer.controller import NonFiniteLossError
@@ -254,8 +255,7 @@ def test_missing_mnist_says_what_to_pass(monkeypatch):
 ])
 def test_bad_config_fails_before_anything_is_written(tmp_path, override, message):
     (tmp_path / "report.json").write_text('{"earlier": true}')
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={tmp_path}", override], cwd=REPO,
-                          env=env(), capture_output=True, text=True, timeout=300)
+    proc = run_trainer([f"hydra.run.dir={tmp_path}", override])  # python -m trainer, in this process
     assert proc.returncode != 0
     assert message in proc.stderr
     assert json.loads((tmp_path / "report.json").read_text()) == {"earlier": True}
@@ -291,9 +291,8 @@ def test_no_eval_or_exec_in_the_package():
 
 @pytest.mark.slow
 def test_exports_load_without_trainer_and_predict_the_same(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "trainer", f"hydra.run.dir={tmp_path}", "trainer.epochs=1",
-                           "freeze=random_90", "export.saved_model=true"], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=600)
+    # the run in this process; the exports are then loaded in a process that never imports trainer
+    proc = run_trainer([f"hydra.run.dir={tmp_path}", "trainer.epochs=1", "freeze=random_90", "export.saved_model=true"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     code = f"""
 import sys, numpy as np, keras, tensorflow as tf

@@ -22,6 +22,7 @@ import tensorflow as tf
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONFIGS, REPO
+from tests.inprocess import run_trainer
 from trainer.checkpoint import CheckpointError
 from trainer.config import register
 from trainer.masks import FreezeConfigError, MaskRegistry
@@ -46,11 +47,6 @@ def env():
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
 
 
-def cli(args, cwd=REPO, timeout=300):
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def error_line(proc):
     """The one ``Error: <type>: <message>`` line a refused CLI run prints (a ``Hint:`` line follows it)."""
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("Error: ")]
@@ -71,9 +67,9 @@ def snapshot(directory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished CLI run (2 epochs, checkpoints at steps 21 and 42) to copy."""
+    """A finished CLI run (2 epochs, checkpoints at steps 21 and 42) to copy, run in this process."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
-    proc = cli([f"hydra.run.dir={run_dir}", *BASE])
+    proc = run_trainer([f"hydra.run.dir={run_dir}", *BASE])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -195,8 +191,8 @@ def test_fresh_run_where_checkpoints_exist_is_refused(run_copy):
 # ------------------------------------------------------------------ finding 3 and 5: a changed config on resume
 def test_changed_config_on_resume_is_refused_listing_each_key_and_nothing_is_written(run_copy):
     before = snapshot(run_copy)
-    proc = cli([f"resume={run_copy}", *BASE, "freeze.rules.sparse.elements.random=0.5", "freeze.rules.sparse.value=current",
-                "seed=3", "trainer.batch_size=30", "trainer.epochs=3"])
+    proc = run_trainer([f"resume={run_copy}", *BASE, "freeze.rules.sparse.elements.random=0.5",
+                        "freeze.rules.sparse.value=current", "seed=3", "trainer.batch_size=30", "trainer.epochs=3"])
     assert proc.returncode == 2
     assert error_line(proc) == (
         f"Error: RunDirError: resume={run_copy} was trained with another config (freeze.rules.sparse.elements.random: 0.9 -> 0.5; "
@@ -248,7 +244,7 @@ def test_resume_true_takes_only_a_run_with_this_config(tmp_path, trained):
         f"resume=true: none of the 2 runs under '{tmp_path}/outputs/default' has this config (the newest, "
         f"{other}, differs in freeze.rules.sparse.elements.seed: 1 -> 7; seed: 1 -> 7); pass resume=<run dir> to "
         "continue a run with its own config, or drop resume= to start a new run")
-    proc = cli(["resume=true", *BASE, "seed=7"], cwd=tmp_path)
+    proc = run_trainer(["resume=true", *BASE, "seed=7"], cwd=tmp_path)
     assert proc.returncode == 2  # the CLI searches ./outputs: the same line with relative paths
     assert error_line(proc) == "Error: ResumeError: " + str(info.value).replace(f"{tmp_path}/", "")
 
@@ -312,7 +308,7 @@ def test_run_dir_with_other_files_is_refused(tmp_path):
     for name in ("report.json", "weights.npz", "notes.txt"):
         (tmp_path / name).write_text(f"my own {name}")
     before = snapshot(tmp_path)
-    proc = cli([f"hydra.run.dir={tmp_path}", "trainer.max_steps=2"])
+    proc = run_trainer([f"hydra.run.dir={tmp_path}", "trainer.max_steps=2"])
     assert proc.returncode == 2
     assert error_line(proc) == (
         f"Error: RunDirError: {tmp_path} already holds report.json, weights.npz: a new run would replace them; "

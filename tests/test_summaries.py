@@ -8,8 +8,6 @@ checks the HParams records.
 import io
 import logging
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -21,7 +19,8 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS
+from tests.inprocess import run_trainer
 from trainer import MaskRegistry, Trainer
 from trainer.callbacks import LogLines, Throughput
 from trainer.config import register
@@ -180,11 +179,9 @@ def test_profile_steps_are_checked():
 
 def test_multirun_jobs_write_their_own_hparams(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer", "-m", f"hydra.sweep.dir={sweep}", "freeze=random_90",
-         "freeze.rules.sparse.elements.random=0.5,0.8", "trainer.max_steps=3", "trainer.epochs=1",
-         "log.progress=lines", "export.keras=false"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    proc = run_trainer(["-m", f"hydra.sweep.dir={sweep}", "freeze=random_90",  # Hydra's basic launcher, in this process
+                        "freeze.rules.sparse.elements.random=0.5,0.8", "trainer.max_steps=3", "trainer.epochs=1",
+                        "log.progress=lines", "export.keras=false"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for num, sparsity in (("0", 0.5), ("1", 0.8)):
         (job,) = sweep.glob(f"{num}_*")  # job folders are named by their overrides

@@ -22,10 +22,15 @@ from omegaconf import OmegaConf
 import hydra_plugins.trainer_sweep.optuna_sweeper as optuna_sweeper  # Hydra's plugin scan may load it again
 from hydra_plugins.trainer_sweep.process_launcher import how_it_ended
 from tests.conftest import REPO
-from tests.test_sweeps import cli
+from tests.inprocess import run_trainer
 
 NAN_TRIAL = ("completed; failed: TrialFailed: returned nan for optimized_metric=val_accuracy (a failed run, or one "
              "that ended before the metric's first value); recorded as a failed trial")
+
+
+def cli(args):
+    """``python -m trainer *args`` in this process (tests/inprocess.py), without ``HYDRA_FULL_ERROR``."""
+    return run_trainer(args, env={"HYDRA_FULL_ERROR": None})
 
 
 def table(sweep, key):
