@@ -34,7 +34,8 @@ SCHEDULE_ERRORS = [
      "{'kind': 'exp', 'every_n_steps': 5, 'factor': 0.1}"),
     ({"kind": "step", "every_n_steps": 0, "factor": 0.1},
      "optimizer.schedule.every_n_steps must be an integer >= 1, got 0"),
-    ({"kind": "step", "every_n_steps": 5, "factor": 1.5}, "optimizer.schedule.factor must be a number in (0, 1], got 1.5"),
+    ({"kind": "step", "every_n_steps": 5, "factor": 1.5},
+     "optimizer.schedule.factor must be a number in (0, 1], got 1.5"),
 ]
 
 
