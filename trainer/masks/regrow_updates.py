@@ -13,8 +13,9 @@ the optimizer slots of every element that changed state to 0 (as RigL's
 ``reset_momentum``; kept with ``regrow.reset_slots: false``). A ``momentum``
 rule (Sparse Momentum) updates all its variables together: the regrowth is
 split across them by their mean momentum (:meth:`Regrower.momentum`). A
-compact update keeps its size ``k``: its indices move, and the ``[k]`` values and slots of the elements that stay trainable move with
-them. Nothing is read back to the host but three counts.
+compact update keeps its size ``k``: its indices move, and the ``[k]`` values
+and slots of the elements that stay trainable move with them. Nothing is read
+back to the host but three counts.
 """
 
 from __future__ import annotations
