@@ -219,3 +219,12 @@ def test_cosine_drop_fraction_with_a_final_value_and_without_it_bit_for_bit_as_b
     for step in (0, 1, 37, 99, 100):
         assert float(plain(step)) == float(0.5 * 0.3 * (1.0 + tf.cos(math.pi * tf.constant(float(step),
                                                                                           tf.float64) / 100.0)))
+
+
+def test_a_momentum_rule_pinning_anything_but_zero_is_refused_with_one_line():
+    registry = MaskRegistry(mlp())
+    with pytest.raises(FreezeConfigError) as err:
+        registry.freeze("*/kernel", elements={"random": 0.75, "seed": 1}, value="current", name="sparse",
+                        regrow={"method": "momentum", "drop_fraction": 0.5, "update_every_n_steps": 3})
+    assert str(err.value) == "rule 'sparse': regrow drops elements to zero, so it needs value: zero, got value 'current'"
+    assert registry.rules == []
