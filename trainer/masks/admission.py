@@ -2,7 +2,8 @@
 
 Non-trainable targets (``non_trainable: error | skip | pin``), a rule whose frozen count changes under a compact
 update, a variable a ``regrow`` rule would share, and ``regrow`` on non-float or scalar variables, RigL with
-sampled gradients or ``frozen_gradients: pass`` with a compact update. Conflicting pins are :mod:`~trainer.masks.conflicts`'s.
+sampled gradients, or Sparse Momentum / ``frozen_gradients: pass`` with a compact update. Conflicting pins
+are :mod:`~trainer.masks.conflicts`'s.
 """
 
 from __future__ import annotations
