@@ -1,18 +1,20 @@
 """The table and plot of experiments/dst_published: our SET, RigL, Sparse Momentum and SNIP beside the published numbers.
 
 Reads every ``report.json`` below the given directories (``aggregate_reports.find_runs``),
-groups the runs by experiment ``name`` and ``kept_percent`` (kernel weights non-zero at the
-end, in %), and writes a Markdown table (mean ± sample std over seeds, ``n`` per cell, the
-published value and our difference) and a plot (test accuracy against weights kept, ours
+groups the runs by experiment ``name`` and the % of kernel weights kept (``1 -
+elements.random`` for a regrow rule, else the non-zero kernel weights at the end), and writes a
+Markdown table (mean ± sample std over seeds, ``n`` per cell, the published value and our
+difference) and a plot (test accuracy against weights kept, ours
 solid with the seeds' spread, published dashed). Example::
 
-    python scripts/dst_published.py /tmp/dst_runs --table experiments/dst_published/results.md \\
-        --plot experiments/dst_published/accuracy.png
+    python scripts/dst_published.py /tmp/dst_runs --exclude '*/ablation_set_final_update/*' \\
+        --table experiments/dst_published/results.md --plot experiments/dst_published/accuracy.png
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import statistics
 from typing import Dict, List, Sequence
 
@@ -33,14 +35,20 @@ GOAL = {"dst_lenet_sm": "within 0.2 of published SM", "dst_lenet_set": "within 0
         "dst_lenet_rigl": ">= published SET", "snip": "within 0.3 of published SNIP"}
 
 
-def groups(dirs: Sequence[str]) -> Dict[str, Dict[float, List[dict]]]:
-    """``{name: {kept_percent: [run, ...]}}`` of every run below ``dirs``."""
+def kept(run: dict) -> float:
+    """The % of kernel weights kept: ``1 - freeze.rules.sparse.elements.random`` (the trainable count a regrow rule
+    keeps; a regrown weight may still be exactly 0 at the end), else the non-zero kernel weights (SNIP's masks)."""
+    frozen = key_value(run, "freeze.rules.sparse.elements.random")
+    return round(100.0 * (1.0 - float(frozen)), 1) if frozen is not None else key_value(run, "kept_percent")
+
+
+def groups(dirs: Sequence[str], exclude: Sequence[str] = ()) -> Dict[str, Dict[float, List[dict]]]:
+    """``{name: {kept: [run, ...]}}`` of every completed run below ``dirs`` whose directory matches no ``exclude``."""
     out: Dict[str, Dict[float, List[dict]]] = {}
     for run in find_runs(dirs):
-        if run["report"].get("status") != "completed":
+        if run["report"].get("status") != "completed" or any(fnmatch.fnmatch(run["dir"], p) for p in exclude):
             continue
-        name = key_value(run, "name")
-        out.setdefault(name, {}).setdefault(key_value(run, "kept_percent"), []).append(run)
+        out.setdefault(key_value(run, "name"), {}).setdefault(kept(run), []).append(run)
     return out
 
 
@@ -96,8 +104,9 @@ def main() -> None:
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--table")
     parser.add_argument("--plot")
+    parser.add_argument("--exclude", action="append", default=[], help="a glob over run directories to leave out")
     args = parser.parse_args()
-    found = groups(args.dirs)
+    found = groups(args.dirs, args.exclude)
     text = table(found)
     print(text)
     if args.table:
