@@ -135,7 +135,7 @@ class RegrowSpec:
     (``rigl``, Evci et al. 2020). Dropped elements are pinned to exactly 0,
     grown ones start at 0, and the optimizer slots of both are zeroed (unless
     ``reset_slots`` is false). The number of trainable elements of each
-    variable never changes. ``momentum`` (Sparse Momentum, Dettmers &
+    variable never changes (``set``, ``rigl``). ``momentum`` (Sparse Momentum, Dettmers &
     Zettlemoyer 2019) drops ``ceil(drop_fraction(t) * active)`` per variable
     and regrows the rule's total across its variables in proportion to their
     mean momentum magnitude, where the momentum magnitude is largest
