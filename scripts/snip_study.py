@@ -2,7 +2,8 @@
 
 For every seed:
 
-1. compose ``+experiment=snip_mlp seed=S`` (plus extra overrides) and build the
+1. compose ``+experiment=snip_mlp seed=S`` (``--experiment``: another config, e.g.
+   ``snip_lenet_lee``; plus extra overrides) and build the
    run's model with ``trainer.run.build``: the same seeded construction as the
    run itself. Its weights are written to ``<out>/seed<S>/init.npz`` and every
    run of that seed starts from them (``model.init_from``), so the weights the
@@ -79,7 +80,7 @@ def kept_fractions(masks: Dict[str, np.ndarray]) -> Dict[str, float]:
 
 
 def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Sequence[str], *,
-                 batches: int, batch_size: int) -> Dict[str, Dict[str, float]]:
+                 batches: int, batch_size: int, experiment: str = "snip_mlp") -> Dict[str, Dict[str, float]]:
     """Writes ``init.npz`` and the SNIP and shuffled masks of one seed; returns their per-layer kept fractions."""
     import keras
 
@@ -90,7 +91,7 @@ def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Seq
 
     directory = os.path.join(out, f"seed{seed}")
     os.makedirs(directory, exist_ok=True)
-    cfg = compose(["+experiment=snip_mlp", f"seed={seed}", *overrides])
+    cfg = compose([f"+experiment={experiment}", f"seed={seed}", *overrides])
     keras.backend.clear_session()
     splits, model, _, _ = build(cfg)
     init_path = os.path.join(directory, "init.npz")
@@ -114,11 +115,11 @@ def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Seq
 
 
 def run_command(seed: int, name: str, init_path: str, mask_path: str, run_dir: str,
-                overrides: Sequence[str], rescale: bool = False) -> List[str]:
+                overrides: Sequence[str], rescale: bool = False, experiment: str = "snip_mlp") -> List[str]:
     """The command line of one training run (``rescale``: the rule also has ``rescale_trainable: true``)."""
     extra = ",rescale_trainable:true" if rescale else ""
     rule = f"{{select:'*/kernel',elements:{{mask_file:'{mask_path}'}},value:zero{extra}}}"
-    return [sys.executable, "-m", "trainer", "+experiment=snip_mlp", f"seed={seed}", f"name={name}",
+    return [sys.executable, "-m", "trainer", f"+experiment={experiment}", f"seed={seed}", f"name={name}",
             f"model.init_from={init_path}", f"+freeze.rules.snip={rule}", f"hydra.run.dir={run_dir}",
             *overrides]
 
@@ -127,6 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--experiment", default="snip_mlp", help="the experiment config every run composes "
+                        "(snip_lenet_lee: Lee et al.'s SGD recipe)")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05],
                         help="fractions of all kernel weights kept")
     parser.add_argument("--kinds", nargs="+", default=["snip", "shuffled"], choices=["snip", "shuffled"])
@@ -153,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       for k in ("snip", "shuffled") for d in args.densities]
             if not all(os.path.isfile(p) for p in needed + [os.path.join(out, f"seed{seed}", "init.npz")]):
                 summary[f"seed{seed}"] = prepare_seed(seed, args.densities, out, args.overrides,
-                                                      batches=args.batches, batch_size=args.batch_size)
+                                                      batches=args.batches, batch_size=args.batch_size,
+                                                      experiment=args.experiment)
                 with open(summary_path, "w") as f:
                     json.dump(summary, f, indent=1)
             for key, fractions in sorted(summary.get(f"seed{seed}", {}).items()):
@@ -174,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     continue
                 command = run_command(seed, name, os.path.join(out, f"seed{seed}", "init.npz"),
                                       os.path.join(out, f"seed{seed}", f"{kind}_d{tag}.npz"), run_dir,
-                                      args.overrides, rescale=args.rescale)
+                                      args.overrides, rescale=args.rescale, experiment=args.experiment)
                 log.info("run %s", " ".join(command[1:]))
                 subprocess.run(command, check=True, cwd=REPO)
                 report = read_report(run_dir)

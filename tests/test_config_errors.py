@@ -9,10 +9,11 @@ from trainer.logs import error_lines
 
 TRAINER_KEYS = ("epochs, max_steps, batch_size, eval_batch_size, steps_per_execution, jit_compile, log_every_n_steps, "
                 "checkpoint_every_n_steps, keep_checkpoints, deterministic, nan_policy, mixed_precision, remat")
-EXPERIMENTS = ("connectivity, continual_task_a, continual_task_b, continual_task_b_freeze, embedding_new_tokens, "
-               "freeze_conv, kernel_only, lottery_ticket, magnitude_pruning, random_sparsity_er, rigl_mlp, set_mlp, "
-               "snip_mlp, sparse_llm, sparse_llm_full, sparse_llm_lora, sparse_llm_pretrain, sparse_mlp, "
-               "transformer_full, transformer_lora, transformer_sft, transformer_task_a, zero_indices")
+EXPERIMENTS = ("connectivity, continual_task_a, continual_task_b, continual_task_b_freeze, dst_lenet_rigl, "
+               "dst_lenet_set, dst_lenet_sm, embedding_new_tokens, freeze_conv, kernel_only, lottery_ticket, "
+               "magnitude_pruning, random_sparsity_er, rigl_mlp, set_mlp, snip_lenet_lee, snip_mlp, sparse_llm, "
+               "sparse_llm_full, sparse_llm_lora, sparse_llm_pretrain, sparse_mlp, transformer_full, "
+               "transformer_lora, transformer_sft, transformer_task_a, zero_indices")
 FREEZE = ("batchnorm, biases, conv, first_layer, gradual_magnitude_90, head_first, kernels, magnitude_90, none, "
           "random_90")
 OPTIMIZERS = "adadelta, adafactor, adagrad, adam, adamax, adamw, ftrl, lion, muon, nadam, rmsprop, sgd"

@@ -289,7 +289,7 @@ def test_make_drop_fraction_schedule_builds_both_kinds():
         ({"kind": "linear", "value": 0.1}, "drop_fraction.kind must be one of ['constant', 'cosine'], got 'linear'"),
         ({"kind": "cosine", "initial": 0.3}, "drop_fraction of kind 'cosine' is missing ['end_step']"),
         ({"kind": "cosine", "initial": 0.3, "end_step": 10, "alpha": 1},
-         "unknown drop_fraction key(s) ['alpha'] for kind 'cosine'; allowed: ['begin_step', 'end_step', 'initial', 'kind']"),
+         "unknown drop_fraction key(s) ['alpha'] for kind 'cosine'; allowed: ['begin_step', 'end_step', 'final', 'initial', 'kind']"),
         ({"kind": "cosine", "initial": 0.3, "end_step": 10, "begin_step": 10},
          "drop_fraction.end_step (10) must be greater than begin_step (10)"),
         ({"kind": "cosine", "initial": 0.3, "end_step": -1}, "drop_fraction.end_step must be a non-negative integer, got -1"),

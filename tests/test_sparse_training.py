@@ -218,7 +218,7 @@ ERRORS = [
     ({"regrow": {"method": "set", "drop_fraction": 1.0, "update_every_n_steps": 10}},
      "rule 'r': drop_fraction.value must be a number in [0, 1), got 1.0"),
     ({"regrow": {"method": "snip", "drop_fraction": 0.3, "update_every_n_steps": 10}},
-     "rule 'r': regrow.method must be one of ['set', 'rigl'], got 'snip'"),
+     "rule 'r': regrow.method must be one of ['set', 'rigl', 'momentum'], got 'snip'"),
     ({"regrow": {"method": "rigl", "drop_fraction": 0.3}},
      "rule 'r': regrow is missing ['update_every_n_steps'] (e.g. {method: rigl, drop_fraction: 0.3, "
      "update_every_n_steps: 100})"),
@@ -226,7 +226,7 @@ ERRORS = [
      "rule 'r': regrow.update_every_n_steps must be a positive integer, got 0"),
     ({"regrow": {"method": "rigl", "drop_fraction": 0.3, "update_every_n_steps": 5, "every": 3}},
      "rule 'r': unknown regrow key(s) ['every']; allowed: ['method', 'drop_fraction', 'update_every_n_steps', "
-     "'end_step', 'seed']"),
+     "'end_step', 'seed', 'reset_slots', 'frozen_gradients']"),
     ({"elements": {"random": 0.9, "allocation": "er"}},
      "rule 'r': elements.allocation of a random selector must be one of ['uniform', 'erdos_renyi', 'erk'], "
      "got 'er'"),

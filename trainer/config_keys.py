@@ -18,7 +18,7 @@ from trainer.suggest import suggestion
 __all__ = ["DATA_KEYS", "FREE_FORM", "GROUP_KEYS", "ROOT_GROUPS", "unknown_key"]
 
 GROUP_KEYS: Dict[str, Tuple[str, ...]] = {
-    "data": ("name", "path", "validation_size", "tokens", "classes"),
+    "data": ("name", "path", "validation_size", "tokens", "classes", "standardize"),
     "optimizer": ("name", "learning_rate", "schedule", "options"),
 }
 DATA_KEYS: Dict[str, Tuple[str, ...]] = {  # data sets whose keys are not GROUP_KEYS["data"] (configs/data/<name>.yaml)

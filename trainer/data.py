@@ -19,7 +19,7 @@ from trainer.inputs import array_batches
 from trainer.masks.checks import positive_int
 
 __all__ = ["DATA_DIR_ENV", "DataError", "Splits", "check_arrays", "load_digits", "load_mnist", "make_dataset",
-           "resolve_mnist_path", "select_classes", "split_datasets", "tokenize"]
+           "resolve_mnist_path", "select_classes", "split_datasets", "standardize", "tokenize"]
 
 DATA_DIR_ENV = "TRAINER_DATA_DIR"
 log = logging.getLogger("trainer")
@@ -235,6 +235,34 @@ def tokenize(splits: Splits, levels: int) -> Splits:
         return np.minimum((x.reshape(len(x), -1) * levels).astype(np.int32), levels - 1)
 
     return dataclasses.replace(splits, x_train=q(splits.x_train), x_val=q(splits.x_val), x_test=q(splits.x_test))
+
+
+def standardize(splits: Splits, stats) -> Splits:
+    """The images standardised: ``(x - mean) / std`` in float32, every split with the same two numbers.
+
+    As torchvision's ``Normalize((0.1307,), (0.3081,))`` after ``ToTensor``
+    (the MNIST recipe of ``sparse_learning`` and ``dynamic-reparameterization``):
+    ``data.standardize=[0.1307,0.3081]``.
+
+    Args:
+      splits: float32 images (e.g. in [0, 1]).
+      stats: ``[mean, std]``, two finite numbers, ``std > 0``.
+
+    Returns:
+      :class:`Splits` with float32 images ``(x - mean) / std``, labels unchanged.
+
+    Raises:
+      DataError: ``stats`` is not two finite numbers with ``std > 0``, or the inputs are tokens.
+    """
+    ok = (isinstance(stats, (list, tuple)) and len(stats) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in stats))
+    if not ok or stats[1] <= 0:
+        raise DataError(f"data.standardize must be [mean, std], two numbers with std > 0 (e.g. [0.1307, 0.3081] "
+                        f"for MNIST), got {stats!r}")
+    if splits.x_train.dtype != np.float32:
+        raise DataError(f"data.standardize needs float32 images, got {splits.x_train.dtype} (tokens?)")
+    mean, std = np.float32(stats[0]), np.float32(stats[1])
+    return dataclasses.replace(splits, **{k: (getattr(splits, k) - mean) / std for k in ("x_train", "x_val", "x_test")})
 
 
 def select_classes(splits: Splits, classes) -> Splits:

@@ -9,7 +9,7 @@ float32 logits ``(batch, num_classes)``.
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import keras
 
@@ -21,28 +21,59 @@ __all__ = ["BUILDERS", "LORA_LAYER_TYPES", "TRANSFORMER_LORA_LAYERS", "build_mod
 
 
 def mlp(input_shape: Tuple[int, ...], num_classes: int, *, hidden: Sequence[int] = (300, 100),
-        activation: str = "relu", kernel_initializer: str = "glorot_uniform", name: str = "lenet") -> keras.Model:
+        activation: str = "relu", kernel_initializer: Any = "glorot_uniform", name: str = "lenet",
+        use_bias: bool = True, batch_norm: bool = False, coupled_l2: float = 0.0) -> keras.Model:
     """A multilayer perceptron; the default is LeNet-300-100 (LeCun et al. 1998).
 
     Layers ``fc1 .. fcN`` (hidden) and ``out``; for 28x28 MNIST and 10 classes
     the kernels hold 784*300 + 300*100 + 100*10 = 266,200 weights.
-    ``kernel_initializer`` is any Keras initializer name (``he_normal`` suits ReLU).
+    ``kernel_initializer`` is any Keras initializer name (``he_normal`` suits ReLU)
+    or mapping (``{class_name: VarianceScaling, config: {scale: 0.3333, mode:
+    fan_in, distribution: uniform}}`` is PyTorch's default ``nn.Linear`` kernel init).
+
+    With ``batch_norm``, every Dense layer (``out`` too) is followed by a
+    BatchNormalization ``<layer>_bn`` (PyTorch's defaults: ``epsilon=1e-5``,
+    moving averages with momentum 0.9) before its activation (``<layer>_act``):
+    the ``mnist_mlp`` of ``IntelAI/dynamic-reparameterization`` (``model.py``),
+    there without biases (``use_bias=False``).
 
     Args:
       input_shape: one example's shape, e.g. ``(28, 28, 1)`` (flattened first).
       num_classes: the logits' width.
       hidden: the hidden layers' widths.
       activation: the hidden layers' activation.
-      kernel_initializer: every kernel's initializer.
+      kernel_initializer: every kernel's initializer (a name or a Keras config mapping).
       name: the model's name, the first part of every variable path.
+      use_bias: give every Dense layer a bias.
+      batch_norm: BatchNormalization after every Dense layer (see above).
+      coupled_l2: ``lambda >= 0``: coupled L2 on every trainable weight
+        (kernels, biases, BatchNorm's gamma and beta): the loss gains
+        ``lambda / 2 * sum(w ** 2)`` (Keras ``L2(lambda / 2)``), so the
+        gradient gains ``lambda * w``: PyTorch's ``SGD(weight_decay=lambda)``
+        (``5e-4`` in ``sparse_learning``). 0: none.
 
     Returns:
       A ``keras.Sequential``: float32 ``(batch, *input_shape)`` -> logits ``(batch, num_classes)``.
+
+    Raises:
+      ValueError: ``coupled_l2`` is not a number >= 0.
     """
+    if isinstance(coupled_l2, bool) or not isinstance(coupled_l2, (int, float)) or not coupled_l2 >= 0:
+        raise ValueError(f"model.coupled_l2 must be a number >= 0 (PyTorch's weight_decay, e.g. 5e-4), "
+                         f"got {coupled_l2!r}")
+    reg = (lambda: keras.regularizers.L2(float(coupled_l2) / 2.0)) if coupled_l2 else (lambda: None)  # noqa: E731
     layers = [keras.Input(input_shape, name="image"), keras.layers.Flatten(name="flatten")]
-    layers += [keras.layers.Dense(int(w), activation=activation, kernel_initializer=kernel_initializer,
-                                  name=f"fc{i + 1}") for i, w in enumerate(hidden)]
-    layers.append(keras.layers.Dense(num_classes, kernel_initializer=kernel_initializer, name="out"))
+    names = [f"fc{i + 1}" for i in range(len(hidden))] + ["out"]
+    for i, (layer, width) in enumerate(zip(names, [int(w) for w in hidden] + [int(num_classes)])):
+        act = activation if i < len(hidden) else None
+        layers.append(keras.layers.Dense(width, activation=None if batch_norm else act, use_bias=bool(use_bias),
+                                         kernel_initializer=kernel_initializer, kernel_regularizer=reg(),
+                                         bias_regularizer=reg() if use_bias else None, name=layer))
+        if batch_norm:
+            layers.append(keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, gamma_regularizer=reg(),
+                                                          beta_regularizer=reg(), name=f"{layer}_bn"))
+            if act is not None:
+                layers.append(keras.layers.Activation(act, name=f"{layer}_act"))
     return keras.Sequential(layers, name=name)
 
 

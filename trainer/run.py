@@ -29,12 +29,13 @@ from trainer.checkpoint import Checkpointing
 from trainer.config import ConfigError, check_config
 from trainer.controller import stop_on_signals
 from trainer.data_digest import data_digest
-from trainer.data import Splits, load_digits, load_mnist, select_classes, split_datasets, tokenize
+from trainer.data import Splits, load_digits, load_mnist, select_classes, split_datasets, standardize, tokenize
 from trainer.distribute import make_strategy, set_precision, split_cpu, worker_dir, wrap_optimizer
 from trainer.loop import Trainer
 from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model, enable_lora
 from trainer.pretrained import load_initial_weights
+from trainer.optimizer_config import schedule_problem, step_decay
 from trainer.remat import apply_remat
 from trainer.progress import print_plan, print_summary, progress_callback
 from trainer.resume import ResumeError, check_allowed, check_resumable, nothing_to_resume
@@ -112,19 +113,23 @@ def load_data(cfg: DictConfig, seed: int) -> Splits:
         splits = select_classes(splits, list(cfg.classes))
     if cfg.get("tokens"):
         splits = tokenize(splits, int(cfg.tokens))
+    if cfg.get("standardize") is not None:
+        stats = cfg.standardize
+        splits = standardize(splits, list(stats) if OmegaConf.is_list(stats) else stats)
     return splits
 
 
 MODEL_RUN_KEYS = ("name", "init_seed", "init_from", "init_exclude", "init_from_partial", "init_from_made_by",
                   "lora_rank", "lora_layers", "lora_alpha")
-SCHEDULES = ("constant", "cosine")
 
 
 def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimizer:
     """A Keras optimizer from ``{name, learning_rate, schedule, options}``.
 
     ``schedule: cosine`` decays the learning rate to 0 over ``total_steps``
-    with ``keras.optimizers.schedules.CosineDecay``; ``constant`` keeps it.
+    with ``keras.optimizers.schedules.CosineDecay``; ``constant`` keeps it;
+    ``{kind: step, every_n_steps: N, factor: f}`` multiplies it by ``f``
+    every ``N`` batches (:func:`trainer.optimizer_config.step_decay`).
 
     Raises:
       ValueError: unknown optimizer name, schedule or option.
@@ -132,11 +137,14 @@ def make_optimizer(cfg: DictConfig, total_steps: int) -> keras.optimizers.Optimi
     options = cfg.get("options")
     options = OmegaConf.to_container(options, resolve=True) if options is not None else {}
     schedule = cfg.get("schedule") or "constant"
-    if schedule not in SCHEDULES:
-        raise ValueError(f"optimizer.schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    problem = schedule_problem(schedule)
+    if problem:
+        raise ValueError(problem)
     learning_rate = float(cfg.learning_rate)
     if schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(int(total_steps), 1))
+    elif not isinstance(schedule, str):  # {kind: step, every_n_steps, factor}: PyTorch's StepLR per batch
+        learning_rate = step_decay(learning_rate, int(schedule.every_n_steps), float(schedule.factor), total_steps)
     try:
         return keras.optimizers.get({"class_name": cfg.name, "config": {"learning_rate": learning_rate, **options}})
     except (ValueError, TypeError) as err:

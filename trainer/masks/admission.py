@@ -1,8 +1,9 @@
 """Admission of a rule against its targets and the rules added before: what is refused before anything changes.
 
 Non-trainable targets (``non_trainable: error | skip | pin``), a rule whose frozen count changes under a compact
-update, a variable a ``regrow`` rule would share, and ``regrow`` on non-float or scalar variables or RigL with
-sampled gradients. Conflicting pins are :mod:`~trainer.masks.conflicts`'s.
+update, a variable a ``regrow`` rule would share, and ``regrow`` on non-float or scalar variables, RigL with
+sampled gradients, or Sparse Momentum / ``frozen_gradients: pass`` with a compact update. Conflicting pins
+are :mod:`~trainer.masks.conflicts`'s.
 """
 
 from __future__ import annotations
@@ -64,4 +65,10 @@ def admissible_paths(rule: FreezeRule, targets: Sequence[Any], states: Iterable[
         if rule.regrow.method == "rigl" and update_mode == "sampled":  # RigL grows where |dense grad| is largest
             raise FreezeConfigError(f"rule {rule.name!r}: regrow method 'rigl' needs the dense gradient, which "
                                     "update 'sampled' never forms; use method 'set' or update 'compact'")
+        if update_mode in ("compact", "sampled") and (rule.regrow.method == "momentum"
+                                                      or rule.regrow.frozen_gradients == "pass"):
+            what = "method 'momentum'" if rule.regrow.method == "momentum" else "frozen_gradients 'pass'"
+            raise FreezeConfigError(f"rule {rule.name!r}: regrow {what} needs the optimizer's slots of frozen "
+                                    f"elements, which update {update_mode!r} does not keep; use update 'auto' or "
+                                    "'dense'")
     return paths

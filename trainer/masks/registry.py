@@ -183,8 +183,8 @@ class MaskRegistry(tf.Module):
         elif self.compact:
             raise ValueError("the optimizer is built already, but compact updates need it built on their compact "
                              "variables: pass an unbuilt optimizer (the registry builds it)")
-        self._refs.regrower.forget_compiled()
         self._refs.state.attach(optimizer)
+        self._refs.regrower.attached(self._refs.state, optimizer)  # forgets compiled updates, checks the momentum
 
     def update(self, step: int, epoch: int = 0) -> bool:
         """Switches scheduled rules on or off and re-selects gradual-pruning masks.

@@ -50,36 +50,44 @@ class ConstantDropFraction:
 
 @dataclasses.dataclass(frozen=True)
 class CosineDropFraction:
-    """RigL's cosine decay of the drop fraction: ``alpha / 2 * (1 + cos(pi * t / T_end))``.
+    """A cosine decay of the drop fraction: ``final + (alpha - final) / 2 * (1 + cos(pi * t / T_end))``.
 
     ``t = step - begin_step`` clipped to ``[0, T_end]`` with ``T_end =
-    end_step - begin_step``: ``alpha`` up to ``begin_step``, 0 from
-    ``end_step`` on. With ``begin_step = 0`` this is RigL's
-    ``tf.train.cosine_decay(drop_fraction, global_step, end_step)``.
+    end_step - begin_step``: ``alpha`` up to ``begin_step``, ``final`` from
+    ``end_step`` on. With ``begin_step = 0`` and ``final = 0`` this is RigL's
+    ``tf.train.cosine_decay(drop_fraction, global_step, end_step)``; with
+    ``final = 0.005`` it is the prune rate of Dettmers & Zettlemoyer 2019
+    (``sparselearning.core.CosineDecay``: PyTorch's ``CosineAnnealingLR``
+    with ``eta_min=0.005``, stepped once per batch).
 
     Attributes:
       initial: ``alpha``, a number in [0, 1).
-      end_step: the step where the fraction reaches 0 (optimizer steps).
+      end_step: the step where the fraction reaches ``final`` (optimizer steps).
       begin_step: the step where the decay starts, ``0 <= begin_step < end_step``.
+      final: the fraction from ``end_step`` on, a number in [0, 1) (default 0).
     """
 
     initial: float
     end_step: int
     begin_step: int = 0
+    final: float = 0.0
 
     def __post_init__(self):
         check_drop_fraction(self.initial, "drop_fraction.initial")
+        check_drop_fraction(self.final, "drop_fraction.final")
         step_span("drop_fraction", self.begin_step, self.end_step, error=FreezeConfigError)
 
     def __call__(self, step: TensorLike) -> tf.Tensor:
         """The drop fraction at ``step`` (int or integer tensor), a float64 scalar tensor."""
         span = float(self.end_step - self.begin_step)
         t = tf.clip_by_value(tf.cast(step, tf.float64) - float(self.begin_step), 0.0, span)
-        return 0.5 * float(self.initial) * (1.0 + tf.cos(math.pi * t / span))
+        if not self.final:
+            return 0.5 * float(self.initial) * (1.0 + tf.cos(math.pi * t / span))
+        return float(self.final) + 0.5 * (float(self.initial) - float(self.final)) * (1.0 + tf.cos(math.pi * t / span))
 
 
 DROP_FRACTION_KINDS = ("constant", "cosine")
-REGROW_METHODS = ("set", "rigl")
+REGROW_METHODS = ("set", "rigl", "momentum")
 
 
 def make_drop_fraction_schedule(spec: Union[float, Mapping[str, Any]]) -> Union[ConstantDropFraction, CosineDropFraction]:
@@ -125,16 +133,33 @@ class RegrowSpec:
     (smallest ``|w|``) and grows as many: at random (``set``, Mocanu et al.
     2018) or where the dense gradient ``|g|`` of the last step is largest
     (``rigl``, Evci et al. 2020). Dropped elements are pinned to exactly 0,
-    grown ones start at 0, and the optimizer slots of both are zeroed. The
-    number of trainable elements of each variable never changes.
+    grown ones start at 0, and the optimizer slots of both are zeroed (unless
+    ``reset_slots`` is false). The number of trainable elements of each
+    variable never changes (``set``, ``rigl``). ``momentum`` (Sparse Momentum, Dettmers &
+    Zettlemoyer 2019) drops ``ceil(drop_fraction(t) * active)`` per variable
+    and regrows the rule's total across its variables in proportion to their
+    mean momentum magnitude, where the momentum magnitude is largest
+    (:mod:`trainer.masks.sparse_momentum`): per variable the count moves, the
+    rule's total does not.
 
     Attributes:
-      method: ``"set"`` or ``"rigl"``.
+      method: ``"set"``, ``"rigl"`` or ``"momentum"``.
       drop_fraction: a :class:`ConstantDropFraction` or :class:`CosineDropFraction`.
-      update_every_n_steps: the update period, optimizer steps (RigL: 100).
+      update_every_n_steps: the update period, optimizer steps (RigL: 100;
+        once per epoch: the steps of one epoch).
       end_step: the last step that updates; ``None`` = the cosine schedule's
         ``end_step`` (a constant fraction then updates until training ends).
       seed: SET's random seed (update at step ``t`` draws with ``[seed, t]``).
+      reset_slots: ``True`` (default, RigL's ``reset_momentum``): zero the
+        optimizer slots of grown and dropped elements; ``False``: keep them,
+        so a grown element starts with the momentum accumulated at its
+        position (``sparse_learning`` does this).
+      frozen_gradients: ``"mask"`` (default for ``set`` / ``rigl``): frozen
+        elements get a zero gradient; ``"pass"`` (default for ``momentum``):
+        they get their true gradient, so the optimizer's slots (momentum)
+        keep accumulating there while the weights are re-projected to exactly
+        0 after every step (needs a dense update: refused with ``compact`` /
+        ``sampled``).
     """
 
     method: str
@@ -142,8 +167,11 @@ class RegrowSpec:
     update_every_n_steps: int
     end_step: Optional[int] = None
     seed: int = 0
+    reset_slots: bool = True
+    frozen_gradients: str = "mask"
 
-    KEYS = ("method", "drop_fraction", "update_every_n_steps", "end_step", "seed")
+    KEYS = ("method", "drop_fraction", "update_every_n_steps", "end_step", "seed", "reset_slots", "frozen_gradients")
+    FROZEN_GRADIENTS = ("mask", "pass")
 
     @classmethod
     def from_mapping(cls, spec: Any) -> "RegrowSpec":
@@ -172,7 +200,16 @@ class RegrowSpec:
         seed = spec.get("seed", 0)
         if not is_whole(seed, 0, 2**31):
             raise FreezeConfigError(f"regrow.seed must be an integer in [0, 2**31), got {seed!r}")
-        return cls(method=method, drop_fraction=schedule, update_every_n_steps=every, end_step=end, seed=seed)
+        reset = spec.get("reset_slots", True)
+        if not isinstance(reset, bool):
+            raise FreezeConfigError(f"regrow.reset_slots must be true or false, got {reset!r}")
+        frozen = spec.get("frozen_gradients")
+        frozen = ("pass" if method == "momentum" else "mask") if frozen is None else frozen
+        if frozen not in cls.FROZEN_GRADIENTS:
+            raise FreezeConfigError(f"regrow.frozen_gradients must be one of {list(cls.FROZEN_GRADIENTS)}, "
+                                    f"got {frozen!r}")
+        return cls(method=method, drop_fraction=schedule, update_every_n_steps=every, end_step=end, seed=seed,
+                   reset_slots=reset, frozen_gradients=frozen)
 
     def due(self, step: int, last: Optional[int]) -> bool:
         """Whether an update is due at optimizer ``step`` (after ``last``, the step of the previous one)."""
@@ -190,6 +227,9 @@ class RegrowSpec:
         """E.g. ``"rigl every 100 steps, drop 0.3 (cosine to step 7500)"``."""
         df = self.drop_fraction
         fraction = (f"drop {df.value:g}" if isinstance(df, ConstantDropFraction)
-                    else f"drop {df.initial:g} (cosine to step {df.end_step})")
+                    else f"drop {df.initial:g} (cosine to " + (f"{df.final:g} at " if df.final else "")
+                    + f"step {df.end_step})")
         until = f", until step {self.end_step}" if self.end_step is not None else ""
-        return f"{self.method} every {self.update_every_n_steps} steps, {fraction}{until}"
+        slots = "" if self.reset_slots else ", slots kept"
+        frozen = ", frozen gradients pass" if self.frozen_gradients == "pass" else ""
+        return f"{self.method} every {self.update_every_n_steps} steps, {fraction}{until}{slots}{frozen}"

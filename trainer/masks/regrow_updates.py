@@ -10,9 +10,12 @@ buffer of the variable's shape that the train step fills with the dense
 tensors), that computes :func:`~trainer.masks.regrow.drop_and_grow` from the
 variable, its mask and the grow scores, writes the new mask and value and sets
 the optimizer slots of every element that changed state to 0 (as RigL's
-``reset_momentum``). A compact update keeps its size ``k``: its indices move,
-and the ``[k]`` values and slots of the elements that stay trainable move with
-them. Nothing is read back to the host but three counts.
+``reset_momentum``; kept with ``regrow.reset_slots: false``). A ``momentum``
+rule (Sparse Momentum) updates all its variables together: the regrowth is
+split across them by their mean momentum (:meth:`Regrower.momentum`). A
+compact update keeps its size ``k``: its indices move, and the ``[k]`` values
+and slots of the elements that stay trainable move with them. Nothing is read
+back to the host but three counts.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import keras
 import tensorflow as tf
 
+from trainer.masks import sparse_momentum
 from trainer.masks.regrow import rigl_update, set_update
 from trainer.masks.regrow_spec import RegrowSpec
 from trainer.masks.slots import zero_slots
@@ -82,6 +86,10 @@ class Regrower:
             spec = state.rule.regrow
             if spec is None or not spec.due(step, state.last_update_step):
                 continue
+            if spec.method == "momentum":
+                events += self.momentum(state, store, step)
+                state.last_update_step = step
+                continue
             for path in state.paths:
                 update = store.update(path)
                 slots = store.slots(update.optimizer_variable)  # of the model variable, or the compact [k] one
@@ -139,7 +147,73 @@ class Regrower:
                 update.move(new.mask, changed, slots)
             else:
                 update.mask.assign(new.mask)
-                zero_slots(slots, changed)
+                if spec.reset_slots:
+                    zero_slots(slots, changed)
+            count = lambda m: tf.reduce_sum(tf.cast(m, tf.int64))  # noqa: E731
+            return count(new.dropped), count(new.grown), count(new.mask)
+
+        return regrow
+
+    def attached(self, store: Any, optimizer: Any) -> None:
+        """A new optimizer: drops the compiled updates, refuses one without the momentum a ``momentum`` rule needs.
+
+        Raises:
+          FreezeConfigError: one line naming the variable and the optimizer.
+        """
+        self.forget_compiled()
+        for state in store.rules.values():
+            if state.rule.regrow is not None and state.rule.regrow.method == "momentum":
+                for path in state.paths:
+                    slots = store.slots(store.update(path).optimizer_variable)
+                    sparse_momentum.momentum_slot(slots, path, type(optimizer).__name__)
+
+    def momentum(self, state: Any, store: Any, step: int) -> List[Dict[str, Any]]:
+        """One Sparse Momentum update of every variable of a rule (:mod:`trainer.masks.sparse_momentum`).
+
+        Per variable (host side, once per update): the active count, the
+        mean ``|momentum|`` over active elements and the drop count; the
+        regrowth split across the rule's variables; then one compiled update
+        per variable (new mask and value; slots of changed elements zeroed
+        unless ``reset_slots`` is false).
+
+        Returns:
+          One dict per variable, as :meth:`apply`.
+        """
+        spec = state.rule.regrow
+        fraction = float(spec.drop_fraction(step))
+        paths, stats = list(state.paths), []
+        for path in paths:
+            update = store.update(path)
+            slots = store.slots(update.optimizer_variable)
+            mask = update.mask.numpy()
+            momentum = sparse_momentum.momentum_slot(slots, path).numpy()
+            active = int(mask.sum())
+            drop = sparse_momentum.drop_count(fraction, active)
+            stats.append((update, slots, drop, mask.size - active + drop,
+                          sparse_momentum.mean_magnitude(momentum, mask)))
+        grows = sparse_momentum.growth_counts([s[2] for s in stats], [s[3] for s in stats], [s[4] for s in stats])
+        events = []
+        for path, (update, slots, drop, _, _), grow in zip(paths, stats, grows):
+            if path not in self._fns:
+                self._fns[path] = self._compile_momentum(update, slots, spec)
+            dropped, grown, active = self._fns[path](tf.constant(drop, tf.int32), tf.constant(grow, tf.int32))
+            events.append({"step": int(step), "path": path, "drop_fraction": fraction, "dropped": int(dropped),
+                           "grown": int(grown), "active": int(active)})
+        return events
+
+    @staticmethod
+    def _compile_momentum(update: Any, slots: List[tf.Variable], spec: RegrowSpec) -> Callable:
+        variable = update.variable
+        path = variable.path
+
+        @tf.function
+        def regrow(drop, grow):
+            new = sparse_momentum.momentum_drop_and_grow(
+                variable.value, update.mask, sparse_momentum.momentum_slot(slots, path), drop=drop, grow=grow)
+            variable.assign(new.value)
+            update.mask.assign(new.mask)
+            if spec.reset_slots:
+                zero_slots(slots, tf.logical_or(new.grown, new.dropped))
             count = lambda m: tf.reduce_sum(tf.cast(m, tf.int64))  # noqa: E731
             return count(new.dropped), count(new.grown), count(new.mask)
 

@@ -34,6 +34,7 @@ from trainer.masks.plan import RuleState, VariablePlan, bits
 from trainer.masks import sampled_layers
 from trainer.masks.precision import check_mode, is_reduced
 from trainer.masks.rule_state import RuleStateTrackable  # noqa: F401  (re-exported: the registry imports it here)
+from trainer.masks.sparse_momentum import PassingDenseUpdate, passes_gradients
 from trainer.masks.slots import slots_by_path, zero_slots
 from trainer.masks.updates import CompactUpdate, DenseUpdate, PinUpdate, choose_mode, make_update
 from trainer.masks.values import rescaled
@@ -103,6 +104,8 @@ class MaskState:
             return cls(variable, self.indices[path], self.compact[path])
         if path in self.pins:
             return PinUpdate(variable, self.masks[path], self.pins[path])
+        if path in self.masks and passes_gradients([s.rule for s in self.rules_for(path)]):
+            return PassingDenseUpdate(variable, self.masks[path])  # regrow.frozen_gradients: pass
         return DenseUpdate(variable, self.masks[path]) if path in self.masks else None
 
     def lookup(self, path: str) -> Tuple[Any, bool]:
