@@ -17,29 +17,15 @@ from trainer import MaskRegistry
 from trainer.masks import FreezeConfigError
 from trainer.masks.regrow_spec import CosineDropFraction, make_drop_fraction_schedule
 from trainer.masks.sparse_momentum import growth_counts, momentum_drop_and_grow
+from tests.test_sparse_training import bits, data, mlp  # the same 12-16-4 net and data
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def bits(a):
-    return np.asarray(a, np.float32).view(np.uint32)
-
-
-def mlp(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="relu", name="fc1"),
-                             keras.layers.Dense(4, name="out")], name="net")
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 12)).astype("float32"), rng.integers(0, 4, n)
-
-
 def train(registry, model, optimizer, steps, regrow=False):
-    """Plain GradientTape steps (batch = all of ``data()``); with ``regrow``, ``registry.regrow`` after each."""
+    """Plain GradientTape steps (batch = all of ``data(64)``); with ``regrow``, ``registry.regrow`` after each."""
     variables = registry.trainable_variables()
-    x, y = data()
+    x, y = data(64)
     events = []
     for step in range(1, steps + 1):
         with tf.GradientTape() as tape:
