@@ -139,7 +139,7 @@ def run_case(name: str, args) -> Dict[str, Any]:
             backbone.enable_lora(LORA_RANK)
         out["trainable"] = int(sum(np.prod(v.shape) for v in model.trainable_weights))
         out["rss_built_mib"] = rss_mib()
-        model.compile(optimizer=optimizer, loss=loss, jit_compile=True)
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=args.xla)
         model.fit(ds.take(1), epochs=1, verbose=0)  # compiles
         probe = steady(out)
         model.fit(ds, epochs=1, verbose=0, callbacks=[fit_clock(keras.callbacks.Callback, clock, 1)])
@@ -152,7 +152,7 @@ def run_case(name: str, args) -> Dict[str, Any]:
         out["trainable"] = int(sum(int(m.sum()) for m in registry.trainable_masks().values()))
         if args.setup_only:
             start = time.perf_counter()
-            Trainer(model, optimizer, loss, registry=registry, steps_per_execution=1, jit_compile=True)
+            Trainer(model, optimizer, loss, registry=registry, steps_per_execution=1, jit_compile=args.xla)
             out["trainer_s"] = time.perf_counter() - start
             out["peak_rss_mib"] = peak_rss_mib()
             return out
@@ -163,7 +163,7 @@ def run_case(name: str, args) -> Dict[str, Any]:
         before = np.asarray(tf.bitcast(tf.convert_to_tensor(query.value), tf.uint16 if dtype == "bfloat16"
                                        else tf.uint32))[mask]
         out["rss_built_mib"] = rss_mib()
-        trainer = Trainer(model, optimizer, loss, registry=registry, steps_per_execution=1, jit_compile=True)
+        trainer = Trainer(model, optimizer, loss, registry=registry, steps_per_execution=1, jit_compile=args.xla)
         trainer.fit(ds.take(1), epochs=1)  # compiles; the next fit, a new dataset of the same structure, does not
         probe = steady(out)
         trainer.fit(ds, epochs=1, callbacks=[trainer_clock(clock)])
@@ -189,7 +189,7 @@ def steady(out: Dict[str, Any]):
 def _subprocess(name: str, args) -> Dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", name] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHAPE] + (
-        ["--setup-only"] if args.setup_only else [])
+        ["--setup-only"] if args.setup_only else []) + ([] if args.xla else ["--no-xla"])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     if args.no_onednn:
         env["TF_ENABLE_ONEDNN_OPTS"] = "0"
@@ -245,6 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="trainer cases: time the registry set-up and the Trainer constructor, train nothing")
     parser.add_argument("--no-onednn", action="store_true",
                         help="run every case with TF_ENABLE_ONEDNN_OPTS=0 (malloc instead of oneDNN's memory pool)")
+    parser.add_argument("--no-xla", dest="xla", action="store_false",
+                        help="every case with jit_compile=False (TensorFlow's graph executor instead of one XLA program)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # a worker: one case, JSON on stdout
     args = parser.parse_args(argv)
     for key, value in SHAPES.get(args.shape, {}).items():
@@ -270,7 +272,7 @@ def main(argv=None) -> Dict[str, Any]:
         print(format_table(cases[-1:], args.setup_only).splitlines()[-1], flush=True)
     load["end"] = list(os.getloadavg())
     summary = {"shape": {k: getattr(args, k) for k in SHAPE}, "setup_only": args.setup_only,
-               "onednn": not args.no_onednn,
+               "onednn": not args.no_onednn, "xla": args.xla,
                "frozen_fraction": FROZEN, "lora_rank": LORA_RANK, "machine": machine(), "load": load, "cases": cases}
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)

@@ -195,11 +195,11 @@ def make_step(parts: StepParts, capture: bool = False) -> Callable:
 
     if several:  # called from the execution's tf.function: traced as it is, like the single-replica step
         return tf.autograph.experimental.do_not_convert(step)
-    if not parts.jit_compile:
-        return tf.function(step, reduce_retracing=True, autograph=False)
-    # The XLA program leaves the compact write-back to the TensorFlow runtime, which scatters in place
-    # (inside XLA a written variable gets a new full-size buffer): trainer.masks.writeback.
-    compiled = tf.function(writeback.deferring(step), jit_compile=True, reduce_retracing=True, autograph=False)
+    # The step leaves the compact write-back to the TensorFlow runtime, after the step's function has returned:
+    # inside XLA a written variable gets a new full-size buffer, and inside one graph the scatter would copy
+    # every kernel that a forward or backward read still holds (trainer.masks.writeback).
+    compiled = tf.function(writeback.deferring(step), jit_compile=parts.jit_compile, reduce_retracing=True,
+                           autograph=False)
 
     def step_then_write_back(x, y):
         applied = compiled(x, y)

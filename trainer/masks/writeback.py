@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util  # no public API says whether a trace is XLA's
 
 __all__ = ["deferred", "deferring", "is_deferred", "scatter_flat"]
 
@@ -72,3 +73,10 @@ def scatter_flat(variable: tf.Variable, indices: tf.Tensor, values: tf.Tensor, s
     strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
     coords = tf.stack([(indices // stride) % dim for stride, dim in zip(strides, shape)], axis=1)
     variable.scatter_nd_update(coords, values)
+    if not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        # A sparse write puts the variable in TensorFlow's copy-on-read mode: from then on every read
+        # (`ReadVariableOp`) copies the whole variable, e.g. each kernel of the forward pass, kept to the backward
+        # (measured: +3.8 bytes/parameter at 1.1B without XLA). Reads share the buffer again once it is disabled;
+        # the next sparse write copies the variable only if a read still holds it. XLA has no kernel for the op,
+        # and its own reads never copy.
+        tf.raw_ops.DisableCopyOnRead(resource=variable.handle)
