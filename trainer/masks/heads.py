@@ -32,7 +32,7 @@ from typing import Dict, Iterable, Optional
 
 import keras
 
-PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense", "query_dense", "key_dense", "value_dense")
+PROJECTIONS = ("_query_dense", "_key_dense", "_value_dense", "_gate_dense", "query_dense", "key_dense", "value_dense")
 OUTPUTS = ("_output_dense", "output_dense")
 
 
