@@ -147,6 +147,9 @@ def test_refuses_unknown_layers_masks_and_every_head():
         "'GlobalAveragePooling1D', 'GlobalAveragePooling2D', 'GlobalAveragePooling3D', 'GlobalMaxPooling1D', "
         "'GlobalMaxPooling2D', 'GlobalMaxPooling3D', 'LayerNormalization', 'LeakyReLU', 'MaxPooling1D', "
         "'MaxPooling2D', 'MaxPooling3D', 'MultiHeadAttention', 'ReLU', 'Softmax', 'TransformerEncoder']")
+    assert refusal(keras.Model(x, x + h)) == (
+        "trainer.strip: operation 'add' (Add) is a keras.ops call, not a layer; strip rebuilds layers only: write "
+        "it as a layer (e.g. keras.layers.Add for a residual sum)")
     model = block()
     registry = MaskRegistry(model)
     registry.freeze("mha/attention_output/kernel", value="zero")

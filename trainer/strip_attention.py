@@ -59,8 +59,8 @@ def _np(variable) -> np.ndarray:
 
 
 def _functional(model):
-    if isinstance(model, keras.Sequential):
-        return keras.Model(model.inputs, model.outputs, name=model.name)
+    if isinstance(model, keras.Sequential):  # the same layers, as a functional graph
+        return keras.Model(model.inputs[0], model.outputs[0], name=model.name)
     if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
         _fail(f"needs a built Sequential or functional keras.Model, got {type(model).__name__}")
     return model
@@ -165,6 +165,9 @@ def plan_attention(model, registry=None) -> Dict[str, Dict[str, Any]]:
     heads: Dict[str, Dict[str, Any]] = {}
     dense: Dict[str, Dict[str, Any]] = {}
     for layer in layers:
+        if not isinstance(layer, keras.layers.Layer):
+            _fail(f"operation {layer.name!r} ({type(layer).__name__}) is a keras.ops call, not a layer; strip "
+                  "rebuilds layers only: write it as a layer (e.g. keras.layers.Add for a residual sum)")
         if not (isinstance(layer, GRAPH_KNOWN) or _is_encoder(layer)):
             _fail(f"layer {layer.name!r} is of type {type(layer).__name__}, which strip does not know in a model "
                   f"with attention; it knows {sorted({k.__name__ for k in GRAPH_KNOWN} | {'TransformerEncoder'})}")
