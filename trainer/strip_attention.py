@@ -30,13 +30,21 @@ import keras
 import numpy as np
 
 from trainer.masks.heads import head_axes
-from trainer.stripping import KNOWN, MIXING, StripError, _zero
+from trainer.stripping import MIXING, StripError, _zero
 
-__all__ = ["GRAPH_KNOWN", "has_attention", "plan_attention", "strip_attention"]
+__all__ = ["has_attention", "plan_attention", "strip_attention"]
 
 L = keras.layers
 PASS = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Dropout)  # may sit between an FFN's two Dense layers
-GRAPH_KNOWN = KNOWN + (L.MultiHeadAttention, L.LayerNormalization, L.Add, L.Embedding)
+
+
+def _keras_own(operation) -> bool:
+    """A layer or ``keras.ops`` operation defined by Keras itself (copied unchanged: it serializes with Keras)."""
+    return type(operation).__module__.split(".")[0] == "keras"
+
+
+def _is_add(operation) -> bool:
+    return isinstance(operation, L.Add) or (type(operation).__name__ == "Add" and _keras_own(operation))
 
 
 def _fail(text: str) -> None:
@@ -165,12 +173,10 @@ def plan_attention(model, registry=None) -> Dict[str, Dict[str, Any]]:
     heads: Dict[str, Dict[str, Any]] = {}
     dense: Dict[str, Dict[str, Any]] = {}
     for layer in layers:
-        if not isinstance(layer, keras.layers.Layer):
-            _fail(f"operation {layer.name!r} ({type(layer).__name__}) is a keras.ops call, not a layer; strip "
-                  "rebuilds layers only: write it as a layer (e.g. keras.layers.Add for a residual sum)")
-        if not (isinstance(layer, GRAPH_KNOWN) or _is_encoder(layer)):
-            _fail(f"layer {layer.name!r} is of type {type(layer).__name__}, which strip does not know in a model "
-                  f"with attention; it knows {sorted({k.__name__ for k in GRAPH_KNOWN} | {'TransformerEncoder'})}")
+        if not (_keras_own(layer) or _is_encoder(layer)):
+            _fail(f"layer {layer.name!r} is of type {type(layer).__name__}, which strip does not know: in a model with "
+                  "attention it copies Keras' own layers and keras.ops calls unchanged and rebuilds keras-hub's "
+                  "TransformerEncoder, so that the stripped model.keras needs no other code")
         inbound = [n for n in layer._inbound_nodes if id(n) in nodes]
         if len(inbound) != 1:
             _fail(f"layer {layer.name!r} is called {len(inbound)} times in the model; strip needs each layer "
@@ -221,7 +227,7 @@ def plan_attention(model, registry=None) -> Dict[str, Dict[str, Any]]:
             if zero.size:
                 target = (f"{len(feeds)} layers {[f.name for f in feeds]}" if len(feeds) != 1
                           else f"{feeds[0].name!r} ({type(feeds[0]).__name__})")
-                _refuse_narrow(name, zero, target, len(feeds) == 1 and isinstance(feeds[0], L.Add))
+                _refuse_narrow(name, zero, target, len(feeds) == 1 and _is_add(feeds[0]))
             break
     for entry in dense.values():
         layer = entry["layer"]
@@ -288,8 +294,8 @@ def strip_attention(model, registry=None, *, name: Optional[str] = None):
     """:func:`trainer.strip` of a model with attention: a new functional model, fewer heads and FFN units.
 
     Args:
-      model: a built ``Sequential`` or functional ``keras.Model`` of the layers :data:`GRAPH_KNOWN` and
-        keras-hub ``TransformerEncoder`` layers, each called once, float32.
+      model: a built ``Sequential`` or functional ``keras.Model`` of Keras' own layers and ``keras.ops`` calls
+        and keras-hub ``TransformerEncoder`` layers, each layer called once, float32.
       registry: the :class:`~trainer.masks.MaskRegistry` whose rules froze the zeros, or ``None`` (every 0).
       name: the new model's name (default: the model's).
 
@@ -308,6 +314,8 @@ def strip_attention(model, registry=None, *, name: Optional[str] = None):
     def clone(layer):
         if _is_encoder(layer):
             return _Encoder(layer)
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a keras.ops operation: stateless, called again on the new tensors
         config = layer.get_config()
         if isinstance(layer, L.MultiHeadAttention):
             config["num_heads"] = int(plan["heads"][layer.name]["kept"].size)
@@ -322,13 +330,14 @@ def strip_attention(model, registry=None, *, name: Optional[str] = None):
                 _fail(f"layer {new.layer.name!r} (TransformerEncoder) is called with {sorted(kwargs)}")
             return _encoder(new.layer, plan, args[0])
         out = new(*args, **kwargs)
-        old = graph.get_layer(new.name)
+        if not isinstance(new, keras.layers.Layer):
+            return out
         if isinstance(new, L.Dense):
             _set(new, _dense_weights(plan["dense"][new.name]))
         elif isinstance(new, L.MultiHeadAttention):
             _set(new, plan["heads"][new.name]["weights"])
         else:
-            _set(new, old.get_weights())
+            _set(new, graph.get_layer(new.name).get_weights())
         return out
 
     small = keras.models.clone_model(graph, clone_function=clone, call_function=call)
