@@ -77,8 +77,8 @@ def _functional(model):
 def _plan_heads(mha, name: str, registry) -> Dict[str, Any]:
     """Kept heads of one attention layer and its sliced weights (``mha.weights`` order)."""
     if mha._output_dense.kernel.ndim != 3 or mha._value_dense.kernel.ndim != 3:
-        _fail(f"layer {name!r} has attention over several axes or an output_shape of several axes; strip "
-              "removes heads of a MultiHeadAttention over one sequence axis only")
+        _fail(f"layer {name!r} has an output_shape of several axes; strip removes heads of a MultiHeadAttention "
+              "whose output has one feature axis only")
     heads = int(mha.num_heads)
     out_zero = _zero(mha._output_dense.kernel, registry).reshape(heads, -1).all(axis=1)
     value_zero = np.zeros(heads, bool)
