@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     print(f"masked32   - masked64   {np.abs(m32 - m64).max():.3e}  (the masked model's float32 error)")
     print(f"stripped32 - masked64   {np.abs(s32 - m64).max():.3e}  (the stripped model's float32 error)")
     print(f"stripped64 - masked64   {np.abs(s64 - m64).max():.3e}  (the stripping itself, in float64)")
-    worst = np.unravel_index(np.argmax(np.abs(s32 - m32)), m32.shape)
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(np.abs(s32 - m32)), m32.shape))
     print(f"worst logit {worst}: masked32 {m32[worst]:.7f}, stripped32 {s32[worst]:.7f}, float64 {m64[worst]:.7f}, "
           f"float32 spacing there {np.spacing(np.float32(abs(m64[worst]))):.2e}")
     names = ["conv1", "bn1", "pool1", "conv2", "bn2", "flatten", "fc1", "fc2", "out"]
