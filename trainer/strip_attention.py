@@ -36,6 +36,10 @@ __all__ = ["has_attention", "plan_attention", "strip_attention"]
 
 L = keras.layers
 PASS = (L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Dropout)  # may sit between an FFN's two Dense layers
+# keras-hub TransformerEncoder.get_config() keys that _encoder rebuilds (those of keras-hub 0.32); a newer option
+# is refused rather than dropped
+ENCODER_OPTIONS = {"name", "trainable", "dtype", "intermediate_dim", "num_heads", "dropout", "activation",
+                   "layer_norm_epsilon", "kernel_initializer", "bias_initializer", "normalize_first"}
 
 
 def _keras_own(operation) -> bool:
@@ -193,6 +197,10 @@ def plan_attention(model, registry=None) -> Dict[str, Dict[str, Any]]:
                 _fail(f"layer {layer.name!r} (TransformerEncoder) is called with a "
                       f"{masked[0] if masked else 'Keras mask'}; strip rebuilds an encoder only without masks")
             name = layer.name
+            unknown = sorted(set(layer.get_config()) - ENCODER_OPTIONS)
+            if unknown:
+                _fail(f"layer {name!r} (TransformerEncoder) has options {unknown} that strip does not rebuild (it "
+                      f"knows {sorted(ENCODER_OPTIONS)})")
             heads[f"{name}/self_attention_layer"] = _plan_heads(layer._self_attention_layer,
                                                                  f"{name}/self_attention_layer", registry)
             pair = (f"{name}/feedforward_intermediate_dense", f"{name}/feedforward_output_dense")
