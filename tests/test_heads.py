@@ -117,3 +117,27 @@ def test_heads_refused_where_there_is_no_heads_axis():
         "rule 'b', variable 'mha/attention_output/bias': elements.groups: heads needs a variable with an attention "
         "heads axis (the query, key and value kernels and biases and the output kernel of a MultiHeadAttention); "
         "'mha/attention_output/bias' of shape (8,) has none. Select e.g. '*/attention_output/kernel'")
+
+
+BACKBONES = [  # keras-hub decoders: (class, kwargs, query kernel path, its heads axis, output kernel path)
+    ("LlamaBackbone", dict(vocabulary_size=10, num_layers=1, num_query_heads=4, hidden_dim=16, intermediate_dim=32,
+                           num_key_value_heads=2), "transformer_layer_0/self_attention/query/kernel", 1,
+     "transformer_layer_0/self_attention/attention_output/kernel"),
+    ("GemmaBackbone", dict(vocabulary_size=10, num_layers=1, num_query_heads=4, num_key_value_heads=1, hidden_dim=16,
+                           intermediate_dim=32, head_dim=4), "decoder_block_0/attention/query/kernel", 0,
+     "decoder_block_0/attention/attention_output/kernel"),
+]
+
+
+@pytest.mark.parametrize("backbone, kwargs, query, axis, output", BACKBONES, ids=[b[0] for b in BACKBONES])
+def test_keras_hub_decoder_heads_equal_oracle(backbone, kwargs, query, axis, output):
+    """Llama's query kernel is (in, heads, head_dim), Gemma's (heads, in, head_dim): both read from the equation."""
+    keras_hub = pytest.importorskip("keras_hub")
+    model = getattr(keras_hub.models, backbone)(**kwargs)
+    values = {v.path: np.asarray(v) for v in model.variables}
+    registry = MaskRegistry(model)
+    registry.freeze([query, output], elements={"magnitude": 0.5, "groups": "heads", "norm": "l2"}, value="zero")
+    np.testing.assert_array_equal(~registry.trainable_mask(query), oracle(values[query], 0.5, axis, "l2"))
+    np.testing.assert_array_equal(~registry.trainable_mask(output), oracle(values[output], 0.5, 0, "l2"))
+    assert {r["path"]: r["groups"] for r in registry.plan() if "groups" in r} == {query: "2/4 heads",
+                                                                                  output: "2/4 heads"}
