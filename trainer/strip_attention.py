@@ -80,6 +80,9 @@ def _functional(model):
 
 def _plan_heads(mha, name: str, registry) -> Dict[str, Any]:
     """Kept heads of one attention layer and its sliced weights (``mha.weights`` order)."""
+    if any(getattr(d, "lora_enabled", False) for d in (mha._query_dense, mha._key_dense, mha._value_dense,
+                                                         mha._output_dense)):
+        _fail(f"layer {name!r} has LoRA enabled; merge it into the kernels before stripping")
     if mha._output_dense.kernel.ndim != 3 or mha._value_dense.kernel.ndim != 3:
         _fail(f"layer {name!r} has an output_shape of several axes; strip removes heads of a MultiHeadAttention "
               "whose output has one feature axis only")

@@ -58,7 +58,7 @@ def projection_axes(dense, role: str) -> Dict[int, int]:
       letter in the kernel (then the layer is not an attention projection this module knows).
     """
     specs = _specs(getattr(dense, "equation", "") or "")
-    kernel = getattr(dense, "kernel", None)
+    kernel = getattr(dense, "_kernel", None)  # the variable (`kernel` adds LoRA's product where enabled)
     if specs is None or kernel is None:
         return {}
     source, kernel_spec, output = specs
