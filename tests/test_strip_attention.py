@@ -162,3 +162,12 @@ def test_refuses_unknown_layers_masks_and_every_head():
     assert refusal(keras.Model([x, mask], h)) == (
         "trainer.strip: layer 'enc' (TransformerEncoder) is called with a padding_mask; strip rebuilds an encoder "
         "only without masks")
+
+
+def test_refuses_attention_with_lora():
+    from trainer.models import enable_lora
+
+    model = transformer((8, 8), 3, dim=16, depth=1, heads=4, mlp_dim=32)
+    enable_lora(model, rank=2)
+    assert refusal(model) == ("trainer.strip: layer 'block1_attn' has LoRA enabled; merge it into the kernels before "
+                              "stripping")
