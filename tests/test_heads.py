@@ -141,3 +141,20 @@ def test_keras_hub_decoder_heads_equal_oracle(backbone, kwargs, query, axis, out
     np.testing.assert_array_equal(~registry.trainable_mask(output), oracle(values[output], 0.5, 0, "l2"))
     assert {r["path"]: r["groups"] for r in registry.plan() if "groups" in r} == {query: "2/4 heads",
                                                                                   output: "2/4 heads"}
+
+
+def test_gradual_schedule_prunes_whole_heads():
+    model = attention_model()
+    registry = MaskRegistry(model)
+    registry.freeze("mha/attention_output/kernel", elements={"magnitude": 0.75, "groups": "heads"}, value="zero",
+                    name="gmp", update_every_n_steps=10,
+                    schedule={"kind": "polynomial", "initial_sparsity": 0.0, "final_sparsity": 0.75,
+                              "begin_step": 0, "end_step": 20})
+    counts = []
+    for step in (0, 10, 20):
+        registry.update(step)
+        frozen = ~registry.trainable_mask("mha/attention_output/kernel")
+        per_head = frozen.reshape(4, -1)
+        assert np.all(per_head.all(axis=1) | ~per_head.any(axis=1))  # every head wholly frozen or wholly free
+        counts.append(int(per_head.all(axis=1).sum()))
+    assert counts[0] == 0 and counts[-1] == 3 and counts == sorted(counts)
