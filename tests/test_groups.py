@@ -114,11 +114,11 @@ def test_gradual_schedule_prunes_whole_units():
 
 REFUSALS = [
     ({"magnitude": 0.5, "groups": "channels"},
-     "elements.groups must be one of ['units', 'inputs', 'blocks'], got 'channels' (a conv kernel's output "
-     "channels are its units, its last axis)"),
+     "elements.groups must be one of ['units', 'inputs', 'blocks', 'heads'], got 'channels' (a conv kernel's "
+     "output channels are its units, its last axis)"),
     ({"magnitude": 0.5, "groups": "units", "norm": "l3"}, "elements.norm must be one of ['l1', 'l2'], got 'l3'"),
-    ({"magnitude": 0.5, "norm": "l2"}, "elements.norm needs elements.groups (one of ['units', 'inputs', 'blocks']), "
-     "got norm: 'l2' without groups"),
+    ({"magnitude": 0.5, "norm": "l2"},
+     "elements.norm needs elements.groups (one of ['units', 'inputs', 'blocks', 'heads']), got norm: 'l2' without groups"),
     ({"magnitude": 0.5, "groups": "blocks"}, "elements.groups: blocks needs elements.block: [b_in, b_out], two "
      "positive integers, got None"),
     ({"magnitude": 0.5, "groups": "units", "block": [2, 2]},

@@ -20,8 +20,10 @@ Removals are repeated until none is found (a unit whose kept inputs were all rem
 layer's units (the model's outputs) and the model's inputs are never removed. Elements count as "frozen at zero"
 when the registry freezes them and they hold 0 (``registry=None``: every element that holds 0).
 
-Only chains are stripped: a ``Sequential`` or a functional model in which every layer takes the one before it.
-Anything else is refused with one line naming the layer (see :data:`KNOWN`).
+Only chains are stripped here: a ``Sequential`` or a functional model in which every layer takes the one before
+it. Anything else is refused with one line naming the layer (see :data:`KNOWN`), except a model with attention
+(a ``MultiHeadAttention`` or a keras-hub ``TransformerEncoder``), which :func:`strip` hands to
+:mod:`trainer.strip_attention` (heads and FFN units removed, residual connections kept).
 """
 
 from __future__ import annotations
@@ -230,15 +232,23 @@ def strip(model, registry=None, *, name: Optional[str] = None):
       input and output shapes, whose outputs equal ``model``'s up to float32 rounding (the folded constants
       are summed in float64 and rounded once).
 
+    A model with attention (``MultiHeadAttention``, keras-hub ``TransformerEncoder``) is stripped by
+    :func:`trainer.strip_attention.strip_attention` instead: heads and FFN units removed, residuals kept.
+
     Raises:
       StripError: one line naming the layer: a layer type strip does not know, a branch (residual), a
         ``channels_first`` layer, a softmax across removed units, a constant into a ``padding='same'``
-        convolution, a layer with every unit removed.
+        convolution, a layer with every unit removed (and, with attention, those of
+        :func:`trainer.strip_attention.plan_attention`).
 
     Examples:
       >>> small = trainer.strip(model, registry)   # doctest: +SKIP
       >>> small.save("stripped.keras")            # doctest: +SKIP
     """
+    from trainer import strip_attention  # imports this module
+
+    if strip_attention.has_attention(model):
+        return strip_attention.strip_attention(model, registry, name=name)
     layers = _chain(model)
     plans = plan_strip(model, registry)
     kept_prev: Optional[np.ndarray] = None  # kept units of the last producer passed (BatchNorm slices by them)
@@ -267,13 +277,19 @@ def strip(model, registry=None, *, name: Optional[str] = None):
 def strip_for_export(model, registry) -> tuple:
     """``(stripped model or None, summary)`` for ``export.strip``: a refusal is reported, not raised.
 
-    The summary is ``{"params": n, "params_before": m, "units": {layer: [kept, before]}}`` or
-    ``{"refused": "<the one-line StripError>"}`` (the run's other exports are still written).
+    The summary is ``{"params": n, "params_before": m, "units": {layer: [kept, before]}}`` (with attention,
+    also ``"heads": {layer: [kept, before]}``) or ``{"refused": "<the one-line StripError>"}`` (the run's
+    other exports are still written).
     """
+    from trainer import strip_attention
+
     try:
-        plans = plan_strip(model, registry)
+        if strip_attention.has_attention(model):
+            kept = strip_attention.summary(strip_attention.plan_attention(model, registry))
+        else:
+            plans = plan_strip(model, registry)
+            kept = {"units": {name: [int(p["kept"].size), p["units"]] for name, p in plans.items()}}
         small = strip(model, registry)
     except StripError as err:
         return None, {"refused": str(err)}
-    return small, {"params": int(small.count_params()), "params_before": int(model.count_params()),
-                   "units": {name: [int(p["kept"].size), p["units"]] for name, p in plans.items()}}
+    return small, {"params": int(small.count_params()), "params_before": int(model.count_params()), **kept}

@@ -154,7 +154,8 @@ def plan_rows(state: Any) -> List[Dict[str, Any]]:
         grouped = [state.rules[r].rule.elements for r in rules if "groups" in state.rules[r].rule.elements]
         if grouped:  # whole groups frozen, as "150/300 units" (trainer.masks.groups)
             spec = grouped[0]
-            count, total = count_frozen_groups(~state.trainable_mask(info.path), spec["groups"], spec.get("block"))
+            count, total = count_frozen_groups(~state.trainable_mask(info.path), spec["groups"], spec.get("block"),
+                                               info.heads_axis)
             rows[-1]["groups"] = f"{count}/{total} {spec['groups']}"
         compact = state.compact.get(info.path) if covered is not None else None
         parts = precision.precision(info.variable.dtype, None if compact is None else compact.dtype)

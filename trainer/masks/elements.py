@@ -35,12 +35,14 @@ class ElementContext:
         ``None`` for selectors that do not read values (all but ``magnitude``
         and ``magnitude_threshold``): the registry keeps no host copy.
       initial: the value ``value: initial`` pins to, or ``None``.
+      heads_axis: the axis indexing attention heads (:mod:`trainer.masks.heads`), or ``None``.
     """
 
     path: str
     shape: tuple
     value: Optional[np.ndarray]
     initial: Optional[np.ndarray] = None
+    heads_axis: Optional[int] = None
 
     @property
     def size(self) -> int:
@@ -139,7 +141,7 @@ def normalize_elements(spec: Any) -> Dict[str, Any]:
         _fraction(value, key)
         _check_allocation(spec, key)
         if key == "magnitude":
-            check_groups(spec)  # groups: units | inputs | blocks (trainer.masks.groups)
+            check_groups(spec)  # groups: units | inputs | blocks | heads (trainer.masks.groups)
         if key == "random" and "seed" in spec:
             seed = spec["seed"]
             if not is_whole(seed, 0):

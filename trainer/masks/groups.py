@@ -10,7 +10,10 @@ weights have the smallest norm, every element of each. A group is
 - ``inputs``: one input feature of a Dense kernel or one input channel of a conv kernel (the elements of
   ``elements.inputs``);
 - ``blocks``: a ``[b_in, b_out]`` tile of the (input, output) axes of a kernel, every spatial position of a
-  conv kernel included (block sparsity, as jaxpruner's and Cerebras' block patterns).
+  conv kernel included (block sparsity, as jaxpruner's and Cerebras' block patterns);
+- ``heads``: one attention head of a ``MultiHeadAttention`` (or keras-hub attention) projection: one index of
+  the variable's heads axis, which :mod:`trainer.masks.heads` reads from the layer (each variable is ranked
+  by its own heads' slices; Michel et al. 2019, *Are Sixteen Heads Really Better than One?*).
 
 Pure NumPy, deterministic: ties are broken by the group's position (a stable sort), as the element-wise
 ``magnitude`` selector breaks them by flat index.
@@ -24,7 +27,7 @@ import numpy as np
 
 from trainer.masks.errors import FreezeConfigError
 
-GROUPS = ("units", "inputs", "blocks")
+GROUPS = ("units", "inputs", "blocks", "heads")
 NORMS = ("l1", "l2")
 DEFAULT_NORM = "l1"  # Li et al. (2017)
 
@@ -65,25 +68,37 @@ def _input_axis(shape: tuple) -> int:
     return 0 if len(shape) <= 2 else len(shape) - 2
 
 
+def _heads_axis(shape: tuple, heads_axis: Optional[int], path: str) -> int:
+    if heads_axis is None:
+        raise FreezeConfigError(
+            f"elements.groups: heads needs a variable with an attention heads axis (the query, key and value "
+            f"kernels and biases and the output kernel of a MultiHeadAttention); {path!r} of shape {shape} has "
+            "none. Select e.g. '*/attention_output/kernel'")
+    return int(heads_axis)
+
+
 def group_scores(weights: np.ndarray, groups: str, norm: str = DEFAULT_NORM,
-                 block: Optional[Sequence[int]] = None, *, path: str = "?") -> np.ndarray:
+                 block: Optional[Sequence[int]] = None, *, path: str = "?",
+                 heads_axis: Optional[int] = None) -> np.ndarray:
     """The norm of every group of ``weights``.
 
     Args:
       weights: a kernel, any float dtype (scored in float64): ``(in, out)`` Dense, ``(..., in, out)`` conv; a
         vector is one axis of units (its elements are the groups).
-      groups: ``"units"`` (last axis), ``"inputs"`` (axis 0 of a Dense kernel, -2 of a conv kernel) or
-        ``"blocks"``.
+      groups: ``"units"`` (last axis), ``"inputs"`` (axis 0 of a Dense kernel, -2 of a conv kernel),
+        ``"blocks"`` or ``"heads"`` (axis ``heads_axis``).
       norm: ``"l1"`` (sum of ``|w|``) or ``"l2"`` (square root of the sum of squares).
       block: ``[b_in, b_out]`` for ``"blocks"``; the input and output axes must be multiples of them.
       path: the variable's path, for messages.
+      heads_axis: for ``"heads"``, the variable's heads axis (:func:`trainer.masks.heads.head_axes`).
 
     Returns:
-      float64 array: ``(out,)`` for units, ``(in,)`` for inputs, ``(in // b_in, out // b_out)`` for blocks.
+      float64 array: ``(out,)`` for units, ``(in,)`` for inputs, ``(in // b_in, out // b_out)`` for blocks,
+      ``(heads,)`` for heads.
 
     Raises:
       FreezeConfigError: ``inputs`` or ``blocks`` of a variable with fewer than two axes; a kernel that the
-        block does not tile.
+        block does not tile; ``heads`` of a variable without a heads axis.
     """
     w = np.abs(np.asarray(weights, dtype=np.float64))
     if norm == "l2":
@@ -93,6 +108,9 @@ def group_scores(weights: np.ndarray, groups: str, norm: str = DEFAULT_NORM,
         if not shape:
             raise FreezeConfigError(f"elements.groups: units needs a variable with an axis; {path!r} is a scalar")
         scores = w.reshape(-1, shape[-1]).sum(axis=0)
+    elif groups == "heads":
+        axis = _heads_axis(shape, heads_axis, path)
+        scores = np.moveaxis(w, axis, 0).reshape(shape[axis], -1).sum(axis=1)
     elif len(shape) < 2:
         raise FreezeConfigError(f"elements.groups: {groups} needs a kernel with an input axis; {path!r} has shape "
                                 f"{shape}. Select only kernels (e.g. select: '*/kernel') or use groups: units")
@@ -111,7 +129,7 @@ def group_scores(weights: np.ndarray, groups: str, norm: str = DEFAULT_NORM,
 
 
 def expand_groups(frozen_groups: np.ndarray, shape: tuple, groups: str,
-                  block: Optional[Sequence[int]] = None) -> np.ndarray:
+                  block: Optional[Sequence[int]] = None, heads_axis: Optional[int] = None) -> np.ndarray:
     """A per-group bool array (as :func:`group_scores` returns) spread over every element of its group.
 
     Returns:
@@ -120,8 +138,8 @@ def expand_groups(frozen_groups: np.ndarray, shape: tuple, groups: str,
     shape = tuple(shape)
     if groups == "units":
         return np.broadcast_to(frozen_groups, shape).copy()
-    if groups == "inputs":
-        axis = _input_axis(shape)
+    if groups in ("inputs", "heads"):
+        axis = _input_axis(shape) if groups == "inputs" else int(heads_axis)
         index = [None] * len(shape)
         index[axis] = slice(None)
         return np.broadcast_to(frozen_groups[tuple(index)], shape).copy()
@@ -130,13 +148,14 @@ def expand_groups(frozen_groups: np.ndarray, shape: tuple, groups: str,
 
 
 def smallest_groups(weights: np.ndarray, fraction: float, groups: str, norm: str = DEFAULT_NORM,
-                    block: Optional[Sequence[int]] = None, *, path: str = "?") -> np.ndarray:
+                    block: Optional[Sequence[int]] = None, *, path: str = "?",
+                    heads_axis: Optional[int] = None) -> np.ndarray:
     """The elements of the ``round(fraction * n_groups)`` groups with the smallest norm.
 
     Args:
       weights: the variable's values (or those of ``elements.weights_file``).
       fraction: in ``[0, 1]``, the fraction of groups frozen.
-      groups, norm, block, path: as in :func:`group_scores`.
+      groups, norm, block, path, heads_axis: as in :func:`group_scores`.
 
     Returns:
       bool array of ``weights.shape``, ``True`` = frozen; whole groups only.
@@ -149,22 +168,26 @@ def smallest_groups(weights: np.ndarray, fraction: float, groups: str, norm: str
       >>> smallest_groups(w, 1 / 3, "units", "l1").astype(int).tolist()
       [[0, 1, 0], [0, 1, 0]]
     """
-    scores = group_scores(weights, groups, norm, block, path=path)
+    scores = group_scores(weights, groups, norm, block, path=path, heads_axis=heads_axis)
     count = int(round(float(fraction) * scores.size))
     frozen = np.zeros(scores.size, dtype=bool)
     if count > 0:
         frozen[np.argsort(scores.reshape(-1), kind="stable")[:count]] = True
-    return expand_groups(frozen.reshape(scores.shape), np.shape(weights), groups, block)
+    return expand_groups(frozen.reshape(scores.shape), np.shape(weights), groups, block, heads_axis)
 
 
-def count_frozen_groups(frozen: np.ndarray, groups: str, block: Optional[Sequence[int]] = None) -> tuple:
+def count_frozen_groups(frozen: np.ndarray, groups: str, block: Optional[Sequence[int]] = None,
+                        heads_axis: Optional[int] = None) -> tuple:
     """``(whole groups frozen, groups)`` of a frozen mask: what the dry run shows, e.g. ``(150, 300)`` units.
 
-    A group counts when every one of its elements is frozen (by any rule).
+    A group counts when every one of its elements is frozen (by any rule). ``heads`` needs ``heads_axis``
+    (without one, the variable's last axis is counted, as for units).
     """
     frozen = np.asarray(frozen, dtype=bool)
     shape = frozen.shape
-    if groups == "units" or len(shape) < 2:
+    if groups == "heads" and heads_axis is not None:
+        whole = np.moveaxis(frozen, int(heads_axis), 0).reshape(shape[int(heads_axis)], -1).all(axis=1)
+    elif groups in ("units", "heads") or len(shape) < 2:
         whole = frozen.reshape(-1, shape[-1]).all(axis=0) if shape else frozen.reshape(1)
     elif groups == "inputs":
         axis = _input_axis(shape)

@@ -129,12 +129,15 @@ class Planner:
         by default :attr:`initial_values`, which :meth:`admit` fills.
       trainable_now: ``path -> bool array or None``, the mask a regrowing
         rule moved on the device.
+      heads: ``{path: heads axis}`` of the attention projections (``groups: heads``, :mod:`trainer.masks.heads`).
     """
 
     def __init__(self, *, shapes: Dict[str, tuple], read: Callable[[str], np.ndarray],
                  initial: Optional[Callable[[str], np.ndarray]] = None,
-                 trainable_now: Optional[Callable[[str], Optional[np.ndarray]]] = None):
+                 trainable_now: Optional[Callable[[str], Optional[np.ndarray]]] = None,
+                 heads: Optional[Dict[str, int]] = None):
         self.shapes = shapes
+        self.heads = dict(heads or {})
         self.read = read
         self.initial_values: Dict[str, np.ndarray] = {}  # read when a `value: initial` rule is added
         self.initial = initial if initial is not None else self.initial_values.__getitem__
@@ -197,7 +200,7 @@ class Planner:
             fraction = (layers.sizes[path] - layers.counts[path]) / layers.sizes[path]
         if selector_name(rule.elements) in VALUE_SELECTORS and value is None:
             value = self.read(path)
-        ctx = ElementContext(path, tuple(shape), value, None)
+        ctx = ElementContext(path, tuple(shape), value, None, self.heads.get(path))
         try:
             return select_elements(rule.elements, ctx, fraction=fraction, packed=packed)
         except FreezeConfigError as err:

@@ -88,7 +88,7 @@ class MaskRegistry(tf.Module):
         self.compact: Dict[str, keras.Variable] = {}
         state = MaskState(index_variables(model), masks=self.masks, pins=self.pins, indices=self.indices,
                           compact=self.compact, requested=update, crossover=COMPACT_CROSSOVER, model=model)
-        planner = Planner(shapes=state.shapes(), read=state.read, trainable_now=state.trainable_now)
+        planner = Planner(shapes=state.shapes(), read=state.read, trainable_now=state.trainable_now, heads=state.heads())
         self._refs = _Refs(model, state, planner, initial_values)
         self.rule_state = RuleStateTrackable(state)
 

@@ -227,9 +227,9 @@ def _select(spec: Mapping[str, Any], ctx: ElementContext) -> np.ndarray:
         magnitudes = np.abs(np.asarray(weights, dtype=np.float64))
         if key == "magnitude_threshold":
             return magnitudes < float(value)
-        if "groups" in spec:  # whole units / inputs / blocks by their norm (trainer.masks.groups)
+        if "groups" in spec:  # whole units / inputs / blocks / heads by their norm (trainer.masks.groups)
             return smallest_groups(magnitudes, float(value), spec["groups"], spec.get("norm", DEFAULT_NORM),
-                                   spec.get("block"), path=ctx.path)
+                                   spec.get("block"), path=ctx.path, heads_axis=ctx.heads_axis)
         return _smallest(magnitudes, int(round(float(value) * ctx.size)))
     if key == "n_m":  # the N largest |w| of every M along the input axis train (Mishra et al. 2021)
         weights = ctx.value

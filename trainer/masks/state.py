@@ -89,6 +89,10 @@ class MaskState:
         """``{path: (shape, numpy dtype)}`` of every variable (what the planner resolves rules against)."""
         return {i.path: (tuple(int(d) for d in i.variable.shape), np.dtype(i.variable.dtype)) for i in self.infos}
 
+    def heads(self) -> Dict[str, int]:
+        """``{path: heads axis}`` of the attention projections' variables (``groups: heads``)."""
+        return {i.path: i.heads_axis for i in self.infos if i.heads_axis is not None}
+
     def read(self, path: str) -> np.ndarray:
         """The value of the variable ``path`` now, on the host: a read-only view of its buffer, no copy.
 

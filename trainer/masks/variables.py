@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import keras
 import re2
 
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.heads import head_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +34,15 @@ class VariableInfo:
       trainable: ``variable.trainable``.
       layer_types: class names (and base class names) of every layer that owns
         the variable, nested models included, e.g. ``("Dense", "Layer", ...)``.
+      heads_axis: the axis indexing attention heads of an attention projection's kernel or bias
+        (:func:`trainer.masks.heads.head_axes`), else ``None``.
     """
 
     path: str
     variable: keras.Variable
     trainable: bool
     layer_types: Tuple[str, ...]
+    heads_axis: Optional[int] = None
 
 
 def _flatten_layers(model: keras.layers.Layer) -> List[keras.layers.Layer]:
@@ -65,8 +69,9 @@ def index_variables(model: keras.layers.Layer) -> List[VariableInfo]:
         raise FreezeConfigError(
             f"model {model.name!r} has no variables; build it (call it on an input) before creating its MaskRegistry"
         )
-    owners = {}
-    for layer in _flatten_layers(model):
+    owners, layers = {}, _flatten_layers(model)
+    axes = head_axes(layers)
+    for layer in layers:
         names = tuple(c.__name__ for c in type(layer).__mro__ if issubclass(c, keras.layers.Layer))
         for v in layer.weights:
             owners.setdefault(id(v), set()).update(names)
@@ -75,7 +80,7 @@ def index_variables(model: keras.layers.Layer) -> List[VariableInfo]:
         if v.path in seen:
             raise FreezeConfigError(f"two variables share the path {v.path!r}; give their layers distinct names")
         seen[v.path] = v
-        infos.append(VariableInfo(v.path, v, bool(v.trainable), tuple(sorted(owners.get(id(v), ())))))
+        infos.append(VariableInfo(v.path, v, bool(v.trainable), tuple(sorted(owners.get(id(v), ()))), axes.get(id(v))))
     return infos
 
 
