@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -178,7 +179,7 @@ def input_gradient(equation: Equation, dy: tf.Tensor, kernel: tf.Tensor, x_shape
     elif letters == cols + rows:
         transpose = False
     else:
-        return tf.einsum(equation.backward, dy, kernel)
+        return keras.ops.einsum(equation.backward, dy, kernel)
     size = {a: int(kernel.shape[letters.index(a)]) for a in letters}
     r, c = int(np.prod([size[a] for a in rows])), int(np.prod([size[a] for a in cols]))
     matrix = kernel if len(letters) == 2 else tf.reshape(kernel, [r, c] if transpose else [c, r])
@@ -207,7 +208,7 @@ def sampled_einsum(equation: Equation, x: tf.Tensor, kernel, compact: tf.Tensor,
 
     @tf.custom_gradient
     def forward(x, compact):
-        y = tf.einsum(equation.text, x, value)
+        y = keras.ops.einsum(equation.text, x, value)  # as the layer computes it: its matmuls where it has them
 
         def grad(dy, variables=None):
             dx = input_gradient(equation, dy, value, tf.shape(x))
