@@ -107,14 +107,16 @@ def plot(found: Dict[str, Dict[float, List[dict]]], path: str) -> None:
             pub = sorted(PUBLISHED[name].items())
             ax.plot([p[0] for p in pub], [p[1] for p in pub], color=color, linestyle="--", marker="x",
                     label=f"published: {LABELS[name]}")
-    floor = 94.0  # lower points are marked at the bottom edge with their value
+    floor = 94.0  # lower points are marked at the bottom edge with their value, one label above the other
+    off = 0
     for i, name in enumerate(n for n in PLOTTED if n in found):
         for x in found[name]:
             mean = statistics.fmean(metric_value(r, "test_accuracy") for r in found[name][x])
             if mean < floor:
                 ax.annotate(f"{LABELS[name]} {x:g} %: {mean:.1f} (off scale)", (x, floor),
-                            xytext=(x * 1.05, floor + 0.3), color=f"C{i}", fontsize=8,
+                            xytext=(x * 1.05, floor + 0.3 + 0.35 * off), color=f"C{i}", fontsize=8,
                             arrowprops={"arrowstyle": "->", "color": f"C{i}"})
+                off += 1
     ax.set_ylim(floor, 99.0)
     ax.set_xscale("log")
     ax.set_xticks([1, 2, 5, 10])
