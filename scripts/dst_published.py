@@ -5,7 +5,8 @@ groups the runs by experiment ``name`` and the % of kernel weights kept (``1 -
 elements.random`` for a regrow rule, else the non-zero kernel weights at the end), and writes a
 Markdown table (mean ± sample std over seeds, ``n`` per cell, the published value and our
 difference) and a plot (test accuracy against weights kept, ours
-solid with the seeds' spread, published dashed). Example::
+solid with the seeds' spread, published dashed); ``--curves`` also prints, for the runs that logged the
+test set every epoch, the test accuracy at other stopping points (``curve_views``). Example::
 
     python scripts/dst_published.py /tmp/dst_runs --exclude '*/ablation_set_final_update/*' \\
         --table experiments/dst_published/results.md --plot experiments/dst_published/accuracy.png
@@ -30,7 +31,8 @@ PUBLISHED: Dict[str, Dict[float, float]] = {
     "dst_lenet_set": SET, "dst_lenet_sm": {10.0: 98.67, 5.0: 98.53, 2.0: 98.20, 1.0: 97.53},
     "dst_lenet_rigl": SET, "snip": SNIP,  # RigL's goal: at least the published SET
     "dst_lenet_rigl_erk": SET, "dst_lenet_set_out50": SET, "dst_lenet_set_every600": SET,
-    "dst_lenet_set_sparse_learning": SET, "snip_test_every_epoch": SNIP,
+    "dst_lenet_set_sparse_learning": SET, "snip_test_every_epoch": SNIP, "snip_fresh_init": SNIP,
+    "snip_biases": SNIP, "snip_fresh_init_biases": SNIP,
     "dst_lenet_sm_reset_slots": {2.0: 98.20}, "dst_lenet_sm_masked": {2.0: 98.20},
 }
 LABELS = {"dst_lenet_sm": "Sparse Momentum", "dst_lenet_set": "SET", "dst_lenet_rigl": "RigL", "snip": "SNIP",
@@ -39,6 +41,9 @@ LABELS = {"dst_lenet_sm": "Sparse Momentum", "dst_lenet_set": "SET", "dst_lenet_
           "dst_lenet_set_every600": "ablation: SET, rewiring every 600 steps",
           "dst_lenet_set_sparse_learning": "ablation: SET in sparse_learning's recipe",
           "snip_test_every_epoch": "ablation: SNIP, test accuracy at the best validation epoch",
+          "snip_fresh_init": "ablation: SNIP, kept weights freshly re-initialised",
+          "snip_biases": "ablation: SNIP, biases ranked too (snip-public)",
+          "snip_fresh_init_biases": "ablation: SNIP, fresh re-initialisation and biases ranked",
           "dst_lenet_sm_reset_slots": "ablation: Sparse Momentum, reset_slots true",
           "dst_lenet_sm_masked": "ablation: Sparse Momentum, frozen_gradients mask"}
 GOAL = {"dst_lenet_sm": "within 0.2 of published SM", "dst_lenet_set": "within 0.2 of published SET",
@@ -46,6 +51,7 @@ GOAL = {"dst_lenet_sm": "within 0.2 of published SM", "dst_lenet_set": "within 0
         "dst_lenet_rigl_erk": ">= published SET"}
 PLOTTED = ("dst_lenet_sm", "dst_lenet_set", "dst_lenet_rigl", "snip", "dst_lenet_rigl_erk")
 METRIC = {"snip_test_every_epoch": "early_stopping.test_accuracy"}  # the test accuracy at the lowest val_loss
+STEPS_PER_EPOCH = 540  # 54,000 training images / batch 100
 
 
 def kept(run: dict) -> float:
@@ -101,14 +107,16 @@ def plot(found: Dict[str, Dict[float, List[dict]]], path: str) -> None:
             pub = sorted(PUBLISHED[name].items())
             ax.plot([p[0] for p in pub], [p[1] for p in pub], color=color, linestyle="--", marker="x",
                     label=f"published: {LABELS[name]}")
-    floor = 94.0  # lower points are marked at the bottom edge with their value
+    floor = 94.0  # lower points are marked at the bottom edge with their value, one label above the other
+    off = 0
     for i, name in enumerate(n for n in PLOTTED if n in found):
         for x in found[name]:
             mean = statistics.fmean(metric_value(r, "test_accuracy") for r in found[name][x])
             if mean < floor:
                 ax.annotate(f"{LABELS[name]} {x:g} %: {mean:.1f} (off scale)", (x, floor),
-                            xytext=(x * 1.05, floor + 0.3), color=f"C{i}", fontsize=8,
+                            xytext=(x * 1.05, floor + 0.3 + 0.35 * off), color=f"C{i}", fontsize=8,
                             arrowprops={"arrowstyle": "->", "color": f"C{i}"})
+                off += 1
     ax.set_ylim(floor, 99.0)
     ax.set_xscale("log")
     ax.set_xticks([1, 2, 5, 10])
@@ -121,6 +129,50 @@ def plot(found: Dict[str, Dict[float, List[dict]]], path: str) -> None:
     save_figure(fig, path)
 
 
+def curve_views(run: dict, lengths: Sequence[int] = (30000, 40000, 54000)) -> Dict[str, float]:
+    """Test accuracies (%) of one run that logged the test set every epoch (``log.test_every_epoch=true``).
+
+    ``final``: after the last epoch; ``best_val``: at the epoch of lowest validation loss; ``max``: the best
+    epoch. For each ``T`` in ``lengths``, the same recipe stopped after ``T`` steps (the learning-rate
+    schedule is by steps, so a shorter run is a prefix of this one): ``at_T``, its accuracy at the last epoch
+    ending at or before ``T``, and ``ckpt_T``, the maximum over the epochs ending in ``(T - 5000, T]``: an
+    epoch-granular stand-in for what snip-public's ``test.py`` reports (the best test accuracy among the 5
+    checkpoints that ``tf.train.Saver`` keeps, one every 1,000 steps: steps ``T - 4000 .. T``). Empty if the
+    run has no per-epoch test accuracy.
+    """
+    history = run["report"].get("history") or []
+    acc = [100.0 * float(h["test_accuracy"]) for h in history if "test_accuracy" in h]
+    if len(acc) != len(history) or not acc:
+        return {}
+    out = {"final": acc[-1], "max": max(acc)}
+    best = (run["report"].get("early_stopping") or {}).get("test_accuracy")
+    if best is not None:
+        out["best_val"] = 100.0 * float(best)
+    for t in lengths:
+        last = min(len(acc), t // STEPS_PER_EPOCH)  # epochs 1..last end at or before step t
+        first = max(1, -(-(t - 5000 + 1) // STEPS_PER_EPOCH))  # first epoch ending after step t - 5000
+        out[f"at_{t}"] = acc[last - 1]
+        out[f"ckpt_{t}"] = max(acc[first - 1:last])
+    return out
+
+
+def curves(found: Dict[str, Dict[float, List[dict]]]) -> str:
+    """One Markdown line per run with per-epoch test accuracies: the views of :func:`curve_views`."""
+    rows = []
+    for name in sorted(found):
+        for kept in sorted(found[name], reverse=True):
+            for run in found[name][kept]:
+                views = curve_views(run)
+                if views:
+                    rows.append((f"{LABELS.get(name, name)}", f"{kept:g} %", str(key_value(run, "seed")), views))
+    if not rows:
+        return ""
+    keys = list(rows[0][3])
+    lines = ["| run | kept | seed | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    lines += [f"| {a} | {b} | {c} | " + " | ".join(f"{v[k]:.2f}" for k in keys) + " |" for a, b, c, v in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -128,9 +180,13 @@ def main() -> None:
     parser.add_argument("--table")
     parser.add_argument("--plot")
     parser.add_argument("--exclude", action="append", default=[], help="a glob over run directories to leave out")
+    parser.add_argument("--curves", action="store_true", help="also print, for every run that logged the test "
+                        "set each epoch, its test accuracy at other stopping points (curve_views)")
     args = parser.parse_args()
     found = groups(args.dirs, args.exclude)
     text = table(found)
+    if args.curves:
+        print(curves(found))
     print(text)
     if args.table:
         with open(args.table, "w") as f:

@@ -30,6 +30,15 @@ For every seed:
    true`` to the rule and ``_rescaled`` to the run names). A run whose
    ``report.json`` exists is skipped, so an interrupted study resumes.
 
+``--score-biases`` ranks the biases too, as ``namhoonlee/snip-public`` does: for
+the scores only, every bias is drawn from the kernels' variance-scaling
+initialiser (their ``initializer_b_bp='vs'``: fan-in = the bias length, truncated
+normal, seeded with the seed); the global top-k then runs over kernels and
+biases together (``round(density * (kernels + biases))`` kept), the masks hold
+the biases too, and the runs (``_biases`` appended to their names) pin the
+pruned biases at 0 (rule ``select: "*"``) and start every bias at 0 (their
+``initializer_b_ap='zeros'``; ``init.npz`` is unchanged).
+
 ``<out>/masks.json`` lists the per-layer kept fractions of every mask.
 Only the public API of ``trainer`` is used. Example::
 
@@ -80,8 +89,12 @@ def kept_fractions(masks: Dict[str, np.ndarray]) -> Dict[str, float]:
 
 
 def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Sequence[str], *,
-                 batches: int, batch_size: int, experiment: str = "snip_mlp") -> Dict[str, Dict[str, float]]:
-    """Writes ``init.npz`` and the SNIP and shuffled masks of one seed; returns their per-layer kept fractions."""
+                 batches: int, batch_size: int, experiment: str = "snip_mlp",
+                 score_biases: bool = False) -> Dict[str, Dict[str, float]]:
+    """Writes ``init.npz`` and the SNIP and shuffled masks of one seed; returns their per-layer kept fractions.
+
+    ``score_biases``: the biases are scored too, at variance-scaling draws (see the module docstring), and
+    the masks cover them."""
     import keras
 
     from trainer.data import make_dataset
@@ -98,6 +111,13 @@ def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Seq
     export_weights(model, init_path)
 
     kernels = [v for v in model.trainable_variables if v.path.endswith("/kernel")]
+    if score_biases:
+        biases = [v for v in model.trainable_variables if v.path.endswith("/bias")]
+        for i, v in enumerate(biases):
+            init = keras.initializers.VarianceScaling(scale=1.0, mode="fan_in", distribution="truncated_normal",
+                                                      seed=int(seed) * 1000 + i)
+            v.assign(init(v.shape, dtype=v.dtype))
+        kernels = kernels + biases  # scored together; the model is not trained, init.npz keeps zero biases
     dataset = make_dataset(splits.x_train, splits.y_train, batch_size, shuffle=True, seed=seed)
     grads = gradient_scores(model, dataset, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                             num_batches=batches, variables=kernels)
@@ -115,10 +135,12 @@ def prepare_seed(seed: int, densities: Sequence[float], out: str, overrides: Seq
 
 
 def run_command(seed: int, name: str, init_path: str, mask_path: str, run_dir: str,
-                overrides: Sequence[str], rescale: bool = False, experiment: str = "snip_mlp") -> List[str]:
-    """The command line of one training run (``rescale``: the rule also has ``rescale_trainable: true``)."""
+                overrides: Sequence[str], rescale: bool = False, experiment: str = "snip_mlp",
+                select: str = "*/kernel") -> List[str]:
+    """The command line of one training run (``rescale``: the rule also has ``rescale_trainable: true``;
+    ``select``: the variables the mask file covers)."""
     extra = ",rescale_trainable:true" if rescale else ""
-    rule = f"{{select:'*/kernel',elements:{{mask_file:'{mask_path}'}},value:zero{extra}}}"
+    rule = f"{{select:'{select}',elements:{{mask_file:'{mask_path}'}},value:zero{extra}}}"
     return [sys.executable, "-m", "trainer", f"+experiment={experiment}", f"seed={seed}", f"name={name}",
             f"model.init_from={init_path}", f"+freeze.rules.snip={rule}", f"hydra.run.dir={run_dir}",
             *overrides]
@@ -139,6 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--rescale", action="store_true",
                         help="rescale_trainable: true (kept weights of a unit scaled by sqrt(fan-in / kept fan-in)); "
                              "the run names get a _rescaled suffix")
+    parser.add_argument("--score-biases", action="store_true",
+                        help="rank the biases too, at variance-scaling draws, as snip-public (module docstring); "
+                             "the run names get a _biases suffix")
     parser.add_argument("--prepare-only", action="store_true", help="write the masks, train nothing")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. trainer.epochs=5")
     args = parser.parse_args(argv)
@@ -157,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if not all(os.path.isfile(p) for p in needed + [os.path.join(out, f"seed{seed}", "init.npz")]):
                 summary[f"seed{seed}"] = prepare_seed(seed, args.densities, out, args.overrides,
                                                       batches=args.batches, batch_size=args.batch_size,
-                                                      experiment=args.experiment)
+                                                      experiment=args.experiment,
+                                                      score_biases=args.score_biases)
                 with open(summary_path, "w") as f:
                     json.dump(summary, f, indent=1)
             for key, fractions in sorted(summary.get(f"seed{seed}", {}).items()):
@@ -169,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start = time.perf_counter()
     for density in args.densities:
         for kind in args.kinds:
-            name = ("snip" if kind == "snip" else "snip_shuffled") + ("_rescaled" if args.rescale else "")
+            name = (("snip" if kind == "snip" else "snip_shuffled") + ("_rescaled" if args.rescale else "")
+                    + ("_biases" if args.score_biases else ""))
             for seed in args.seeds:
                 tag = percent_tag(density)
                 run_dir = os.path.join(out, "runs", f"{name}_d{tag}_seed{seed}")
@@ -178,7 +205,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     continue
                 command = run_command(seed, name, os.path.join(out, f"seed{seed}", "init.npz"),
                                       os.path.join(out, f"seed{seed}", f"{kind}_d{tag}.npz"), run_dir,
-                                      args.overrides, rescale=args.rescale, experiment=args.experiment)
+                                      args.overrides, rescale=args.rescale, experiment=args.experiment,
+                                      select="*" if args.score_biases else "*/kernel")
                 log.info("run %s", " ".join(command[1:]))
                 subprocess.run(command, check=True, cwd=REPO)
                 report = read_report(run_dir)
