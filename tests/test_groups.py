@@ -151,10 +151,12 @@ def test_refusals_against_a_variable():
                               "input axis; 'net/layer/bias' has shape (4,). Select only kernels (e.g. select: "
                               "'*/kernel') or use groups: units")
     with pytest.raises(FreezeConfigError) as err:
-        registry.freeze("layer/kernel", elements={"magnitude": 0.5, "groups": "units"}, value="zero", name="g",
+        registry.freeze("layer/kernel", elements={"magnitude": 0.5, "groups": "blocks", "block": [2, 2]},
+                        value="zero", name="g",
                         regrow={"method": "set", "drop_fraction": 0.3, "update_every_n_steps": 10})
-    assert str(err.value) == ("rule 'g': regrow drops and grows single elements, so it cannot keep elements.groups: "
-                              "units whole; remove regrow or groups")
+    assert str(err.value) == ("rule 'g': regrow keeps groups whole only for elements.groups ['units', 'inputs'] "
+                              "with regrow.method ['set', 'rigl'], got groups 'blocks' and method 'set'; remove "
+                              "regrow or groups")
 
 
 def fan_in_oracle(w, k):

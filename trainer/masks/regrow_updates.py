@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from trainer.masks import sparse_momentum
+from trainer.masks.group_regrow import group_update
 from trainer.masks.regrow import rigl_update, set_update
 from trainer.masks.regrow_spec import RegrowSpec
 from trainer.masks.slots import zero_slots
@@ -94,12 +95,13 @@ class Regrower:
                 update = store.update(path)
                 slots = store.slots(update.optimizer_variable)  # of the model variable, or the compact [k] one
                 events.append(self.apply(path, update, slots, spec, step,
-                                         None if gradients is None else gradients.get(path)))
+                                         None if gradients is None else gradients.get(path),
+                                         elements=state.rule.elements))
             state.last_update_step = step
         return events
 
     def apply(self, path: str, update: Any, slots: List[tf.Variable], spec: RegrowSpec, step: int,
-              gradient: Optional[Any] = None) -> Dict[str, Any]:
+              gradient: Optional[Any] = None, elements: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
         """One drop-and-grow update of a variable at optimizer ``step``.
 
         Args:
@@ -114,13 +116,15 @@ class Regrower:
           step: the optimizer step of the update (drop fraction, SET's seed).
           gradient: RigL only: the dense gradient to grow by; ``None`` uses
             the buffer :meth:`capture` filled.
+          elements: the rule's ``elements``; with ``groups`` (``units`` /
+            ``inputs``) whole groups move (:mod:`trainer.masks.group_regrow`).
 
         Returns:
           ``{"step", "path", "drop_fraction", "dropped", "grown", "active"}``
           (Python numbers).
         """
         if path not in self._fns:
-            self._fns[path] = self._compile(path, update, slots, spec)
+            self._fns[path] = self._compile(path, update, slots, spec, elements)
         if spec.method == "rigl" and gradient is not None:
             self.buffers[path].assign(tf.cast(tf.convert_to_tensor(gradient), tf.float32))
         fraction = spec.drop_fraction(step)
@@ -128,8 +132,10 @@ class Regrower:
         return {"step": int(step), "path": path, "drop_fraction": float(fraction), "dropped": int(dropped),
                 "grown": int(grown), "active": int(active)}
 
-    def _compile(self, path: str, update: Any, slots: List[tf.Variable], spec: RegrowSpec) -> Callable:
+    def _compile(self, path: str, update: Any, slots: List[tf.Variable], spec: RegrowSpec,
+                 elements: Optional[Mapping[str, Any]] = None) -> Callable:
         buffer = self.buffers.get(path)
+        grouped = elements is not None and "groups" in elements
         variable = update.variable
         compact = update.mode == "compact"
 
@@ -137,7 +143,10 @@ class Regrower:
         def regrow(drop_fraction, seed):
             value = tf.convert_to_tensor(variable.value)
             mask = update.dense_mask() if compact else tf.convert_to_tensor(update.mask)
-            if spec.method == "rigl":
+            if grouped:
+                new = group_update(value, mask, elements, spec.method, drop_fraction=drop_fraction, seed=seed,
+                                   gradient=buffer)
+            elif spec.method == "rigl":
                 new = rigl_update(value, mask, buffer, drop_fraction=drop_fraction)
             else:
                 new = set_update(value, mask, drop_fraction=drop_fraction, seed=seed)

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from trainer.masks.checks import check_known, positive_int
 from trainer.masks.elements import normalize_elements, selector_name
 from trainer.masks.errors import FreezeConfigError
+from trainer.masks.group_regrow import check_group_regrow
 from trainer.masks.regrow_spec import RegrowSpec
 from trainer.masks.schedules import ActiveWindow, PolynomialSparsity, make_schedule
 from trainer.masks.values import PinnedValue, normalize_value
@@ -138,8 +139,10 @@ class FreezeRule:
             raise FreezeConfigError(f"rule {name!r}: a schedule needs update_every_n_steps")
         if regrowth is not None:
             if "groups" in spec:
-                raise FreezeConfigError(f"rule {name!r}: regrow drops and grows single elements, so it cannot keep "
-                                        f"elements.groups: {spec['groups']} whole; remove regrow or groups")
+                try:
+                    check_group_regrow(spec["groups"], regrowth.method)
+                except FreezeConfigError as err:
+                    raise FreezeConfigError(f"rule {name!r}: {err}") from None
             if "fan_in" in spec:
                 raise FreezeConfigError(f"rule {name!r}: regrow moves elements between units, so it cannot keep "
                                         "elements.fan_in constant; remove regrow or fan_in")
