@@ -15,22 +15,7 @@ from trainer import MaskRegistry, Trainer
 from trainer.masks import FreezeConfigError, FreezeRule
 from trainer.masks.group_regrow import group_update
 
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def bits(a):
-    return np.asarray(a, np.float32).view(np.uint32)
-
-
-def mlp(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="relu", name="fc1"),
-                             keras.layers.Dense(4, name="out")], name="net")
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 12)).astype("float32"), rng.integers(0, 4, n)
+from tests.test_sparse_training import LOSS, bits, data, mlp  # the same 12-16-4 net, data and bit view
 
 
 def columns(a, groups):
@@ -72,7 +57,7 @@ def test_an_update_moves_whole_groups_and_matches_the_oracle(groups, norm, metho
     assert all(row.all() or not row.any() for row in g0)
     frozen_groups = int((~g0.any(axis=1)).sum())
     assert frozen_groups == round(0.5 * len(g0))
-    x, y = data()
+    x, y = data(64)
     w_start = kernel.numpy().copy()
     train(model, registry, optimizer, 3, x, y)
     np.testing.assert_array_equal(bits(kernel.numpy()[~m0]), bits(w_start[~m0]))  # frozen: bits kept (+0.0)
