@@ -32,7 +32,7 @@ PUBLISHED: Dict[str, Dict[float, float]] = {
     "dst_lenet_rigl": SET, "snip": SNIP,  # RigL's goal: at least the published SET
     "dst_lenet_rigl_erk": SET, "dst_lenet_set_out50": SET, "dst_lenet_set_every600": SET,
     "dst_lenet_set_sparse_learning": SET, "snip_test_every_epoch": SNIP, "snip_fresh_init": SNIP,
-    "snip_biases": SNIP, "snip_fresh_init_biases": SNIP,
+    "snip_biases": SNIP, "snip_fresh_init_biases": SNIP, "snip_code_defaults": SNIP, "snip_code_defaults_10k": SNIP,
     "dst_lenet_sm_reset_slots": {2.0: 98.20}, "dst_lenet_sm_masked": {2.0: 98.20},
 }
 LABELS = {"dst_lenet_sm": "Sparse Momentum", "dst_lenet_set": "SET", "dst_lenet_rigl": "RigL", "snip": "SNIP",
@@ -44,6 +44,8 @@ LABELS = {"dst_lenet_sm": "Sparse Momentum", "dst_lenet_set": "SET", "dst_lenet_
           "snip_fresh_init": "ablation: SNIP, kept weights freshly re-initialised",
           "snip_biases": "ablation: SNIP, biases ranked too (snip-public)",
           "snip_fresh_init_biases": "ablation: SNIP, fresh re-initialisation and biases ranked",
+          "snip_code_defaults": "ablation: SNIP, snip-public's defaults (no momentum, constant rate)",
+          "snip_code_defaults_10k": "ablation: SNIP, snip-public's defaults and 10,260 iterations",
           "dst_lenet_sm_reset_slots": "ablation: Sparse Momentum, reset_slots true",
           "dst_lenet_sm_masked": "ablation: Sparse Momentum, frozen_gradients mask"}
 GOAL = {"dst_lenet_sm": "within 0.2 of published SM", "dst_lenet_set": "within 0.2 of published SET",
