@@ -6,8 +6,8 @@ not-fully-frozen variables -> ``registry.update_gradients`` (masked for a
 dense update, gathered ``[k]`` for a compact one) -> the sum across replicas
 -> the non-finite guard (:mod:`trainer.guard`) -> ``registry.apply_gradients``
 (the optimizer, then frozen elements restored or the compact values scattered
-back; a single-replica XLA step leaves that scatter to :func:`write_back`,
-run right after it outside XLA) -> the metrics and counters. Which update a variable uses is the
+back; a single-replica step leaves that scatter to :func:`write_back`,
+run right after its function has returned, outside XLA) -> the metrics and counters. Which update a variable uses is the
 registry's plan, not the step's; everything else the step decides (replicas,
 guard, RigL capture) is decided when it is traced. ``k`` steps run inside one
 ``tf.function`` (:func:`make_execution`: ``for _ in tf.range(k)``, ``k`` a
@@ -162,8 +162,8 @@ def make_step(parts: StepParts, capture: bool = False) -> Callable:
 
     Returns:
       ``step(x, y)`` returning a scalar bool Tensor (the update was applied):
-      for one replica a ``tf.function`` (with ``jit_compile``: a function that
-      calls the XLA ``tf.function``, then :func:`write_back`, in place), a
+      for one replica a function that calls the step's ``tf.function`` (XLA
+      with ``jit_compile``), then :func:`write_back`, in place; a
       function for a ``tf.function`` (:func:`make_execution`) with several.
     """
     variables, strategy, guard = parts.registry.trainable_variables(), parts.strategy, parts.guard_in_use

@@ -8,11 +8,12 @@ The same ``ResourceScatterNdUpdate`` run by the TensorFlow runtime updates the
 variable's buffer in place (it copies only a buffer that something else still
 references, and nothing does once the compiled step has returned).
 
-So where the whole train step is one XLA program (one replica, ``jit_compile``),
+So with one replica (with or without ``jit_compile``; without it, a scatter
+inside the step would copy every kernel a forward or backward read still holds),
 :func:`trainer.step.make_step` traces the step under :func:`deferred` (the
 compact updates' :meth:`~trainer.masks.updates.CompactUpdate.release` then
 writes nothing) and runs :func:`trainer.step.write_back` right after it, in the same
-``tf.function`` of the execution but outside the XLA program. It runs after
+``tf.function`` of the execution but outside the step's own function. It runs after
 *every* step, so with ``steps_per_execution > 1`` the next step's forward pass
 reads the kernel with the previous update in it: there is no stale kernel, and
 ``k`` steps per execution give the same bits as one (tested). Under several
