@@ -96,6 +96,7 @@ def plot(found: Dict[str, Dict[float, List[dict]]], path: str) -> None:
     """Test accuracy against kept % (log x): ours solid with min-max bars, published dashed, one colour per method."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    floor, off = 94.0, 0  # lower points are marked at the bottom edge with their value, one label above the other
     for i, name in enumerate(n for n in PLOTTED if n in found):
         color = f"C{i}"
         xs = sorted(found[name])
@@ -109,15 +110,11 @@ def plot(found: Dict[str, Dict[float, List[dict]]], path: str) -> None:
             pub = sorted(PUBLISHED[name].items())
             ax.plot([p[0] for p in pub], [p[1] for p in pub], color=color, linestyle="--", marker="x",
                     label=f"published: {LABELS[name]}")
-    floor = 94.0  # lower points are marked at the bottom edge with their value, one label above the other
-    off = 0
-    for i, name in enumerate(n for n in PLOTTED if n in found):
-        for x in found[name]:
-            mean = statistics.fmean(metric_value(r, "test_accuracy") for r in found[name][x])
+        for x, mean in zip(xs, means):
             if mean < floor:
                 ax.annotate(f"{LABELS[name]} {x:g} %: {mean:.1f} (off scale)", (x, floor),
-                            xytext=(x * 1.05, floor + 0.3 + 0.35 * off), color=f"C{i}", fontsize=8,
-                            arrowprops={"arrowstyle": "->", "color": f"C{i}"})
+                            xytext=(x * 1.05, floor + 0.3 + 0.35 * off), color=color, fontsize=8,
+                            arrowprops={"arrowstyle": "->", "color": color})
                 off += 1
     ax.set_ylim(floor, 99.0)
     ax.set_xscale("log")

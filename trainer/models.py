@@ -68,7 +68,7 @@ def mlp(input_shape: Tuple[int, ...], num_classes: int, *, hidden: Sequence[int]
         act = activation if i < len(hidden) else None
         layers.append(keras.layers.Dense(width, activation=None if batch_norm else act, use_bias=bool(use_bias),
                                          kernel_initializer=kernel_initializer, kernel_regularizer=reg(),
-                                         bias_regularizer=reg() if use_bias else None, name=layer))
+                                         bias_regularizer=reg(), name=layer))
         if batch_norm:
             layers.append(keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, gamma_regularizer=reg(),
                                                           beta_regularizer=reg(), name=f"{layer}_bn"))

@@ -81,8 +81,6 @@ class CosineDropFraction:
         """The drop fraction at ``step`` (int or integer tensor), a float64 scalar tensor."""
         span = float(self.end_step - self.begin_step)
         t = tf.clip_by_value(tf.cast(step, tf.float64) - float(self.begin_step), 0.0, span)
-        if not self.final:
-            return 0.5 * float(self.initial) * (1.0 + tf.cos(math.pi * t / span))
         return float(self.final) + 0.5 * (float(self.initial) - float(self.final)) * (1.0 + tf.cos(math.pi * t / span))
 
 

@@ -15,7 +15,8 @@ rule (Sparse Momentum) updates all its variables together: the regrowth is
 split across them by their mean momentum (:meth:`Regrower.momentum`). A
 compact update keeps its size ``k``: its indices move, and the ``[k]`` values
 and slots of the elements that stay trainable move with them. Nothing is read
-back to the host but three counts.
+back to the host but three counts (and, for ``momentum``, each variable's
+active count and mean ``|momentum|``, reduced on the device).
 """
 
 from __future__ import annotations
@@ -89,14 +90,13 @@ class Regrower:
                 continue
             if spec.method == "momentum":
                 events += self.momentum(state, store, step)
-                state.last_update_step = step
-                continue
-            for path in state.paths:
-                update = store.update(path)
-                slots = store.slots(update.optimizer_variable)  # of the model variable, or the compact [k] one
-                events.append(self.apply(path, update, slots, spec, step,
-                                         None if gradients is None else gradients.get(path),
-                                         elements=state.rule.elements))
+            else:
+                for path in state.paths:
+                    update = store.update(path)
+                    slots = store.slots(update.optimizer_variable)  # of the model variable, or the compact [k] one
+                    events.append(self.apply(path, update, slots, spec, step,
+                                             None if gradients is None else gradients.get(path),
+                                             elements=state.rule.elements))
             state.last_update_step = step
         return events
 
@@ -150,16 +150,11 @@ class Regrower:
                 new = rigl_update(value, mask, buffer, drop_fraction=drop_fraction)
             else:
                 new = set_update(value, mask, drop_fraction=drop_fraction, seed=seed)
-            changed = tf.logical_or(new.grown, new.dropped)
-            variable.assign(new.value)
             if compact:
-                update.move(new.mask, changed, slots)
-            else:
-                update.mask.assign(new.mask)
-                if spec.reset_slots:
-                    zero_slots(slots, changed)
-            count = lambda m: tf.reduce_sum(tf.cast(m, tf.int64))  # noqa: E731
-            return count(new.dropped), count(new.grown), count(new.mask)
+                variable.assign(new.value)
+                update.move(new.mask, tf.logical_or(new.grown, new.dropped), slots)
+                return counts(new)
+            return write_dense(new, variable, update, slots, spec.reset_slots)
 
         return regrow
 
@@ -190,19 +185,18 @@ class Regrower:
         """
         spec = state.rule.regrow
         fraction = float(spec.drop_fraction(step))
-        paths, stats = list(state.paths), []
+        paths, updates, slots, drops, capacities, shares = list(state.paths), [], [], [], [], []
         for path in paths:
-            update = store.update(path)
-            slots = store.slots(update.optimizer_variable)
-            mask = update.mask.numpy()
-            momentum = sparse_momentum.momentum_slot(slots, path).numpy()
-            active = int(mask.sum())
-            drop = sparse_momentum.drop_count(fraction, active)
-            stats.append((update, slots, drop, mask.size - active + drop,
-                          sparse_momentum.mean_magnitude(momentum, mask)))
-        grows = sparse_momentum.growth_counts([s[2] for s in stats], [s[3] for s in stats], [s[4] for s in stats])
+            updates.append(store.update(path))
+            slots.append(store.slots(updates[-1].optimizer_variable))
+            mask = updates[-1].mask
+            active = int(tf.reduce_sum(tf.cast(mask, tf.int64)))
+            drops.append(sparse_momentum.drop_count(fraction, active))
+            capacities.append(mask.shape.num_elements() - active + drops[-1])
+            shares.append(sparse_momentum.mean_magnitude(sparse_momentum.momentum_slot(slots[-1], path), mask))
+        grows = sparse_momentum.growth_counts(drops, capacities, shares)
         events = []
-        for path, (update, slots, drop, _, _), grow in zip(paths, stats, grows):
+        for path, update, slots, drop, grow in zip(paths, updates, slots, drops, grows):
             if path not in self._fns:
                 self._fns[path] = self._compile_momentum(update, slots, spec)
             dropped, grown, active = self._fns[path](tf.constant(drop, tf.int32), tf.constant(grow, tf.int32))
@@ -219,12 +213,7 @@ class Regrower:
         def regrow(drop, grow):
             new = sparse_momentum.momentum_drop_and_grow(
                 variable.value, update.mask, sparse_momentum.momentum_slot(slots, path), drop=drop, grow=grow)
-            variable.assign(new.value)
-            update.mask.assign(new.mask)
-            if spec.reset_slots:
-                zero_slots(slots, tf.logical_or(new.grown, new.dropped))
-            count = lambda m: tf.reduce_sum(tf.cast(m, tf.int64))  # noqa: E731
-            return count(new.dropped), count(new.grown), count(new.mask)
+            return write_dense(new, variable, update, slots, spec.reset_slots)
 
         return regrow
 
@@ -232,3 +221,18 @@ class Regrower:
         """Bytes of the RigL gradient buffer of ``path`` (0 for SET)."""
         buffer = self.buffers.get(path)
         return 0 if buffer is None else int(buffer.shape.num_elements()) * 4
+
+
+def counts(new: Any) -> tuple:
+    """``(dropped, grown, active)`` int64 scalar tensors of a drop-and-grow result (bool masks)."""
+    return tuple(tf.reduce_sum(tf.cast(m, tf.int64)) for m in (new.dropped, new.grown, new.mask))
+
+
+def write_dense(new: Any, variable: Any, update: Any, slots: List[tf.Variable], reset_slots: bool) -> tuple:
+    """Writes a drop-and-grow result into a dense update: value, mask, and (``reset_slots``) zeroed slots of changed
+    elements. Returns :func:`counts`. Inside the update's ``tf.function``."""
+    variable.assign(new.value)
+    update.mask.assign(new.mask)
+    if reset_slots:
+        zero_slots(slots, tf.logical_or(new.grown, new.dropped))
+    return counts(new)

@@ -200,7 +200,10 @@ def passes_gradients(rules: Sequence[Any]) -> bool:
     return any(r.regrow is not None and r.regrow.frozen_gradients == "pass" for r in rules)
 
 
-def mean_magnitude(momentum: np.ndarray, mask: np.ndarray) -> Optional[float]:
-    """``mean(|momentum|)`` over the active elements (``sparse_learning``'s ``momentum_redistribution``); 0 if none."""
-    active = np.asarray(mask, bool)
-    return float(np.abs(np.asarray(momentum, np.float64)[active]).mean()) if active.any() else 0.0
+def mean_magnitude(momentum: tf.Tensor, mask: tf.Tensor) -> float:
+    """``mean(|momentum|)`` over the active elements (``sparse_learning``'s ``momentum_redistribution``); 0 if none.
+
+    Reduced on the device (float64): only the mean reaches the host.
+    """
+    active = tf.boolean_mask(tf.abs(tf.cast(momentum, tf.float64)), tf.convert_to_tensor(mask))
+    return float(tf.reduce_mean(active)) if int(tf.size(active)) else 0.0
