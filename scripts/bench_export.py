@@ -32,6 +32,8 @@ Public API only: ``trainer.models``, ``trainer.data``, ``MaskRegistry``, ``Train
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -50,8 +52,8 @@ import trainer  # noqa: E402
 from trainer import MaskRegistry, Trainer  # noqa: E402
 from trainer.condensed import condense_model  # noqa: E402
 from trainer.data import load_mnist  # noqa: E402
-from trainer.lite_export import (TFLiteModel, directory_bytes, export_saved_model, export_tflite,  # noqa: E402
-                                 load_saved_model)
+from trainer.lite_export import TFLiteModel, directory_bytes, export_tflite, load_saved_model  # noqa: E402
+from trainer.report import export_saved_model  # noqa: E402
 from trainer.models import cnn, mlp  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -145,7 +147,8 @@ def export_all(cases, directory: str) -> None:
         model = case["model"]
         keras_path = os.path.join(directory, f"{name}.keras")
         model.save(keras_path)
-        export_saved_model(model, os.path.join(directory, f"{name}_saved_model"))
+        with contextlib.redirect_stdout(io.StringIO()):  # model.export prints the signature it traced
+            export_saved_model(model, os.path.join(directory, f"{name}_saved_model"))
         tflite_path = os.path.join(directory, f"{name}.tflite")
         case["sizes"] = {"keras": os.path.getsize(keras_path),
                          "saved_model": directory_bytes(os.path.join(directory, f"{name}_saved_model")),

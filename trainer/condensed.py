@@ -19,6 +19,8 @@ from typing import Any, Optional, Tuple
 import keras
 import numpy as np
 
+from trainer.stripping import _zero
+
 __all__ = ["CondensedDense", "condense", "condense_model"]
 
 
@@ -116,9 +118,7 @@ def condense_model(model, registry=None, *, min_saving: float = 0.0):
                 len(layer.input.shape) != 2:
             continue
         kernel = np.asarray(layer.kernel)
-        dropped = kernel == 0
-        if registry is not None:
-            dropped &= ~np.asarray(registry.trainable_mask(layer.kernel.path), bool)
+        dropped = _zero(layer.kernel, registry)
         counts = (~dropped).sum(axis=0)
         if counts.min() == counts.max() and 1 - counts[0] / kernel.shape[0] > min_saving and counts[0] > 0:
             plans[layer.name] = condense(kernel, ~dropped, name=layer.name)

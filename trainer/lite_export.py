@@ -4,8 +4,8 @@
 ``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``, which stores weight tensors that are mostly zero in a sparse
 (CSR-like) encoding: a smaller file. Whether it runs faster depends on the runtime's kernels; this CPU's numbers,
 gains or not, are in ``docs/structured-pruning.md`` (``scripts/bench_export.py``). :class:`TFLiteModel` runs such
-a file for one fixed batch size. :func:`export_saved_model` writes ``model.export(format="tf_saved_model")``
-(the model's ``serve`` endpoint) and :func:`load_saved_model` calls it back.
+a file for one fixed batch size. :func:`load_saved_model` calls back the ``serve`` endpoint of a SavedModel that
+:func:`trainer.report.export_saved_model` wrote.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Callable, Union
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["TFLiteModel", "directory_bytes", "export_saved_model", "export_tflite", "load_saved_model", "tflite_bytes"]
+from trainer import rundir
+
+__all__ = ["TFLiteModel", "directory_bytes", "export_tflite", "load_saved_model", "tflite_bytes"]
 
 
 def tflite_bytes(model, *, sparsity: bool = True) -> bytes:
@@ -40,12 +42,11 @@ def tflite_bytes(model, *, sparsity: bool = True) -> bytes:
 
 
 def export_tflite(model, path: Union[str, os.PathLike], *, sparsity: bool = True) -> int:
-    """Writes :func:`tflite_bytes` to ``path`` (written to ``path + '.tmp'`` and renamed). Returns its size in bytes."""
+    """Writes :func:`tflite_bytes` to ``path`` atomically (:func:`trainer.rundir.atomic_write`). Returns its size in
+    bytes."""
     content = tflite_bytes(model, sparsity=sparsity)
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
+    with rundir.atomic_write(os.fspath(path)) as tmp, open(tmp, "wb") as f:
         f.write(content)
-    os.replace(tmp, path)
     return len(content)
 
 
@@ -75,12 +76,6 @@ class TFLiteModel:
         self.interpreter.set_tensor(self.input["index"], np.asarray(x, np.float32))
         self.interpreter.invoke()
         return self.interpreter.get_tensor(self.output)
-
-
-def export_saved_model(model, directory: Union[str, os.PathLike]) -> None:
-    """``model.export(directory, format="tf_saved_model")``, quiet; the endpoint is ``serve``."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        model.export(os.fspath(directory), format="tf_saved_model")
 
 
 def load_saved_model(directory: Union[str, os.PathLike]) -> Callable[[np.ndarray], np.ndarray]:

@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from trainer.masks.heads import head_axes
-from trainer.stripping import MIXING, StripError, _zero
+from trainer.stripping import MIXING, _fail, _zero
 
 __all__ = ["has_attention", "plan_attention", "strip_attention"]
 
@@ -49,10 +49,6 @@ def _keras_own(operation) -> bool:
 
 def _is_add(operation) -> bool:
     return isinstance(operation, L.Add) or (type(operation).__name__ == "Add" and _keras_own(operation))
-
-
-def _fail(text: str) -> None:
-    raise StripError(f"trainer.strip: {text}")
 
 
 def _is_encoder(layer) -> bool:
@@ -301,7 +297,7 @@ class _Encoder:
         self.layer = layer
 
 
-def strip_attention(model, registry=None, *, name: Optional[str] = None):
+def strip_attention(model, registry=None, *, name: Optional[str] = None, plan: Optional[Dict[str, Any]] = None):
     """:func:`trainer.strip` of a model with attention: a new functional model, fewer heads and FFN units.
 
     Args:
@@ -309,6 +305,7 @@ def strip_attention(model, registry=None, *, name: Optional[str] = None):
         and keras-hub ``TransformerEncoder`` layers, each layer called once, float32.
       registry: the :class:`~trainer.masks.MaskRegistry` whose rules froze the zeros, or ``None`` (every 0).
       name: the new model's name (default: the model's).
+      plan: :func:`plan_attention` of the same model and registry, when the caller already made it.
 
     Returns:
       A functional ``keras.Model`` of plain Keras layers (``MultiHeadAttention`` with ``num_heads`` = the kept
@@ -319,7 +316,7 @@ def strip_attention(model, registry=None, *, name: Optional[str] = None):
     Raises:
       StripError: as :func:`plan_attention`.
     """
-    plan = plan_attention(model, registry)
+    plan = plan_attention(model, registry) if plan is None else plan
     graph = _functional(model)
 
     def clone(layer):

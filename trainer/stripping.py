@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional
 import keras
 import numpy as np
 
+from trainer.masks.groups import _input_axis
+
 __all__ = ["KNOWN", "StripError", "plan_strip", "strip", "strip_for_export"]
 
 L = keras.layers
@@ -134,10 +136,6 @@ def _split(layers: List[Any]) -> tuple:
     return layers[:starts[0]], stages
 
 
-def _kernel_in_axis(kernel: np.ndarray) -> int:
-    return kernel.ndim - 2
-
-
 def plan_strip(model, registry=None) -> Dict[str, Dict[str, Any]]:
     """Which units of every producer :func:`strip` keeps, with their kernel and bias (constants folded in).
 
@@ -165,16 +163,16 @@ def plan_strip(model, registry=None) -> Dict[str, Dict[str, Any]]:
               else np.zeros(s.units) for s in stages]
 
     def by_unit(array: np.ndarray, i: int) -> np.ndarray:  # producer i+1's kernel as (units of i, rest)
-        rows = np.moveaxis(array, _kernel_in_axis(array), 0)
+        rows = np.moveaxis(array, _input_axis(array.shape), 0)
         return np.moveaxis(rows.reshape((stages[i].positions, stages[i].units) + rows.shape[1:]), 1, 0).reshape(
             stages[i].units, -1, rows.shape[-1])  # (units of i, positions x taps, units of i+1)
 
     constant = [np.zeros(s.units, bool) for s in stages]
     for i in range(n - 1):  # forward: constant outputs
-        live_rows = np.ones(zeros[i].shape[_kernel_in_axis(zeros[i])], bool)
+        live_rows = np.ones(zeros[i].shape[_input_axis(zeros[i].shape)], bool)
         if i > 0:
             live_rows[stages[i - 1].rows(np.flatnonzero(constant[i - 1]))] = False
-        z = np.compress(live_rows, zeros[i], axis=_kernel_in_axis(zeros[i]))
+        z = np.compress(live_rows, zeros[i], axis=_input_axis(zeros[i].shape))
         constant[i] = z.reshape(-1, stages[i].units).all(axis=0)
     unused = [np.zeros(s.units, bool) for s in stages]
     for i in reversed(range(n - 1)):  # backward: outputs no used unit reads
@@ -190,14 +188,13 @@ def plan_strip(model, registry=None) -> Dict[str, Dict[str, Any]]:
             w = w.reshape(len(gone), prev.positions, w.shape[1] // prev.positions, w.shape[-1])
             padding = getattr(stage.producer, "padding", "valid")
             for unit, value, rows in zip(gone, values.T, w):
-                if np.any(value != 0) and np.any(rows[..., ~unused[i]]) and not isinstance(stage.producer, L.Dense) \
-                        and padding != "valid":
+                if np.any(value != 0) and np.any(rows[..., ~unused[i]]) and padding != "valid":  # Dense: "valid"
                     _fail(f"unit {int(unit)} of {prev.producer.name!r} is frozen at zero but outputs the constant "
                           f"{value[0]:.6g} into {stage.producer.name!r}, a convolution with padding={padding!r}: the "
                           "zero padding makes its contribution depend on the position, so it cannot be folded into "
                           "the bias; pin that unit's bias (and BatchNorm offset) to zero too, or use padding='valid'")
             bias = bias + np.einsum("pg,gpto->o", values, w)
-            kernel = np.take(kernel, prev.rows(kept[i - 1]), axis=_kernel_in_axis(kernel))
+            kernel = np.take(kernel, prev.rows(kept[i - 1]), axis=_input_axis(kernel.shape))
         folded.append(bias)  # full width: what a constant unit outputs before its activation
         if kept[i].size == 0:
             _fail(f"every unit of {stage.producer.name!r} would be removed (frozen at zero, or read by no kept "
@@ -217,7 +214,7 @@ def plan_strip(model, registry=None) -> Dict[str, Dict[str, Any]]:
     return plans
 
 
-def strip(model, registry=None, *, name: Optional[str] = None):
+def strip(model, registry=None, *, name: Optional[str] = None, plans: Optional[Dict[str, Any]] = None):
     """A new, smaller Keras model without the units and channels frozen at zero; same outputs.
 
     Args:
@@ -226,6 +223,9 @@ def strip(model, registry=None, *, name: Optional[str] = None):
       registry: the :class:`~trainer.masks.MaskRegistry` whose rules froze the zeros (only its frozen zeros
         count), or ``None`` (every element holding 0 counts).
       name: the new model's name (default: the model's).
+
+      plans: :func:`plan_strip` of the same model and registry, when the caller already made it (not for a
+        model with attention).
 
     Returns:
       A functional ``keras.Model`` of plain Keras layers (its ``model.keras`` loads without ``trainer``), same
@@ -250,13 +250,13 @@ def strip(model, registry=None, *, name: Optional[str] = None):
     if strip_attention.has_attention(model):
         return strip_attention.strip_attention(model, registry, name=name)
     layers = _chain(model)
-    plans = plan_strip(model, registry)
+    plans = plan_strip(model, registry) if plans is None else plans
     kept_prev: Optional[np.ndarray] = None  # kept units of the last producer passed (BatchNorm slices by them)
     source = model.inputs[0]
     x = inputs = keras.Input(shape=source.shape[1:], dtype=source.dtype, name=getattr(source, "name", None))
     for layer in layers:
         config = layer.get_config()
-        plan = plans.get(layer.name) if isinstance(layer, PRODUCERS) else None
+        plan = plans.get(layer.name)  # planned producers only
         if plan is not None:
             config["units" if isinstance(layer, L.Dense) else "filters"] = int(plan["kept"].size)
             config["use_bias"] = plan["bias"] is not None
@@ -285,11 +285,12 @@ def strip_for_export(model, registry) -> tuple:
 
     try:
         if strip_attention.has_attention(model):
-            kept = strip_attention.summary(strip_attention.plan_attention(model, registry))
+            plan = strip_attention.plan_attention(model, registry)
+            small, kept = strip_attention.strip_attention(model, registry, plan=plan), strip_attention.summary(plan)
         else:
             plans = plan_strip(model, registry)
+            small = strip(model, registry, plans=plans)
             kept = {"units": {name: [int(p["kept"].size), p["units"]] for name, p in plans.items()}}
-        small = strip(model, registry)
     except StripError as err:
         return None, {"refused": str(err)}
     return small, {"params": int(small.count_params()), "params_before": int(model.count_params()), **kept}

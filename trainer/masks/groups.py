@@ -65,6 +65,7 @@ def check_groups(spec: Mapping[str, Any]) -> None:
 
 
 def _input_axis(shape: tuple) -> int:
+    """The input axis of a kernel: 0 for a Dense kernel ``(in, out)`` (and a vector), ``-2`` (channels in) above."""
     return 0 if len(shape) <= 2 else len(shape) - 2
 
 
@@ -115,7 +116,8 @@ def group_scores(weights: np.ndarray, groups: str, norm: str = DEFAULT_NORM,
         raise FreezeConfigError(f"elements.groups: {groups} needs a kernel with an input axis; {path!r} has shape "
                                 f"{shape}. Select only kernels (e.g. select: '*/kernel') or use groups: units")
     elif groups == "inputs":
-        scores = np.moveaxis(w, _input_axis(shape), 0).reshape(shape[_input_axis(shape)], -1).sum(axis=1)
+        axis = _input_axis(shape)
+        scores = np.moveaxis(w, axis, 0).reshape(shape[axis], -1).sum(axis=1)
     else:
         n_in, n_out = shape[-2], shape[-1]
         b_in, b_out = int(block[0]), int(block[1])

@@ -17,7 +17,7 @@ import numpy as np
 
 from trainer.masks.elements import SELECTORS, ElementContext, int_list, normalize_elements, selector_name
 from trainer.masks.errors import FreezeConfigError
-from trainer.masks.groups import DEFAULT_NORM, fan_in_keep, smallest_groups
+from trainer.masks.groups import DEFAULT_NORM, _input_axis, fan_in_keep, smallest_groups
 from trainer.masks.scores import n_m_mask
 from trainer.masks.slicing import parse_slice
 from trainer.npfiles import NpzReader, check_file, check_values, load_npy, path_is_npz
@@ -104,11 +104,6 @@ def _axis_selection(ctx: ElementContext, key: str, positions: list, axis: int) -
     index[axis] = np.asarray(positions, dtype=np.int64)
     frozen[tuple(index)] = True
     return frozen
-
-
-def _input_axis(shape: tuple) -> int:
-    """The input axis of a kernel: 0 for a Dense kernel ``(in, out)`` (and a vector), ``-2`` (channels in) above."""
-    return 0 if len(shape) <= 2 else len(shape) - 2
 
 
 def _random_subset(size: int, count: int, rng: np.random.Generator, packed: bool = False) -> np.ndarray:
