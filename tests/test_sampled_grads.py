@@ -132,16 +132,21 @@ def walk(graph, seen):
             yield from walk(inner, seen)
 
 
-@pytest.mark.parametrize("layer", ["dense", "einsum"])
-def test_no_op_of_the_traced_step_but_the_variable_read_forms_a_kernel_shaped_tensor(layer):
+def projection(layer):
+    """A one-layer model (``Dense`` or ``EinsumDense`` on ``[2, 5, 24]``), 99 % of its kernel frozen, sampled."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((5, 24))
     proj = (keras.layers.Dense(40, name="proj") if layer == "dense"
             else keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(5, 4, 10), name="proj"))
     model = keras.Model(inp, proj(inp), name="m")
-    kernel = proj.kernel
     registry = MaskRegistry(model, update="sampled")
     registry.freeze("proj/kernel", elements={"random": 0.99, "seed": 0})
+    return model, proj.kernel, registry
+
+
+@pytest.mark.parametrize("layer", ["dense", "einsum"])
+def test_no_op_of_the_traced_step_but_the_variable_read_forms_a_kernel_shaped_tensor(layer):
+    model, kernel, registry = projection(layer)
     optimizer = keras.optimizers.AdamW(1e-3)
     registry.attach_optimizer(optimizer)
     variables = registry.trainable_variables()
@@ -260,3 +265,32 @@ def test_served_layers_keep_their_weights_paths_and_model_keras(tmp_path):
     for a, b in zip(model.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+@pytest.mark.parametrize("layer", ["dense", "einsum"])
+def test_the_sampled_gradient_reads_the_forward_only_once_the_output_gradient_exists(layer):
+    """TensorFlow's executor runs an op once its inputs exist: x's gathered columns must wait for dy (not be held)."""
+    model, _, registry = projection(layer)
+    variables = registry.trainable_variables()
+
+    @tf.function
+    def grads(x, seed):
+        with tf.GradientTape() as tape:
+            y = model(x)
+        return tape.gradient(y, variables, output_gradients=seed)
+
+    out_shape = (2, 5, 40) if layer == "dense" else (2, 5, 4, 10)
+    graph = grads.get_concrete_function(tf.TensorSpec((2, 5, 24)), tf.TensorSpec(out_shape)).graph
+    consumers = {}
+    for op in graph.get_operations():
+        for parent in [t.op for t in op.inputs] + list(op.control_inputs):
+            consumers.setdefault(parent.name, []).append(op)
+    after_seed, todo = set(), [graph.inputs[1].op]
+    while todo:
+        op = todo.pop()
+        for child in consumers.get(op.name, []):
+            if child.name not in after_seed:
+                after_seed.add(child.name)
+                todo.append(child)
+    gradient_ops = [op.name for op in graph.get_operations() if op.type in ("GatherV2", "FloorDiv", "FloorMod")]
+    assert gradient_ops and [name for name in gradient_ops if name not in after_seed] == []

@@ -12,7 +12,9 @@ product and a reduction over tokens, in float32 whatever the variable's dtype.
 The ``[tokens, k]`` intermediates are chunked over tokens: each chunk holds at
 most :data:`CHUNK_ELEMENTS` elements per intermediate (so about
 ``3 * CHUNK_ELEMENTS * 4`` bytes at once: two gathered operands and their
-product), and the dense ``[in, out]`` gradient is never formed. ``dx`` is
+product), and the dense ``[in, out]`` gradient is never formed. They are
+formed only once the output gradient exists (:func:`after`), so no layer's
+are held from its forward pass to its backward pass. ``dx`` is
 ``einsum(dy, kernel)``, computed as one matrix product with the kernel read as
 a ``[R, C]`` (or ``[C, R]``) matrix where its axes allow (:func:`input_gradient`):
 XLA's CPU backend turns the einsum of a kernel of rank 3 (a keras-hub
@@ -190,6 +192,19 @@ def input_gradient(equation: Equation, dy: tf.Tensor, kernel: tf.Tensor, x_shape
     return tf.transpose(dx, order) if order != list(range(len(order))) else dx
 
 
+def after(dy: tf.Tensor, *tensors: tf.Tensor) -> List[tf.Tensor]:
+    """``tensors``, read only once ``dy`` exists (``tf.identity`` under a control dependency: no copy).
+
+    TensorFlow's graph executor runs an op as soon as its inputs are ready. A
+    gradient's ops that read only forward tensors (``x`` cast to float32, its
+    gathered ``[tokens, k]`` columns, the kernel coordinates of the indices)
+    would otherwise run during the forward pass and be held until the backward
+    pass reaches their layer: about ``tokens * k * 4`` bytes per kernel at once.
+    """
+    with tf.control_dependencies([dy]):
+        return [tf.identity(t) for t in tensors]
+
+
 def sampled_einsum(equation: Equation, x: tf.Tensor, kernel, compact: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
     """``einsum(equation, x, kernel)`` whose kernel gradient is sampled and given to ``compact`` (``[k]``).
 
@@ -212,7 +227,8 @@ def sampled_einsum(equation: Equation, x: tf.Tensor, kernel, compact: tf.Tensor,
 
         def grad(dy, variables=None):
             dx = input_gradient(equation, dy, value, tf.shape(x))
-            dc = tf.cast(sampled_kernel_gradient(x, dy, indices, shape, equation), compact.dtype)
+            x_now, indices_now = after(dy, x, indices)
+            dc = tf.cast(sampled_kernel_gradient(x_now, dy, indices_now, shape, equation), compact.dtype)
             return (dx, dc), [None] * len(variables or ())
 
         return y, grad
@@ -236,8 +252,9 @@ def sampled_take(table, ids: tf.Tensor, compact: tf.Tensor, indices: tf.Tensor) 
         y = tf.gather(value, ids)
 
         def grad(dy, variables=None):
-            rows, cols = kernel_coordinates(indices, shape, equation)
-            flat_ids = tf.reshape(tf.cast(ids, rows.dtype), [-1, 1])
+            ids_now, indices_now = after(dy, ids, indices)
+            rows, cols = kernel_coordinates(indices_now, shape, equation)
+            flat_ids = tf.reshape(tf.cast(ids_now, rows.dtype), [-1, 1])
             dy2 = tf.cast(tf.reshape(dy, [-1, shape[1]]), tf.float32)
             k = int(indices.shape[0])
             dc = chunked_sum(lambda a, b: tf.cast(tf.equal(a, rows[None, :]), tf.float32) * tf.gather(b, cols, axis=1),
