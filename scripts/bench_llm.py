@@ -41,8 +41,18 @@ Usage::
     python scripts/bench_llm.py --shape tinyllama-1.1b --steps 3 --out bench_1b.json  # issue 29's 1.1B table
     python scripts/bench_llm.py --shape llama2-7b --steps 1 --no-xla --no-onednn --out bench_7b.json \
         --cases trainer_sampled_bfloat16 lora_fit_bfloat16                          # the 6.7B row (bfloat16)
+    python scripts/bench_llm.py --shape llama2-7b --steps 1 --no-xla --low-memory-allocator --out bench_7b.json \
+        --cases trainer_sampled_bfloat16 lora_fit_bfloat16                          # the same, less memory
+    python scripts/bench_llm.py --shape tinyllama-1.1b --tokens 1024 --steps 2 --no-xla --low-memory-allocator \
+        --remat --cases trainer_sampled_bfloat16 lora_fit_bfloat16 --out remat_1b.json  # 1,024 tokens, remat
     python scripts/bench_llm.py --shape tinyllama-1.1b --setup-only --cases trainer_compact_float32 \
         --out setup_1b.json                                                          # set-up time only
+
+``--low-memory-allocator`` makes every case call :func:`trainer.allocator.low_memory_allocator` before its
+first TensorFlow op (oneDNN's tensors from ``malloc``, glibc's mmap threshold fixed at 256 KiB: the trainer's
+``trainer.low_memory_allocator=true``); LoRA and ``fit`` get it too, so the comparison stays like for like.
+``--remat`` wraps every transformer block in ``tf.recompute_grad`` (:func:`trainer.remat.apply_remat`, the
+trainer's ``trainer.remat=true``) in every case, LoRA and ``fit`` included.
 
 ``--no-xla`` compiles no case with XLA (``jit_compile=False``): XLA's CPU back end widens every bfloat16
 kernel to a float32 copy. ``--no-onednn`` runs every case with ``TF_ENABLE_ONEDNN_OPTS=0``: TensorFlow then allocates
@@ -116,11 +126,16 @@ def run_case(name: str, args) -> Dict[str, Any]:
     """Runs one case in this process and returns its measurements."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, REPO)
+    if args.low_memory_allocator:
+        from trainer.allocator import low_memory_allocator
+
+        low_memory_allocator()  # before the first TensorFlow op
     import keras
     import numpy as np
     import tensorflow as tf
 
     from trainer import MaskRegistry, Trainer
+    from trainer.remat import apply_remat
 
     kind, update, dtype = CASES[name]
     keras.utils.set_random_seed(0)
@@ -138,6 +153,8 @@ def run_case(name: str, args) -> Dict[str, Any]:
     if kind in ("lora", "fit"):
         if kind == "lora":
             backbone.enable_lora(LORA_RANK)
+        if args.remat:
+            apply_remat(model)
         out["trainable"] = int(sum(np.prod(v.shape) for v in model.trainable_weights))
         out["rss_built_mib"] = rss_mib()
         model.compile(optimizer=optimizer, loss=loss, jit_compile=args.xla)
@@ -150,6 +167,8 @@ def run_case(name: str, args) -> Dict[str, Any]:
         registry = MaskRegistry(model, update=update)
         registry.freeze("*", elements={"random": FROZEN, "seed": 0}, value="current")
         out["setup_s"], out["setup_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
+        if args.remat:
+            apply_remat(model)
         # one mask at a time: every bool mask at once (trainable_masks()) would hold 1 byte/parameter
         out["trainable"] = int(sum(int(registry.trainable_mask(v.path).sum()) for v in model.trainable_weights))
         if args.setup_only:
@@ -193,7 +212,8 @@ def steady(out: Dict[str, Any]):
 def _subprocess(name: str, args) -> Dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", name] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in SHAPE] + (
-        ["--setup-only"] if args.setup_only else []) + ([] if args.xla else ["--no-xla"])
+        ["--setup-only"] if args.setup_only else []) + ([] if args.xla else ["--no-xla"]) + (
+        ["--remat"] if args.remat else []) + (["--low-memory-allocator"] if args.low_memory_allocator else [])
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     if args.no_onednn:
         env["TF_ENABLE_ONEDNN_OPTS"] = "0"
@@ -250,8 +270,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="trainer cases: time the registry set-up and the Trainer constructor, train nothing")
     parser.add_argument("--no-onednn", action="store_true",
                         help="run every case with TF_ENABLE_ONEDNN_OPTS=0 (malloc instead of oneDNN's memory pool)")
+    parser.add_argument("--low-memory-allocator", action="store_true",
+                        help="every case calls trainer.allocator.low_memory_allocator() first: oneDNN's tensors from "
+                             "malloc, glibc's mmap threshold fixed at 256 KiB")
     parser.add_argument("--no-xla", dest="xla", action="store_false",
                         help="every case with jit_compile=False (TensorFlow's graph executor instead of one XLA program)")
+    parser.add_argument("--remat", action="store_true",
+                        help="every case recomputes each transformer block in the backward (trainer.remat.apply_remat)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # a worker: one case, JSON on stdout
     args = parser.parse_args(argv)
     for key, value in SHAPES.get(args.shape, {}).items():
@@ -277,7 +302,8 @@ def main(argv=None) -> Dict[str, Any]:
         print(format_table(cases[-1:], args.setup_only).splitlines()[-1], flush=True)
     load["end"] = list(os.getloadavg())
     summary = {"shape": {k: getattr(args, k) for k in SHAPE}, "setup_only": args.setup_only,
-               "onednn": not args.no_onednn, "xla": args.xla,
+               "onednn": not args.no_onednn,
+               "low_memory_allocator": args.low_memory_allocator, "xla": args.xla, "remat": args.remat,
                "frozen_fraction": FROZEN, "lora_rank": LORA_RANK, "machine": machine(), "load": load, "cases": cases}
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from tests.conftest import CONFIGS
+from trainer import MaskRegistry
 from trainer.causal_lm import PresetError, causal_lm
 from trainer.config import register
 from trainer.models import mlp
@@ -128,10 +129,16 @@ def test_sparse_finetune_on_stdlib_sources_lowers_loss_keeps_frozen_bits_and_rep
         assert "perplexity" in acc.Tags()["tensors"], folder
 
 
-def gradients(remat):
+def gradients(remat, update=None):
+    """The loss's gradients of a tiny decoder; with ``update``, of a registry's variables (90 % of each frozen)."""
     keras.backend.clear_session()
     keras.utils.set_random_seed(5)
     model = causal_lm((16,), 256, backbone=TINY_ARGS)
+    variables = model.trainable_variables
+    if update:
+        registry = MaskRegistry(model, update=update)
+        registry.freeze("*", elements={"random": 0.9, "seed": 0})
+        variables = registry.trainable_variables()
     if remat:
         assert apply_remat(model) == ["transformer_layer_0", "transformer_layer_1"]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=0)
@@ -141,13 +148,17 @@ def gradients(remat):
     def step(x):
         with tf.GradientTape() as tape:
             value = loss(x[:, 1:], model(x, training=True)[:, :-1])
-        return tape.gradient(value, model.trainable_variables)
+        return tape.gradient(value, variables)
 
     return [tf.convert_to_tensor(g).numpy() for g in step(x)]
 
 
 def test_remat_gives_the_same_gradients_and_refuses_a_model_without_blocks():
     for plain, recomputed in zip(gradients(False), gradients(True)):
+        np.testing.assert_allclose(recomputed, plain, rtol=1e-6, atol=1e-9)
+    sampled, sampled_remat = gradients(False, "sampled"), gradients(True, "sampled")
+    assert len(sampled) == len(sampled_remat) > 0 and all(g.ndim == 1 for g in sampled)  # compact [k]
+    for plain, recomputed in zip(sampled, sampled_remat):
         np.testing.assert_allclose(recomputed, plain, rtol=1e-6, atol=1e-9)
     with pytest.raises(RematError) as info:
         apply_remat(mlp((8,), 3))

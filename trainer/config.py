@@ -40,6 +40,7 @@ class TrainerConfig:
     nan_policy: str = "stop"
     mixed_precision: Optional[str] = None
     remat: bool = False  # recompute each transformer block's activations in the backward (trainer/remat.py)
+    low_memory_allocator: bool = False  # oneDNN tensors from malloc, a fixed mmap threshold (trainer/allocator.py)
 
 
 @dataclasses.dataclass

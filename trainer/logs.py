@@ -114,6 +114,7 @@ def quiet_python_loggers(verbose: bool) -> None:
 
 def user_errors() -> tuple:
     """The exception classes that mean bad input (shown as one line), not a bug."""
+    from trainer.allocator import AllocatorError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
     from trainer.data import DataError
@@ -123,7 +124,7 @@ def user_errors() -> tuple:
     from trainer.rundir import RunDirError
 
     return (FreezeConfigError, DataError, ConfigError, ResumeError, RunDirError, CheckpointError, NonFiniteLossError,
-            ValueError, FileNotFoundError)
+            AllocatorError, ValueError, FileNotFoundError)
 
 
 def hint_for(error: BaseException) -> str:

@@ -36,6 +36,7 @@ from trainer.masks import MaskRegistry, rules_from_config
 from trainer.models import build_model, enable_lora
 from trainer.pretrained import load_initial_weights
 from trainer.optimizer_config import schedule_problem, step_decay
+from trainer.allocator import low_memory_allocator
 from trainer.remat import apply_remat
 from trainer.progress import print_plan, print_summary, progress_callback
 from trainer.resume import ResumeError, check_allowed, check_resumable, nothing_to_resume
@@ -301,6 +302,8 @@ def run(cfg: DictConfig, run_dir: Optional[str] = None) -> Dict[str, Any]:
         check_allowed(list(cfg.get(rundir.ALLOW_KEY) or []))  # before the run directory is touched
     if cfg.get("resume") and not os.path.isdir(run_dir):
         raise ResumeError(f"resume={run_dir!r} is not a directory; pass the run directory of an earlier run")
+    if cfg.trainer.get("low_memory_allocator"):
+        log.info("allocator: %s", low_memory_allocator())  # before TensorFlow creates its devices
     distribute = cfg.get("distribute") or {}
     split_cpu(distribute.get("logical_cpu_devices"))
     strategy = make_strategy(str(distribute.get("strategy") or "none"))
