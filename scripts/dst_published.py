@@ -33,6 +33,7 @@ PUBLISHED: Dict[str, Dict[float, float]] = {
     "dst_lenet_rigl_erk": SET, "dst_lenet_set_out50": SET, "dst_lenet_set_every600": SET,
     "dst_lenet_set_sparse_learning": SET, "snip_test_every_epoch": SNIP, "snip_fresh_init": SNIP,
     "snip_biases": SNIP, "snip_fresh_init_biases": SNIP, "snip_code_defaults": SNIP, "snip_code_defaults_10k": SNIP,
+    "snip_long": SNIP, "snip_fresh_init_long": SNIP,
     "dst_lenet_sm_reset_slots": {2.0: 98.20}, "dst_lenet_sm_masked": {2.0: 98.20},
 }
 LABELS = {"dst_lenet_sm": "Sparse Momentum", "dst_lenet_set": "SET", "dst_lenet_rigl": "RigL", "snip": "SNIP",
@@ -46,6 +47,8 @@ LABELS = {"dst_lenet_sm": "Sparse Momentum", "dst_lenet_set": "SET", "dst_lenet_
           "snip_fresh_init_biases": "ablation: SNIP, fresh re-initialisation and biases ranked",
           "snip_code_defaults": "ablation: SNIP, snip-public's defaults (no momentum, constant rate)",
           "snip_code_defaults_10k": "ablation: SNIP, snip-public's defaults and 10,260 iterations",
+          "snip_long": "ablation: SNIP, 250 epochs (135,000 iterations)",
+          "snip_fresh_init_long": "ablation: SNIP, fresh re-initialisation and 250 epochs",
           "dst_lenet_sm_reset_slots": "ablation: Sparse Momentum, reset_slots true",
           "dst_lenet_sm_masked": "ablation: Sparse Momentum, frozen_gradients mask"}
 GOAL = {"dst_lenet_sm": "within 0.2 of published SM", "dst_lenet_set": "within 0.2 of published SET",
@@ -128,7 +131,7 @@ def plot(found: Dict[str, Dict[float, List[dict]]], path: str) -> None:
     save_figure(fig, path)
 
 
-def curve_views(run: dict, lengths: Sequence[int] = (30000, 40000, 54000)) -> Dict[str, float]:
+def curve_views(run: dict, lengths: Sequence[int] = (30000, 40000, 54000, 135000)) -> Dict[str, float]:
     """Test accuracies (%) of one run that logged the test set every epoch (``log.test_every_epoch=true``).
 
     ``final``: after the last epoch; ``best_val``: at the epoch of lowest validation loss; ``max``: the best
@@ -136,8 +139,8 @@ def curve_views(run: dict, lengths: Sequence[int] = (30000, 40000, 54000)) -> Di
     schedule is by steps, so a shorter run is a prefix of this one): ``at_T``, its accuracy at the last epoch
     ending at or before ``T``, and ``ckpt_T``, the maximum over the epochs ending in ``(T - 5000, T]``: an
     epoch-granular stand-in for what snip-public's ``test.py`` reports (the best test accuracy among the 5
-    checkpoints that ``tf.train.Saver`` keeps, one every 1,000 steps: steps ``T - 4000 .. T``). Empty if the
-    run has no per-epoch test accuracy.
+    checkpoints that ``tf.train.Saver`` keeps, one every 1,000 steps: steps ``T - 4000 .. T``). A ``T`` past
+    the run's last epoch is left out. Empty if the run has no per-epoch test accuracy.
     """
     history = run["report"].get("history") or []
     acc = [100.0 * float(h["test_accuracy"]) for h in history if "test_accuracy" in h]
@@ -148,7 +151,9 @@ def curve_views(run: dict, lengths: Sequence[int] = (30000, 40000, 54000)) -> Di
     if best is not None:
         out["best_val"] = 100.0 * float(best)
     for t in lengths:
-        last = min(len(acc), t // STEPS_PER_EPOCH)  # epochs 1..last end at or before step t
+        if t > len(acc) * STEPS_PER_EPOCH:
+            continue
+        last = t // STEPS_PER_EPOCH  # epochs 1..last end at or before step t
         first = max(1, -(-(t - 5000 + 1) // STEPS_PER_EPOCH))  # first epoch ending after step t - 5000
         out[f"at_{t}"] = acc[last - 1]
         out[f"ckpt_{t}"] = max(acc[first - 1:last])
@@ -166,9 +171,10 @@ def curves(found: Dict[str, Dict[float, List[dict]]]) -> str:
                     rows.append((f"{LABELS.get(name, name)}", f"{kept:g} %", str(key_value(run, "seed")), views))
     if not rows:
         return ""
-    keys = list(rows[0][3])
+    keys = list(dict.fromkeys(k for row in rows for k in row[3]))  # a shorter run leaves its longer T blank
     lines = ["| run | kept | seed | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
-    lines += [f"| {a} | {b} | {c} | " + " | ".join(f"{v[k]:.2f}" for k in keys) + " |" for a, b, c, v in rows]
+    lines += [f"| {a} | {b} | {c} | " + " | ".join(f"{v[k]:.2f}" if k in v else "" for k in keys) + " |"
+              for a, b, c, v in rows]
     return "\n".join(lines) + "\n"
 
 

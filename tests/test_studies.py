@@ -16,6 +16,7 @@ from trainer.masks import rules_from_config
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import aggregate_reports  # noqa: E402
 import continual_eval  # noqa: E402
+import dst_published  # noqa: E402
 import lottery_ticket  # noqa: E402
 
 register()
@@ -113,6 +114,28 @@ def test_aggregator_wide_table_puts_series_side_by_side(tmp_path):
     assert lines[0] == "| kernel weights kept (%) | reinit test_accuracy | ticket test_accuracy | seeds |"
     assert lines[2] == "| 100 | - | 98.00 ± 0.00 | -/1 |"
     assert lines[3] == "| 10 | 93.00 ± 0.00 | 97.00 ± 0.00 | 1/1 |"
+
+
+def _curve_run(seed, epochs):
+    """A run that logged the test set each epoch: test accuracy 0.9 + epoch / 10,000, best validation at epoch 2."""
+    history = [{"test_accuracy": 0.9 + e / 10000} for e in range(1, epochs + 1)]
+    return {"config": {"seed": seed}, "report": {"history": history, "early_stopping": {"test_accuracy": 0.9002}}}
+
+
+def test_dst_published_curve_views_leave_out_lengths_past_the_run():
+    short, long = _curve_run(0, 100), _curve_run(1, 250)  # 540 steps an epoch: 54,000 and 135,000 steps
+    views = dst_published.curve_views(long)
+    assert views["final"] == pytest.approx(92.5) and views["max"] == pytest.approx(92.5)
+    assert views["best_val"] == pytest.approx(90.02)
+    assert views["at_54000"] == pytest.approx(91.0)  # epoch 100 ends at step 54,000
+    assert views["ckpt_54000"] == pytest.approx(91.0)  # epochs 91..100 end in (49,000, 54,000]
+    assert views["at_30000"] == pytest.approx(90.55)  # epoch 55 ends at 29,700; 56 at 30,240
+    assert views["at_135000"] == pytest.approx(92.5) and views["ckpt_135000"] == pytest.approx(92.5)
+    assert "at_135000" not in dst_published.curve_views(short)
+    lines = dst_published.curves({"snip": {5.0: [short, long]}}).splitlines()
+    assert lines[0] == ("| run | kept | seed | final | max | best_val | at_30000 | ckpt_30000 | at_40000 | ckpt_40000 "
+                        "| at_54000 | ckpt_54000 | at_135000 | ckpt_135000 |")
+    assert lines[2].endswith("| 91.00 | 91.00 |  |  |") and lines[3].endswith("| 92.50 | 92.50 |")
 
 
 def test_continual_eval_puts_task_a_head_on_task_b_layers(tmp_path, monkeypatch):
