@@ -19,8 +19,8 @@ PROBE = r"""
 import ctypes, json, os, sys
 sys.path.insert(0, sys.argv[1])
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -38,7 +38,8 @@ total = None
 if set_:
     import tensorflow as tf
     total = float(tf.reduce_sum(tf.ones([4])))
-print(json.dumps({"set": set_, "mapped": mapped, "env": os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR"), "sum": total}))
+env = os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR")
+print(json.dumps({"set": set_, "mapped": mapped, "env": env, "sum": total}))
 """
 
 

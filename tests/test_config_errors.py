@@ -8,7 +8,8 @@ from trainer.config import ConfigError
 from trainer.logs import error_lines
 
 TRAINER_KEYS = ("epochs, max_steps, batch_size, eval_batch_size, steps_per_execution, jit_compile, log_every_n_steps, "
-                "checkpoint_every_n_steps, keep_checkpoints, deterministic, nan_policy, mixed_precision, remat")
+                "checkpoint_every_n_steps, keep_checkpoints, deterministic, nan_policy, mixed_precision, remat, "
+                "low_memory_allocator")
 EXPERIMENTS = ("connectivity, continual_task_a, continual_task_b, continual_task_b_freeze, dst_lenet_rigl, "
                "dst_lenet_set, dst_lenet_sm, embedding_new_tokens, freeze_conv, kernel_only, lottery_ticket, "
                "magnitude_pruning, random_sparsity_er, rigl_mlp, set_mlp, snip_lenet_lee, snip_mlp, sparse_llm, "
