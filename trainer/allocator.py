@@ -31,14 +31,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 from typing import Dict
 
 __all__ = ["AllocatorError", "DEFAULT_MMAP_THRESHOLD", "SYSTEM_ALLOCATOR_ENV", "low_memory_allocator"]
 
 SYSTEM_ALLOCATOR_ENV = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
-DEFAULT_MMAP_THRESHOLD = 256 * 1024  # bytes; also oneDNN's own small-allocation bound
+DEFAULT_MMAP_THRESHOLD = 256 * 1024  # bytes: of 256 KiB and 4 MiB, measured, 256 KiB kept less
 _M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> parameter number
-_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: larger values are refused
+_MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (man 3 mallopt)
 
 
 class AllocatorError(RuntimeError):
@@ -47,8 +48,6 @@ class AllocatorError(RuntimeError):
 
 def _devices_initialized() -> bool:
     """Whether TensorFlow has created its devices (and read its allocator settings) in this process."""
-    import sys
-
     if "tensorflow" not in sys.modules:
         return False
     from tensorflow.python.eager import context
