@@ -1,6 +1,6 @@
 """Four SIGKILLs at random points of checkpointing and finishing, then ``resume=``: bit-exact, nothing lost.
 
-One uninterrupted run is the reference (it runs beside the killed ones). The
+One uninterrupted run is the reference (in the test's process, beside the last resume). The
 same run is then started and killed again and again: twice while a
 checkpoint is being written (the moment a new file appears in
 ``checkpoints/``, plus a random 0-20 ms), then twice while the run
@@ -36,6 +36,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO
+from tests.inprocess import run_trainer
 
 COMMON = ["trainer.deterministic=true", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=6",
           "trainer.keep_checkpoints=3", "optimizer=adamw", "freeze=random_90", "export.keras=true",
@@ -112,10 +113,6 @@ def final_state(run_dir):
 @pytest.mark.slow
 def test_kills_while_checkpointing_and_finishing_then_resume_is_bit_exact_and_loses_nothing(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    with open(tmp_path / "straight.log", "w") as out:  # the reference, beside the killed runs (deterministic)
-        reference = subprocess.Popen([sys.executable, "-m", "trainer", f"hydra.run.dir={straight}", *COMMON], cwd=REPO,
-                                     env=env(), stdout=out, stderr=subprocess.STDOUT)
-
     rng = random.Random(11)
     proc = start([f"hydra.run.dir={killed}", *COMMON])
     while not ckpt_names(killed) and proc.poll() is None:  # a run killed before its first checkpoint cannot resume
@@ -139,11 +136,13 @@ def test_kills_while_checkpointing_and_finishing_then_resume_is_bit_exact_and_lo
     assert kills == KILLS and phases.count("checkpointing") == phases.count("finishing") == 2, phases
     print("kill points:", {p: phases.count(p) for p in set(phases)}, "processes:", processes)
 
-    assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
     before = files_of(killed)
-    resumed = subprocess.run([sys.executable, "-m", "trainer", f"resume={killed}", *COMMON], cwd=REPO, env=env(),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(tmp_path / "resumed.log", "w") as out:
+        resumed = subprocess.Popen([sys.executable, "-m", "trainer", f"resume={killed}", *COMMON], cwd=REPO,
+                                   env=env(), stdout=out, stderr=subprocess.STDOUT)
+    reference = run_trainer([f"hydra.run.dir={straight}", *COMMON])  # in this process, beside the resume
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert reference.returncode == 0, reference.stderr[-3000:]
     assert before <= files_of(killed)
     assert not [n for n in os.listdir(killed) if n.startswith(".tmp-")] and not os.path.exists(
         os.path.join(killed, "run.lock"))
