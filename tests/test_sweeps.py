@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tests.conftest import CONFIGS, REPO
+from tests.inprocess import run_trainer
 from trainer.config import register
 from trainer.sweep import job_rows, optimized_value, rank, summarize_sweep
 
@@ -104,9 +105,10 @@ def cli(args, timeout=600):
 @pytest.mark.slow
 def test_optuna_search_runs_parallel_jobs_and_prints_the_table(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "hparams_search=sparse_mlp_optuna", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
-                "data=digits", "trainer.epochs=1", "trainer.jit_compile=false", "trainer.steps_per_execution=7",
-                "export.keras=false"])
+    # The sweep's own process is this one (tests/inprocess.py); its launcher starts a process per job.
+    proc = run_trainer(["-m", "hparams_search=sparse_mlp_optuna", "hydra.sweeper.n_trials=2",
+                        f"hydra.sweep.dir={sweep}", "data=digits", "trainer.epochs=1", "trainer.jit_compile=false",
+                        "trainer.steps_per_execution=7", "export.keras=false"], env={"HYDRA_FULL_ERROR": None})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "sweep_results.csv")))
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
