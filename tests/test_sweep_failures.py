@@ -11,8 +11,7 @@ import glob
 import math
 import os
 import signal
-import subprocess
-import sys
+import threading
 import time
 
 import pytest
@@ -21,7 +20,6 @@ from omegaconf import OmegaConf
 
 import hydra_plugins.trainer_sweep.optuna_sweeper as optuna_sweeper  # Hydra's plugin scan may load it again
 from hydra_plugins.trainer_sweep.process_launcher import how_it_ended
-from tests.conftest import REPO
 from tests.inprocess import run_trainer
 
 NAN_TRIAL = ("completed; failed: TrialFailed: returned nan for optimized_metric=val_accuracy (a failed run, or one "
@@ -152,25 +150,25 @@ def job_pid(sweep, prefix, deadline):
 @pytest.mark.slow
 def test_a_killed_job_process_fails_alone_and_the_table_lists_both_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("HYDRA_FULL_ERROR", None)
-    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "-m", "data=digits", "seed=0,1",
-                                 "hydra/launcher=processes", "hydra.launcher.n_jobs=2", "trainer.epochs=2",
-                                 "export.keras=false", f"hydra.sweep.dir={sweep}"],
-                                cwd=REPO, env=env, stdout=out, stderr=err)
-        try:
-            pid = job_pid(sweep, "0", time.monotonic() + 240)
-            assert pid != proc.pid
-            os.kill(pid, signal.SIGKILL)
-            assert proc.wait(timeout=300) == 0, (tmp_path / "err").read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    killed_pids = []
+
+    def kill_job_0():  # beside the sweep, which runs in this process; its launcher starts a process per job
+        pid = job_pid(sweep, "0", time.monotonic() + 240)
+        os.kill(pid, signal.SIGKILL)
+        killed_pids.append(pid)
+
+    killer = threading.Thread(target=kill_job_0, daemon=True)
+    killer.start()
+    proc = cli(["-m", "data=digits", "seed=0,1", "hydra/launcher=processes", "hydra.launcher.n_jobs=2",
+                "trainer.epochs=2", "export.keras=false", f"hydra.sweep.dir={sweep}"])
+    killer.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(killed_pids) == 1 and killed_pids[0] != os.getpid(), killed_pids  # a job's own process was killed
+    pid = killed_pids[0]
     rows = table(sweep, "seed")
     killed = ("failed: JobProcessDied: the job's process (pid %d) was killed by SIGKILL (the out-of-memory killer, "
               "or kill -9); the other jobs went on" % pid)
     assert {seed: row["status"] for seed, row in rows.items()} == {"seed=0": killed, "seed=1": "completed"}
     assert not math.isnan(float(rows["seed=1"]["test_accuracy"])) and rows["seed=0"]["test_accuracy"] == ""
-    logs = (tmp_path / "out").read_text() + (tmp_path / "err").read_text()
+    logs = proc.stdout + proc.stderr
     assert f"job #0 (data=digits seed=0 trainer.epochs=2 export.keras=False) failed: {killed[8:]}" in logs
