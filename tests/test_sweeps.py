@@ -3,16 +3,13 @@
 import csv
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS
 from tests.inprocess import run_trainer
 from trainer.config import register
 from trainer.sweep import job_rows, optimized_value, rank, summarize_sweep
@@ -95,13 +92,6 @@ def test_slurm_launcher_config_composes():
     assert launcher.submitit_folder.endswith("/.submitit/%j") and launcher.submitit_folder.startswith("multirun/")
 
 
-def cli(args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_optuna_search_runs_parallel_jobs_and_prints_the_table(tmp_path):
     sweep = tmp_path / "sweep"
@@ -128,9 +118,10 @@ def test_optuna_search_runs_parallel_jobs_and_prints_the_table(tmp_path):
 def test_submitit_local_sweep_records_a_failed_job_and_goes_on(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    proc = cli(["-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "freeze=random_90",
-                "freeze.rules.sparse.elements.random=0.5,1.5", "trainer.max_steps=3", "trainer.epochs=1",
-                "export.keras=false", "hydra.launcher.timeout_min=10"])
+    # The sweep in this process (tests/inprocess.py); submitit starts a process per job.
+    proc = run_trainer(["-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "freeze=random_90",
+                        "freeze.rules.sparse.elements.random=0.5,1.5", "trainer.max_steps=3", "trainer.epochs=1",
+                        "export.keras=false", "hydra.launcher.timeout_min=10"], env={"HYDRA_FULL_ERROR": None})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {next(o for o in r["overrides"].split() if o.startswith("freeze.rules")): r
             for r in csv.DictReader(open(sweep / "sweep_results.csv"))}
