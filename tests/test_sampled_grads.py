@@ -83,9 +83,14 @@ def gradients(model, variables, x, weights, jit):
     return run()
 
 
+@pytest.mark.parametrize("method", ["pairs", "dense_blocks"])
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sampled_gradients_equal_the_gathered_dense_gradient(case, jit):
+def test_sampled_gradients_equal_the_gathered_dense_gradient(case, jit, method, monkeypatch):
+    if method == "pairs":  # 30 % trainable: gathered pairs only when forced
+        monkeypatch.setattr("trainer.masks.sampled.DENSE_DENSITY", 1.0)
+    else:  # blocks of 3 rows, the last padded, wherever the kernel has over 3 rows
+        monkeypatch.setattr("trainer.masks.sampled.BLOCK_ELEMENTS", 3 * 12)
     keras.utils.set_random_seed(0)
     model, path, shape = CASES[case]()
     twin = keras.Model.from_config(model.get_config())
@@ -109,18 +114,75 @@ def test_sampled_gradients_equal_the_gathered_dense_gradient(case, jit):
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(twin(x)), rtol=1e-6, atol=1e-6)  # same forward
 
 
-def test_chunks_over_tokens_give_the_unchunked_sum(monkeypatch):
+@pytest.mark.parametrize("mode", ["graph", "xla", "unknown_tokens"])
+def test_chunks_over_the_trainable_elements_give_the_unchunked_sum(monkeypatch, mode):
+    monkeypatch.setattr("trainer.masks.sampled.DENSE_DENSITY", 1.0)  # 20 of 54 trainable: pairs only when forced
     equation = Equation("btd,df->btf")
     rng = np.random.default_rng(0)
     x, dy = tf.constant(rng.normal(size=(3, 50, 6)), tf.float32), tf.constant(rng.normal(size=(3, 50, 9)), tf.float32)
-    indices = tf.constant(np.sort(rng.choice(54, 20, replace=False)).astype(np.int32))
+    indices = tf.constant(rng.permutation(54)[:20].astype(np.int32))  # any order: the result keeps it
     whole = sampled_kernel_gradient(x, dy, indices, (6, 9), equation)
-    monkeypatch.setattr("trainer.masks.sampled.CHUNK_ELEMENTS", 20 * 7)  # 7 tokens a chunk: 22 chunks, padded
-    chunked = tf.function(lambda: sampled_kernel_gradient(x, dy, indices, (6, 9), equation), jit_compile=True)()
-    np.testing.assert_allclose(chunked.numpy(), whole.numpy(), rtol=1e-6, atol=1e-6)
     dense = tf.einsum("btd,btf->df", x, dy).numpy().reshape(-1)[indices.numpy()]
     np.testing.assert_allclose(whole.numpy(), dense, rtol=1e-5, atol=1e-5)
-    assert CHUNK_ELEMENTS == 1 << 22
+    monkeypatch.setattr("trainer.masks.sampled.CHUNK_ELEMENTS", 150 * 3)  # 150 tokens: 3 pairs a chunk, 7 chunks
+    if mode == "unknown_tokens":
+        run = tf.function(lambda x, dy: sampled_kernel_gradient(x, dy, indices, (6, 9), equation),
+                          input_signature=[tf.TensorSpec((None, None, 6)), tf.TensorSpec((None, None, 9))])
+    else:
+        run = tf.function(lambda x, dy: sampled_kernel_gradient(x, dy, indices, (6, 9), equation),
+                          jit_compile=mode == "xla")
+    np.testing.assert_allclose(run(x, dy).numpy(), whole.numpy(), rtol=1e-6, atol=1e-6)
+    assert CHUNK_ELEMENTS == 1 << 15
+
+
+def test_every_kernel_chunked_over_its_pairs_shares_one_loop(monkeypatch):
+    """TensorFlow keeps a graph and an executor per tf.while_loop (about 1.9 MiB): one shared loop, not one a kernel."""
+    monkeypatch.setattr("trainer.masks.sampled.DENSE_DENSITY", 1.0)
+    monkeypatch.setattr("trainer.masks.sampled.CHUNK_ELEMENTS", 10 * 4)  # 10 tokens: 4 pairs a chunk
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 24))
+    out = keras.layers.Dense(16, name="a")(keras.layers.Dense(40, name="b")(keras.layers.Dense(30, name="c")(inp)))
+    model = keras.Model(inp, out)
+    registry = MaskRegistry(model, update="sampled")
+    registry.freeze("*/kernel", elements={"random": 0.9, "seed": 0})
+    variables = registry.trainable_variables()
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 5, 24)), tf.float32)
+
+    @tf.function
+    def grads():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(x))
+        return tape.gradient(loss, variables)
+
+    loops = [op for op in walk(grads.get_concrete_function().graph, set()) if op.type in ("While", "StatelessWhile")]
+    assert len(loops) == 1
+    dense = keras.Model.from_config(model.get_config())
+    dense.set_weights(model.get_weights())
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(dense(x))
+    reference = tape.gradient(loss, dense.trainable_variables)  # the registry's order, a [k] where a kernel is
+    assert len(reference) == len(variables) == 6
+    for twin, grad, ref in zip(dense.trainable_variables, grads(), reference):
+        ref = ref.numpy()
+        if ref.shape != tuple(grad.shape):
+            ref = ref[registry.trainable_mask(twin.path)]
+        np.testing.assert_allclose(grad.numpy(), ref, rtol=1e-5, atol=1e-6, err_msg=twin.path)
+
+
+def test_embedding_gradient_sums_repeated_ids_and_is_zero_for_rows_no_token_read():
+    from trainer.masks.sampled import segment_gradient
+
+    rng = np.random.default_rng(0)
+    ids = np.array([4, 1, 4, 7, 1, 4, 0], np.int32)
+    dy = rng.normal(size=(7, 5)).astype(np.float32)
+    table = np.zeros((9, 5), np.float32)
+    np.add.at(table, ids, dy)  # the dense gradient of the lookup
+    flat = rng.permutation(45)[:30].astype(np.int32)
+    rows, cols = tf.constant(flat // 5), tf.constant(flat % 5)
+    for run in (segment_gradient, tf.function(segment_gradient, jit_compile=True)):
+        got = run(tf.constant(ids), tf.constant(dy), rows, cols).numpy()
+        np.testing.assert_allclose(got, table.reshape(-1)[flat], rtol=1e-6, atol=1e-6)
+        assert np.all(got[np.isin(flat // 5, ids, invert=True)] == 0)
 
 
 def walk(graph, seen):
@@ -144,8 +206,14 @@ def projection(layer):
     return model, proj.kernel, registry
 
 
+@pytest.mark.parametrize("method", ["pairs", "dense_blocks"])
 @pytest.mark.parametrize("layer", ["dense", "einsum"])
-def test_no_op_of_the_traced_step_but_the_variable_read_forms_a_kernel_shaped_tensor(layer):
+def test_no_op_of_the_traced_step_but_the_variable_read_forms_a_kernel_shaped_tensor(layer, method, monkeypatch):
+    if method == "pairs":
+        monkeypatch.setattr("trainer.masks.sampled.DENSE_DENSITY", 1.0)
+    else:  # the kernel is [24 rows, 40 columns]: blocks of 8 rows
+        monkeypatch.setattr("trainer.masks.sampled.DENSE_DENSITY", 0.0)
+        monkeypatch.setattr("trainer.masks.sampled.BLOCK_ELEMENTS", 8 * 40)
     model, kernel, registry = projection(layer)
     optimizer = keras.optimizers.AdamW(1e-3)
     registry.attach_optimizer(optimizer)
@@ -267,9 +335,11 @@ def test_served_layers_keep_their_weights_paths_and_model_keras(tmp_path):
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
 
 
+@pytest.mark.parametrize("method", ["pairs", "dense_blocks"])
 @pytest.mark.parametrize("layer", ["dense", "einsum"])
-def test_the_sampled_gradient_reads_the_forward_only_once_the_output_gradient_exists(layer):
-    """TensorFlow's executor runs an op once its inputs exist: x's gathered columns must wait for dy (not be held)."""
+def test_the_sampled_gradient_reads_the_forward_only_once_the_output_gradient_exists(layer, method, monkeypatch):
+    """TensorFlow's executor runs an op once its inputs exist: x's gathered rows must wait for dy (not be held)."""
+    monkeypatch.setattr("trainer.masks.sampled.DENSE_DENSITY", 1.0 if method == "pairs" else 0.0)
     model, _, registry = projection(layer)
     variables = registry.trainable_variables()
 
@@ -292,5 +362,6 @@ def test_the_sampled_gradient_reads_the_forward_only_once_the_output_gradient_ex
             if child.name not in after_seed:
                 after_seed.add(child.name)
                 todo.append(child)
-    gradient_ops = [op.name for op in graph.get_operations() if op.type in ("GatherV2", "FloorDiv", "FloorMod")]
-    assert gradient_ops and [name for name in gradient_ops if name not in after_seed] == []
+    kinds = ("GatherV2", "FloorDiv", "FloorMod", "While", "StatelessWhile")
+    gradient_ops = [op.name for op in graph.get_operations() if op.type in kinds]
+    assert len(gradient_ops) >= 3 and [name for name in gradient_ops if name not in after_seed] == []
