@@ -20,12 +20,13 @@ copies, and the dense ``[in, out]`` gradient is never formed. Above
 elements cost more than the matrix product, :func:`dense_blocks` computes
 ``[block, C]`` slices of ``x2^T dy2`` (at most :data:`BLOCK_ELEMENTS` at a
 time) and reads the pairs from them. Measured on a 2-core CPU for a ``[2048,
-5632]`` kernel at 1,024 tokens and 0.59 % trainable, no XLA: 49 ms (76 ms with
-the low-memory allocator), against 118 ms (141 ms) for the dense ``x2^T dy2``
-and 628 ms for the earlier gathers along the token axis of ``[tokens, R]``;
-at 128 tokens and 0.1 %, 3.1 ms against 18.5 ms. The crossover measured
-between 0.6 % and 1.4 % trainable. The intermediates are
-formed only once the output gradient exists (:func:`after`), so no layer's
+5632]`` kernel at 1,024 tokens and 0.59 % trainable, no XLA
+(``experiments/benchmark/sampled_layout/probe.py``): 40 ms (80 ms with the
+low-memory allocator), against 112 ms (130 ms) for the dense ``x2^T dy2`` and
+336 ms (585 ms) for the earlier gathers along the token axis of ``[tokens,
+R]``; at 128 tokens and 0.1 %, 3.0 ms against 15.3 ms. From such ratios the
+crossover lies between about 0.6 % and 1.4 % trainable (estimated, not
+swept). The intermediates are formed only once the output gradient exists (:func:`after`), so no layer's
 are held from its forward pass to its backward pass. ``dx`` is
 ``einsum(dy, kernel)``, computed as one matrix product with the kernel read as
 a ``[R, C]`` (or ``[C, R]``) matrix where its axes allow (:func:`input_gradient`):
@@ -85,6 +86,12 @@ class Equation:
         self.tokens = [a for a in self.x if a in self.out]
         self.contracted = [a for a in self.kernel if a in self.x]
         self.outputs = [a for a in self.kernel if a in self.out]
+
+    def matrix_shape(self, shape: Sequence[int]) -> Tuple[int, int]:
+        """``(R, C)``: the kernel of static ``shape`` read as a matrix, rows over its contracted axes."""
+        size = dict(zip(self.kernel, (int(d) for d in shape)))
+        rows, cols = ([size[a] for a in axes] for axes in (self.contracted, self.outputs))
+        return int(np.prod(rows, dtype=np.int64)), int(np.prod(cols, dtype=np.int64))
 
     @property
     def backward(self) -> str:
@@ -159,9 +166,9 @@ def _pairs_in_chunks(left, right, rows, cols, chunk):
     kernel's call runs the same instantiated graph. TensorFlow inlines a
     called function into its caller by default, and keeps a graph and an
     executor for each ``tf.while_loop`` it then finds: measured, 100 such
-    loops in one ``tf.function`` kept 224 MiB resident after it ran, the same
-    100 calls of this non-inlined function 31 MiB (and the gathers unrolled
-    without a loop, 57 MiB).
+    loops in one ``tf.function`` kept 295 MiB resident after it ran, the same
+    100 calls of this non-inlined function 24 MiB, the gathers unrolled
+    without a loop 23 MiB (``experiments/benchmark/sampled_layout/loop_memory.py``).
     """
     k = tf.shape(rows, out_type=tf.int64)[0]
     count = (k + chunk - 1) // chunk
@@ -190,7 +197,7 @@ def dense_blocks(left: tf.Tensor, right: tf.Tensor, rows: tf.Tensor, cols: tf.Te
     Args and returns: as :func:`sampled_dot` (``R`` and ``C`` static).
     """
     height, width = int(left.shape[0]), int(right.shape[0])
-    block = max(1, min(height, BLOCK_ELEMENTS // max(width, 1)))
+    block = max(1, min(height, BLOCK_ELEMENTS // width))
     count = -(-height // block)
     left = tf.cast(left, tf.float32)
     right = tf.cast(right, tf.float32)
@@ -226,9 +233,7 @@ def sampled_kernel_gradient(x: tf.Tensor, dy: tf.Tensor, indices: tf.Tensor, sha
       ``[k]`` float32.
     """
     rows, cols = kernel_coordinates(indices, shape, equation)
-    size = dict(zip(equation.kernel, (int(d) for d in shape)))
-    height, width = (int(np.prod([size[a] for a in axes], dtype=np.int64))
-                     for axes in (equation.contracted, equation.outputs))
+    height, width = equation.matrix_shape(shape)
     x2 = tf.ensure_shape(_as_matrix(x, equation.x, equation.contracted, equation.tokens), [height, None])  # [R, T]
     dy2 = tf.ensure_shape(_as_matrix(dy, equation.out, equation.outputs, equation.tokens), [width, None])  # [C, T]
     if int(indices.shape[0]) > DENSE_DENSITY * int(np.prod(shape, dtype=np.int64)):
@@ -263,8 +268,8 @@ def input_gradient(equation: Equation, dy: tf.Tensor, kernel: tf.Tensor, x_shape
         transpose = False
     else:
         return keras.ops.einsum(equation.backward, dy, kernel)
-    size = {a: int(kernel.shape[letters.index(a)]) for a in letters}
-    r, c = int(np.prod([size[a] for a in rows])), int(np.prod([size[a] for a in cols]))
+    size = dict(zip(letters, (int(d) for d in kernel.shape)))
+    r, c = equation.matrix_shape(kernel.shape)
     matrix = kernel if len(letters) == 2 else tf.reshape(kernel, [r, c] if transpose else [c, r])
     dx2 = tf.matmul(_as_matrix(dy, equation.out, equation.tokens, cols), matrix, transpose_b=transpose)
     tokens = [x_shape[equation.x.index(a)] for a in equation.tokens]
@@ -361,7 +366,7 @@ def segment_gradient(ids: tf.Tensor, dy: tf.Tensor, rows: tf.Tensor, cols: tf.Te
     """
     order = tf.argsort(ids)
     ordered = tf.gather(ids, order)
-    segment = tf.cumsum(tf.cast(tf.not_equal(ordered[1:], ordered[:-1]), ids.dtype), exclusive=False)
+    segment = tf.cumsum(tf.cast(tf.not_equal(ordered[1:], ordered[:-1]), ids.dtype))
     segment = tf.concat([tf.zeros([1], ids.dtype), segment], 0)  # [T]: 0, 0, 1, ... the rank of each sorted id
     size = tf.shape(ids, out_type=ids.dtype)[0]
     summed = tf.math.unsorted_segment_sum(tf.cast(tf.gather(dy, order), tf.float32), segment, size)  # [T, H]
