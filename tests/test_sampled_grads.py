@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from trainer import MaskRegistry, Trainer
-from trainer.masks.sampled import CHUNK_ELEMENTS, Equation, sampled_kernel_gradient
+from trainer.masks.sampled import CHUNK_ELEMENTS, Equation, kernel_coordinates, sampled_kernel_gradient
+from trainer.masks.writeback import unravel
 
 # The two-operand equations of the keras-hub Llama, Gemma and BERT (keras MultiHeadAttention) projections.
 EQUATIONS = {
@@ -112,6 +113,30 @@ def test_sampled_gradients_equal_the_gathered_dense_gradient(case, jit, method, 
         scale = float(np.max(np.abs(ref)))
         np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-6, atol=1e-6 * scale, err_msg=variable.path)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(twin(x)), rtol=1e-6, atol=1e-6)  # same forward
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("equation, kernel_shape", [(e, k) for e, _, k in EQUATIONS.values()]
+                         + [("by,zy->bz", (11, 8)), ("tv,vh->th", (11, 8)), ("bt,d->btd", (6,))])
+def test_kernel_coordinates_are_numpys_rows_and_columns_of_every_element(equation, kernel_shape, dtype):
+    eq = Equation(equation)
+    flat = np.arange(int(np.prod(kernel_shape)), dtype=dtype)
+    rows, cols = kernel_coordinates(tf.constant(flat), kernel_shape, eq)
+    coords, dims = dict(zip(eq.kernel, np.unravel_index(flat, kernel_shape))), dict(zip(eq.kernel, kernel_shape))
+
+    def ravel(axes):
+        return np.ravel_multi_index([coords[a] for a in axes], [dims[a] for a in axes]) if axes else 0 * flat
+
+    assert rows.dtype == cols.dtype == tf.as_dtype(dtype)
+    np.testing.assert_array_equal(rows.numpy(), ravel(eq.contracted))
+    np.testing.assert_array_equal(cols.numpy(), ravel(eq.outputs))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 4), (2, 3, 4), (5, 1, 3)])
+def test_unravel_gives_numpys_coordinates(shape):
+    flat = np.arange(int(np.prod(shape)), dtype=np.int64)
+    for got, want in zip(unravel(tf.constant(flat), shape), np.unravel_index(flat, shape), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
 
 
 @pytest.mark.parametrize("mode", ["graph", "xla", "unknown_tokens"])

@@ -53,6 +53,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.masks.writeback import unravel
+
 CHUNK_ELEMENTS = 1 << 15  # elements of one [chunk of k, tokens] intermediate (128 KiB in float32)
 DENSE_DENSITY = 0.01  # above this trainable fraction of a kernel, its gradient is computed in dense blocks
 BLOCK_ELEMENTS = 1 << 22  # elements of one dense [rows, C] block (16 MiB in float32)
@@ -118,15 +120,27 @@ def _as_matrix(value: tf.Tensor, letters: str, first: Sequence[str], second: Seq
 
 
 def kernel_coordinates(indices: tf.Tensor, shape: Sequence[int], equation: Equation) -> Tuple[tf.Tensor, tf.Tensor]:
-    """The row (over the contracted axes) and column (over the output axes) of each flat kernel index, ``[k]`` each."""
-    shape = [int(d) for d in shape]
-    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
-    coords = {a: (indices // strides[i]) % shape[i] for i, a in enumerate(equation.kernel)}
+    """The row (over the contracted axes) and column (over the output axes) of each flat kernel index, ``[k]`` each.
 
-    def ravel(letters: List[str]) -> tf.Tensor:
-        flat = tf.zeros_like(indices)
-        for a in letters:
-            flat = flat * shape[equation.kernel.index(a)] + coords[a]
+    A kernel whose axes are its contracted axes then its output axes (``[R, C]`` row-major: a ``Dense``
+    kernel, keras-hub Llama's projections) or the reverse takes one ``//`` and one ``%``; interleaved axes
+    (Gemma's ``"ndh"`` query kernel) are unravelled axis by axis and raveled again.
+    """
+    shape = [int(d) for d in shape]
+    height, width = equation.matrix_shape(shape)
+    letters = list(equation.kernel)
+    if letters == equation.contracted + equation.outputs:
+        return indices // width, indices % width
+    if letters == equation.outputs + equation.contracted:
+        return indices % height, indices // height
+    coords = dict(zip(letters, unravel(indices, shape)))
+
+    def ravel(axes: List[str]) -> tf.Tensor:
+        if not axes:
+            return tf.zeros_like(indices)
+        flat = coords[axes[0]]
+        for a in axes[1:]:
+            flat = flat * shape[letters.index(a)] + coords[a]
         return flat
 
     return ravel(equation.contracted), ravel(equation.outputs)

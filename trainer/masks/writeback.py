@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util  # no public API says whether a trace is XLA's
 
-__all__ = ["deferred", "deferring", "is_deferred", "scatter_flat"]
+__all__ = ["deferred", "deferring", "is_deferred", "scatter_flat", "unravel"]
 
 _LOCAL = threading.local()
 
@@ -61,6 +61,26 @@ def deferring(fn: Callable) -> Callable:
     return call
 
 
+def unravel(indices: tf.Tensor, shape: Sequence[int]) -> List[tf.Tensor]:
+    """The coordinates of flat (row-major) ``indices`` in a static ``shape``: one ``[k]`` tensor per axis.
+
+    By strides, in ``indices``' dtype (``tf.unravel_index`` has no XLA kernel). The first axis takes no
+    remainder (an index is below the size) and the last no division (its stride is 1): for a matrix, one
+    ``//`` and one ``%``.
+
+    Args:
+      indices: ``[k]`` int32 / int64, each below ``prod(shape)``.
+      shape: the static shape, at least one axis.
+    """
+    shape = [int(d) for d in shape]
+    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+    coords = []
+    for axis, (stride, dim) in enumerate(zip(strides, shape)):
+        coord = indices if stride == 1 else indices // stride
+        coords.append(coord if axis == 0 else coord % dim)
+    return coords
+
+
 def scatter_flat(variable: tf.Variable, indices: tf.Tensor, values: tf.Tensor, shape: Sequence[int]) -> None:
     """``variable[unravel(indices)] = values`` in place (``ResourceVariable.scatter_nd_update``).
 
@@ -70,10 +90,7 @@ def scatter_flat(variable: tf.Variable, indices: tf.Tensor, values: tf.Tensor, s
       values: ``[k]`` values of the variable's dtype.
       shape: the variable's shape (flat index -> coordinates by strides: ``tf.unravel_index`` has no XLA kernel).
     """
-    shape = [int(d) for d in shape]
-    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
-    coords = tf.stack([(indices // stride) % dim for stride, dim in zip(strides, shape)], axis=1)
-    variable.scatter_nd_update(coords, values)
+    variable.scatter_nd_update(tf.stack(unravel(indices, shape), axis=1), values)
     if not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
         # A sparse write puts the variable in TensorFlow's copy-on-read mode: from then on every read
         # (`ReadVariableOp`) copies the whole variable, e.g. each kernel of the forward pass, kept to the backward
