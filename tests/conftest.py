@@ -9,6 +9,9 @@ expensive module-scoped run, so they all go to one worker, which makes that run 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One thread per TensorFlow op (each xdist worker, and each process a test starts, inherits this): the workers
+# already keep every CPU busy, and ops that split themselves over threads on a busy machine mostly wait.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
