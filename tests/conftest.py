@@ -6,9 +6,13 @@ work of its own, slow ones first, except in ONE_WORKER_MODULES: the tests of suc
 expensive module-scoped run, so they all go to one worker, which makes that run once.
 """
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One thread per TensorFlow op (each xdist worker, and each process a test starts, inherits this): the workers
+# already keep every CPU busy, and ops that split themselves over threads on a busy machine mostly wait.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,6 +60,29 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     """Slow tests first (a stable sort): the longest work starts early and the workers finish together."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# Garbage is collected at the end of each test, and what is still alive then is frozen (``gc.freeze``: never
+# examined again). A tf.data iterator freed by the collector waits, in its destructor and holding the GIL, for
+# its autotuning thread's next wake-up, which comes later the longer the iterator has existed (up to a minute):
+# collected by Python's own schedule, long after their test, such iterators stopped the workers for seconds at
+# a time, in all several minutes of the full suite. Freezing the survivors keeps each collection to the last
+# test's objects.
+
+
+def pytest_sessionstart(session):
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the test's fixtures are torn down (and its module's, when the next test is from another)."""
+    try:
+        return (yield)
+    finally:
+        gc.collect()
+        gc.freeze()
 
 
 @pytest.fixture
