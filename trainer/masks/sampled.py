@@ -47,7 +47,7 @@ segment sum of ``dy`` over the distinct ids (``tokens * hidden`` work, not
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -96,6 +96,17 @@ class Equation:
         return int(np.prod(rows, dtype=np.int64)), int(np.prod(cols, dtype=np.int64))
 
     @property
+    def layout(self) -> Optional[str]:
+        """How the kernel's axes read as a matrix without moving them: ``"RC"`` (the contracted axes, then the
+        output axes: ``[R, C]`` row-major), ``"CR"`` (the reverse), or ``None`` (they interleave)."""
+        letters = list(self.kernel)
+        if letters == self.contracted + self.outputs:
+            return "RC"
+        if letters == self.outputs + self.contracted:
+            return "CR"
+        return None
+
+    @property
     def backward(self) -> str:
         """The equation of ``dx = einsum(backward, dy, kernel)``."""
         return f"{self.out},{self.kernel}->{self.x}"
@@ -128,11 +139,11 @@ def kernel_coordinates(indices: tf.Tensor, shape: Sequence[int], equation: Equat
     """
     shape = [int(d) for d in shape]
     height, width = equation.matrix_shape(shape)
-    letters = list(equation.kernel)
-    if letters == equation.contracted + equation.outputs:
+    if equation.layout == "RC":
         return indices // width, indices % width
-    if letters == equation.outputs + equation.contracted:
+    if equation.layout == "CR":
         return indices % height, indices // height
+    letters = list(equation.kernel)
     coords = dict(zip(letters, unravel(indices, shape)))
 
     def ravel(axes: List[str]) -> tf.Tensor:
@@ -274,14 +285,10 @@ def input_gradient(equation: Equation, dy: tf.Tensor, kernel: tf.Tensor, x_shape
     Returns:
       ``dx``, axes ``equation.x``, ``dy``'s dtype.
     """
-    letters = list(equation.kernel)
-    rows, cols = list(equation.contracted), list(equation.outputs)
-    if letters == rows + cols:
-        transpose = True
-    elif letters == cols + rows:
-        transpose = False
-    else:
+    if equation.layout is None:
         return keras.ops.einsum(equation.backward, dy, kernel)
+    transpose = equation.layout == "RC"
+    letters, rows, cols = list(equation.kernel), list(equation.contracted), list(equation.outputs)
     size = dict(zip(letters, (int(d) for d in kernel.shape)))
     r, c = equation.matrix_shape(kernel.shape)
     matrix = kernel if len(letters) == 2 else tf.reshape(kernel, [r, c] if transpose else [c, r])
